@@ -1,0 +1,56 @@
+import argparse
+
+import torch
+
+from utils import ParamDiffAug, TensorDataset, evaluate_synset, get_eval_pool, get_network, tensor_loader
+
+
+def separable(n_per_class, seed):
+    """10 classes of 1x12x12 images: class c has a bright 3x3 square at a class-specific place, plus noise."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(10).repeat_interleave(n_per_class)
+    x = torch.randn(len(labels), 1, 12, 12, generator=g) * 0.3
+    for c in range(10):
+        r, s = divmod(c, 4)
+        x[labels == c, 0, 3 * r:3 * r + 3, 3 * s:3 * s + 3] += 2.0
+    return x, labels
+
+
+def args(**kw):
+    a = dict(device='cpu', lr_net=0.01, epoch_eval_train=30, batch_train=256, dsa=False, dsa_strategy='none',
+             dsa_param=ParamDiffAug(), dc_aug_param=None)
+    a.update(kw)
+    return argparse.Namespace(**a)
+
+
+def test_evaluate_synset_learns_a_separable_problem():
+    torch.manual_seed(0)
+    x, y = separable(5, 0)
+    xt, yt = separable(30, 1)
+    testloader = tensor_loader(xt, yt, 256)
+    net = get_network('ConvNetW32', 1, 10, (12, 12), 'cpu')
+    net, acc_train, acc_test = evaluate_synset(0, net, x, y, testloader, args())
+    assert acc_train > 0.9 and acc_test > 0.9
+    # an untrained network is at chance level on the same data
+    net0 = get_network('ConvNetW32', 1, 10, (12, 12), 'cpu')
+    _, _, acc0 = evaluate_synset(0, net0, x, y, testloader, args(epoch_eval_train=0))
+    assert acc0 < 0.5
+
+
+def test_evaluate_synset_with_dsa_and_a_plain_dataloader():
+    torch.manual_seed(0)
+    x, y = separable(5, 0)
+    xt, yt = separable(20, 1)
+    testloader = torch.utils.data.DataLoader(TensorDataset(xt, yt), batch_size=64)  # the papers' kind of loader
+    net = get_network('ConvNetW32', 1, 10, (12, 12), 'cpu')
+    _, _, acc = evaluate_synset(0, net, x, y, testloader, args(dsa=True, dsa_strategy='flip_crop', epoch_eval_train=60))
+    assert acc > 0.6
+
+
+def test_eval_pools():
+    assert get_eval_pool('S', 'ConvNetBN', 'ConvNetBN') == ['ConvNet']
+    assert get_eval_pool('S', 'ResNet18BN_AP', 'ResNet18BN_AP') == ['ResNet18']
+    assert get_eval_pool('SS', 'ConvNetBN', 'ConvNetBN') == ['ConvNetBN']
+    assert get_eval_pool('M', 'ConvNet', 'ConvNet') == ['MLP', 'ConvNet', 'LeNet', 'AlexNet', 'VGG11', 'ResNet18']
+    assert get_eval_pool('N', 'ConvNet', 'ConvNet')[1] == 'ConvNetBN'
+    assert len(get_eval_pool('A', 'ConvNet', 'ConvNet')) == 4

@@ -17,6 +17,7 @@ import math
 import os
 import pickle
 import random
+import signal
 import socket
 import sys
 import time
@@ -32,8 +33,27 @@ from tqdm import tqdm
 from networks import MODELS
 
 
-class UsageError(Exception):
-    """Bad input. The scripts print its message on one line and exit with status 2."""
+class StopRun(Exception):
+    """Ends a script with its message on one line of stderr and exit status `code`."""
+    code = 1
+
+
+class UsageError(StopRun):
+    """Bad input: exit status 2."""
+    code = 2
+
+
+class Diverged(StopRun):
+    """The loss or the synthetic images became non-finite: exit status 3."""
+    code = 3
+
+
+class Interrupted(StopRun):
+    """SIGINT/SIGTERM: a checkpoint was saved; exit status 128 + signal number."""
+
+    def __init__(self, message, signum):
+        super().__init__(message)
+        self.code = 128 + signum
 
 
 def _keep_freed_memory():
@@ -110,6 +130,13 @@ def _read_idx(path):
     return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
+def _partial(folder, names, found):
+    """Stop when a dataset's folder holds some of its files but not all of them."""
+    if any(found) and not all(found):
+        missing = [n for n, f in zip(names, found) if not f]
+        raise UsageError(f'{folder} holds part of the dataset; missing: {", ".join(missing)}')
+
+
 def _load_mnist_like(name, data_path):
     dirs = [os.path.join(data_path, name, 'raw'), os.path.join(data_path, name)]
     if name == 'FashionMNIST':
@@ -117,6 +144,7 @@ def _load_mnist_like(name, data_path):
     for d in dirs:
         found = [next((p for p in (os.path.join(d, f), os.path.join(d, f + '.gz')) if os.path.isfile(p)), None)
                  for f in IDX_FILES]
+        _partial(d, IDX_FILES, found)
         if all(found):
             x_train, y_train, x_test, y_test = map(_read_idx, found)
             return x_train[:, None], y_train, x_test[:, None], y_test, MNIST_CLASSES[name]
@@ -134,7 +162,9 @@ def _load_cifar(name, data_path):
         'CIFAR100': ('cifar-100-python', ['train'], 'test', 'fine_labels')}[name]
     root = os.path.join(data_path, folder)
     meta = os.path.join(root, 'batches.meta' if name == 'CIFAR10' else 'meta')
-    if not all(os.path.isfile(os.path.join(root, f)) for f in train + [test]):
+    found = [os.path.isfile(os.path.join(root, f)) for f in train + [test]]
+    _partial(root, train + [test], found)
+    if not all(found):
         return None
     batches = [_unpickle(os.path.join(root, f)) for f in train + [test]]
     xs = [np.asarray(b['data'], np.uint8).reshape(-1, 3, 32, 32) for b in batches]
@@ -147,7 +177,9 @@ def _load_cifar(name, data_path):
 def _load_svhn(name, data_path):
     import scipy.io
     paths = [os.path.join(data_path, f'{split}_32x32.mat') for split in ('train', 'test')]
-    if not all(map(os.path.isfile, paths)):
+    found = list(map(os.path.isfile, paths))
+    _partial(data_path, [os.path.basename(p) for p in paths], found)
+    if not all(found):
         return None
     out = []
     for p in paths:
@@ -250,7 +282,7 @@ def _load_tree(root, im_size, channel):
             xs.append(x)
             ys.append(y)
         out += [torch.cat(xs), torch.cat(ys)]
-    with contextlib.suppress(OSError):  # a read-only data folder just means no cache
+    with contextlib.suppress(UsageError):  # a read-only data folder just means no cache
         atomic_save(dict(x_train=out[0], y_train=out[1], x_test=out[2], y_test=out[3], classes=classes), cache)
     return (*out, classes)
 
@@ -738,17 +770,35 @@ def load_pt(path, expected=None):
     return obj
 
 
+def load_result(path):
+    """A synthetic-set file in the papers' format ({'data': [[images, labels], ...], 'accs_all_exps': ...}),
+    loaded safely and checked: float images [N,C,H,W], integer labels [N] in 0..num_classes-1."""
+    res = load_pt(path, {'data': list})
+    for k, entry in enumerate(res['data']):
+        if not (isinstance(entry, (list, tuple)) and len(entry) == 2 and all(isinstance(t, torch.Tensor) for t in entry)):
+            raise UsageError(f'{path}: data[{k}] must be a pair [images, labels] of tensors')
+        images, labels = entry
+        if images.dim() != 4 or not images.is_floating_point() or labels.shape != images.shape[:1] \
+                or labels.is_floating_point() or (len(labels) and labels.min() < 0):
+            raise UsageError(f'{path}: data[{k}] must hold float images [N,C,H,W] and N integer labels >= 0')
+    return res
+
+
 def atomic_write(path, write):
-    """Call write(tmp_path), then move the finished file to path: a crash leaves the old file intact."""
+    """Call write(tmp_path), flush it to disk, then rename it to path: a crash or a full disk leaves the
+    previous file intact and never a half-written one under its name."""
     tmp = f'{path}.tmp{os.getpid()}'
     try:
         write(tmp)
         with open(tmp, 'rb+') as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.remove(tmp)
+        if isinstance(e, OSError) or isinstance(e, RuntimeError) and 'inline_container' in str(e):  # torch.save
+            reason = getattr(e, 'strerror', None) or 'disk full?'
+            raise UsageError(f'cannot write {path} ({reason}); any previous version is intact') from None
         raise
 
 
@@ -826,18 +876,22 @@ def get_parser(description, **defaults):
     p.add_argument('--im_size', type=int, nargs='+', default=None, help='image size for --dataset ImageFolder')
     p.add_argument('--seed', type=int, default=0, help='the same seed gives the same synthetic sets')
     p.add_argument('--device', type=str, default='auto', help='auto (CUDA when present), cpu, cuda or cuda:<i>')
+    p.add_argument('--resume', type=str, default='none',
+                   help="'auto': continue from the newest valid checkpoint in --save_path (if any); or a checkpoint file")
+    p.add_argument('--checkpoint_every', type=int, default=None,
+                   help='save a checkpoint every N iterations (default: about every 10 minutes), and at each evaluation')
     p.set_defaults(epoch_eval_noaug=300, **defaults)
     return p
 
 
-POSITIVE = ['ipc', 'num_exp', 'num_eval', 'batch_real', 'batch_train']
-NON_NEGATIVE = ['Iteration', 'epoch_eval_train']
+POSITIVE = ['ipc', 'num_exp', 'num_eval', 'batch_real', 'batch_train', 'epoch_eval_train', 'checkpoint_every']
+NON_NEGATIVE = ['Iteration']
 
 
 def setup(args):
     """Check the arguments and prepare the run: device, save path, augmentation parameters."""
     for k in POSITIVE:
-        if getattr(args, k) < 1:
+        if getattr(args, k) is not None and getattr(args, k) < 1:
             raise UsageError(f'--{k} must be at least 1, got {getattr(args, k)}')
     for k in NON_NEGATIVE:
         if getattr(args, k) is not None and getattr(args, k) < 0:
@@ -852,6 +906,8 @@ def setup(args):
             raise UsageError('--im_size takes one or two sizes of at least 8 pixels')
         args.im_size = tuple(args.im_size) * (3 - len(args.im_size))
     check_strategy(args.dsa_strategy)
+    if args.eval_mode in 'WDAPN' and not args.model.startswith('ConvNet'):
+        raise UsageError(f'--eval_mode {args.eval_mode} compares ConvNet variants; it needs a ConvNet --model, not {args.model}')
     args.device = pick_device(args.device)
     args.dsa_param = ParamDiffAug()
     if os.path.exists(args.save_path) and not os.path.isdir(args.save_path):
@@ -863,7 +919,29 @@ def setup(args):
         os.remove(os.path.join(args.save_path, f'.write_test{os.getpid()}'))
     except OSError as e:
         raise UsageError(f'cannot write to --save_path {args.save_path}: {e.strerror}') from None
+    if args.resume not in ('none', 'auto') and not os.path.isfile(args.resume):
+        raise UsageError(f'--resume {args.resume}: no such checkpoint file (use auto to pick the newest)')
+    remove_stale_temporaries(args.save_path)
     return args
+
+
+def remove_stale_temporaries(folder):
+    """Remove half-written files that a killed run left behind (see atomic_write)."""
+    for name in os.listdir(folder):
+        stem, sep, pid = name.rpartition('.tmp')
+        if stem and sep and pid.isdigit() and not _alive(int(pid)):
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(folder, name))
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
 
 
 def load_real(args):
@@ -907,48 +985,181 @@ def eval_iterations(args, interval):
     return sorted(its | {args.Iteration})
 
 
+def rng_state():
+    """Every random generator state (torch CPU and CUDA, numpy, random) as plain tensors and tuples."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                numpy=[kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss], random=random.getstate())
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state['torch'])
+    if state['cuda'] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state['cuda'])
+    kind, keys, pos, has_gauss, gauss = state['numpy']
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state['random']))
+
+
+# settings that do not change the synthetic sets or their results, so a run may resume with other values
+RESUMABLE = {'device', 'data_path', 'save_path', 'resume', 'checkpoint_every', 'num_exp'}
+
+
+class Checkpoints:
+    """What a run needs to continue after a crash, a pre-emption or Ctrl-C, saved atomically as
+    `checkpoint_<run>_<progress>.pt` in the save path; the last two are kept."""
+
+    MINUTES = 10  # default interval between checkpoints
+
+    def __init__(self, args, signature):
+        self.args, self.signature = args, signature
+        self.prefix = os.path.join(args.save_path, 'checkpoint_%s_%s_%s_%dipc_' % (
+            args.method, args.dataset, args.model, args.ipc))
+        self.last_path, self.last_time, self.last_it = None, time.monotonic(), 0
+        self.fresh = True  # checkpoints of an earlier run (not resumed) are replaced by this run's
+
+    def paths(self):
+        """This run's checkpoint files, newest first."""
+        found = [p for p in (os.path.join(self.args.save_path, f) for f in os.listdir(self.args.save_path))
+                 if p.startswith(self.prefix) and p.endswith('.pt') and p[len(self.prefix):-3].isdigit()]
+        return sorted(found, key=lambda p: int(p[len(self.prefix):-3]), reverse=True)
+
+    def due(self, it):
+        if self.args.checkpoint_every:
+            return it - self.last_it >= self.args.checkpoint_every
+        return time.monotonic() - self.last_time >= 60 * self.MINUTES
+
+    def save(self, exp, it, syn, accs, accs_all_exps, data_save):
+        progress = exp * (self.args.Iteration + 1) + it
+        path = f'{self.prefix}{progress:010d}.pt'
+        old = self.paths()
+        atomic_save(dict(signature=self.signature, exp=exp, it=it, images=syn.images.detach().cpu(),
+                         optimizer=syn.optimizer.state_dict(), accs=accs, accs_all_exps=accs_all_exps,
+                         data=data_save, rng=rng_state()), path)
+        keep = 1 if not self.fresh else 0  # keep the newest earlier one of this run: two in all
+        for p in [p for p in old if p != path][keep:]:
+            with contextlib.suppress(OSError):
+                os.remove(p)
+        self.fresh = False
+        self.last_path, self.last_time, self.last_it = path, time.monotonic(), it
+
+    def load(self, which):
+        """The newest valid checkpoint ('auto') or the given file; a corrupt or truncated one falls back to
+        the one before it with a warning. None when there is none."""
+        paths = self.paths() if which == 'auto' else [which]
+        for path in paths:
+            try:
+                state = load_pt(path, {'signature': dict, 'exp': int, 'it': int, 'images': torch.Tensor,
+                                       'optimizer': dict, 'accs_all_exps': dict, 'data': list, 'rng': dict})
+            except UsageError as e:
+                if which != 'auto':
+                    raise
+                tqdm.write(f'warning: skipping {path}: {e}')
+                continue
+            changed = sorted(k for k in set(state['signature']) | set(self.signature)
+                             if state['signature'].get(k) != self.signature.get(k))
+            if changed:
+                raise UsageError(f'{path} was made with other settings ({", ".join("--" + k for k in changed)}); '
+                                 'rerun its command line, or start afresh without --resume')
+            if state['images'].shape[0] != self.args.num_classes * self.args.ipc:
+                raise UsageError(f'{path} holds {state["images"].shape[0]} images, not {self.args.num_classes * self.args.ipc}')
+            self.fresh, self.last_path, self.last_it = False, path, state['it']
+            return state
+        return None
+
+
+class StopSignals:
+    """SIGINT/SIGTERM ask the loop to stop at the next iteration boundary (after saving a checkpoint);
+    a second one stops at once."""
+
+    def __enter__(self):
+        self.signum = None
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def handle(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        tqdm.write(f'{signal.Signals(signum).name}: stopping after this step with a checkpoint (again to stop now)')
+
+    def __exit__(self, *exc):
+        for s, h in self.previous.items():
+            signal.signal(s, h)
+
+
 def condense(args, train_iteration, eval_interval):
     """The experiment loop of a condensation method.
 
     For each experiment: a fresh synthetic set; then for it = 0 .. Iteration-1 the method's
     `train_iteration(it, syn, real, args)` (returns the loss as a float), with the synthetic set
     evaluated (and drawn) at the evaluation iterations. The final synthetic sets and accuracies are
-    saved after every experiment in the papers' format.
+    saved after every experiment in the papers' format. Checkpoints (see Checkpoints) let an
+    interrupted run continue with --resume, giving the same synthetic sets as an uninterrupted one.
     """
+    signature = {k: v for k, v in vars(args).items() if k not in RESUMABLE and k != 'dsa_param'}
     real, testloader = load_real(args)
     model_pool = get_eval_pool(args.eval_mode, args.model, args.model)
     eval_its = eval_iterations(args, eval_interval)
     print('Hyper-parameters:', {k: v for k, v in vars(args).items() if k not in ('class_names', 'dsa_param')})
     print('Evaluation model pool:', model_pool, 'at iterations', eval_its)
-    accs_all_exps = {m: [] for m in model_pool}
-    data_save = []
-    for exp in range(args.num_exp):
-        set_seed(args.seed, exp)
-        syn = SynSet(real, args)
-        bar = tqdm(range(args.Iteration + 1), desc=f'exp {exp}', dynamic_ncols=True)
-        for it in bar:
-            if it in eval_its:
-                accs = evaluate_models(syn.images, syn.labels, model_pool, args, testloader, (exp, it))
-                save_vis(syn.images, args, exp, it)
-            if it == args.Iteration:
-                break
-            loss = train_iteration(it, syn, real, args)
-            if not math.isfinite(loss) or not torch.isfinite(syn.images).all():
-                raise UsageError(f'the loss or the synthetic images became non-finite at iteration {it}; '
-                                 f'try a smaller --lr_img')
-            bar.set_postfix(loss=f'{loss:.4f}')
-        bar.close()
-        for m in model_pool:
-            accs_all_exps[m] += accs[m]
-        data_save.append([syn.images.detach().cpu(), syn.labels.cpu()])
-        atomic_save({'data': data_save, 'accs_all_exps': accs_all_exps}, result_path(args))
+    checkpoints = Checkpoints(args, signature)
+    if args.resume == 'none' and checkpoints.paths():
+        print(f'note: the checkpoints of an earlier run in {args.save_path} will be replaced (--resume auto continues it)')
+    state = checkpoints.load(args.resume) if args.resume != 'none' else None
+    accs_all_exps = state['accs_all_exps'] if state else {m: [] for m in model_pool}
+    data_save = state['data'] if state else []
+    if state:
+        print(f'resuming from {checkpoints.last_path}: experiment {state["exp"]}, iteration {state["it"]}')
+    elif args.resume == 'auto':
+        print('no checkpoint to resume from: starting afresh')
+    with StopSignals() as stop:
+        for exp in range(state['exp'] if state else 0, args.num_exp):
+            resumed = state is not None and exp == state['exp']
+            set_seed(args.seed, exp)
+            syn = SynSet(real, args)
+            start, accs = 0, None
+            if resumed:
+                with torch.no_grad():
+                    syn.images.copy_(state['images'])
+                syn.optimizer.load_state_dict(state['optimizer'])
+                set_rng_state(state['rng'])
+                start, accs = state['it'], state['accs']
+            bar = tqdm(range(start, args.Iteration + 1), desc=f'exp {exp}', dynamic_ncols=True, initial=start,
+                       total=args.Iteration + 1)
+            for it in bar:
+                if it in eval_its and not (resumed and it == start):
+                    accs = evaluate_models(syn.images, syn.labels, model_pool, args, testloader, (exp, it))
+                    save_vis(syn.images, args, exp, it)
+                    checkpoints.save(exp, it, syn, accs, accs_all_exps, data_save)
+                elif stop.signum or checkpoints.due(it):
+                    checkpoints.save(exp, it, syn, accs, accs_all_exps, data_save)
+                if stop.signum:
+                    raise Interrupted(f'stopped by {signal.Signals(stop.signum).name} at iteration {it} of experiment '
+                                      f'{exp}; checkpoint {checkpoints.last_path}; continue with --resume auto', stop.signum)
+                if it == args.Iteration:
+                    break
+                loss = train_iteration(it, syn, real, args)
+                if not math.isfinite(loss) or not torch.isfinite(syn.images).all():
+                    raise Diverged(f'the loss or the synthetic images became non-finite at iteration {it} of experiment '
+                                   f'{exp} (try a smaller --lr_img); last good checkpoint: {checkpoints.last_path}')
+                bar.set_postfix(loss=f'{loss:.4f}')
+            bar.close()
+            for m in model_pool:
+                accs_all_exps[m] += accs[m]
+            data_save.append([syn.images.detach().cpu(), syn.labels.cpu()])
+            atomic_save({'data': data_save, 'accs_all_exps': accs_all_exps}, result_path(args))
     return summarise(args, accs_all_exps)
 
 
 def run_script(main):
-    """Run a script's main(): bad input ends with one line on stderr and exit status 2."""
+    """Run a script's main(): a StopRun (bad input, divergence, a stop signal) and Ctrl-C end with one
+    line on stderr and their exit status, without a traceback."""
     try:
         main()
-    except UsageError as e:
+    except StopRun as e:
         print(f'error: {e}', file=sys.stderr)
-        sys.exit(2)
+        sys.exit(e.code)
+    except KeyboardInterrupt:
+        print('error: interrupted (the last checkpoint in --save_path can be resumed with --resume auto)', file=sys.stderr)
+        sys.exit(130)

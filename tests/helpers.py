@@ -1,7 +1,9 @@
+import gzip
 import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -13,3 +15,26 @@ def run(script, *args, timeout=900):
     """Run a script of the project as a user would; returns the CompletedProcess."""
     return subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], capture_output=True,
                           text=True, timeout=timeout, cwd=ROOT)
+
+
+def idx_bytes(arr):
+    header = bytes([0, 0, 8, arr.ndim]) + b''.join(int(s).to_bytes(4, 'big') for s in arr.shape)
+    return header + arr.astype(np.uint8).tobytes()
+
+
+def write_mnist(root, name='MNIST', n_train=30, n_test=10, gz=(True, False, True, False), seed=0):
+    """A tiny dataset in torchvision's MNIST layout (root/<name>/raw/ IDX files); labels cycle 0..9."""
+    rng = np.random.default_rng(seed)
+    raw = root / name / 'raw'
+    raw.mkdir(parents=True)
+    arrays = [rng.integers(0, 256, (n_train, 28, 28)), np.arange(n_train) % 10,
+              rng.integers(0, 256, (n_test, 28, 28)), np.arange(n_test) % 10]
+    for fname, arr, z in zip(['train-images-idx3-ubyte', 'train-labels-idx1-ubyte', 't10k-images-idx3-ubyte',
+                              't10k-labels-idx1-ubyte'], arrays, gz):
+        data = idx_bytes(arr)
+        if z:
+            with gzip.open(raw / (fname + '.gz'), 'wb') as f:
+                f.write(data)
+        else:
+            (raw / fname).write_bytes(data)
+    return arrays

@@ -5,38 +5,57 @@ import sys
 
 import pytest
 
-from helpers import ROOT, run
+from helpers import ROOT, run, write_mnist
 
-BAD = [
-    ('main_DM.py', ['--dataset', 'CIFAR11']),
-    ('main_DM.py', ['--model', 'ConvNetX']),
-    ('main_DM.py', ['--dsa_strategy', 'color_blur']),
-    ('main_DM.py', ['--ipc', '0']),
-    ('main_DM.py', ['--ipc', 'ten']),
-    ('main_DM.py', ['--eval_mode', 'Q']),
-    ('main_DM.py', ['--lr_img', '-1']),
-    ('main_DM.py', ['--num_exp', '0']),
-    ('main_DM.py', ['--batch_real', '0']),
-    ('main_DM.py', ['--Iteration', '-5']),
-    ('main_DM.py', ['--device', 'cuda:0']),
-    ('main_DM.py', ['--device', 'tpu']),
-    ('main_DM.py', ['--dataset', 'CIFAR10', '--data_path', '{tmp}/empty']),
-    ('main_DM.py', ['--save_path', '{tmp}/a_file']),
-    ('main_DM.py', ['--save_path', '/proc/forbidden']),
-    ('main_DM.py', ['--init', 'zeros']),
-    ('main_DM.py', ['--no_such_flag']),
+BAD = [  # (script, arguments, a part of the expected message)
+    ('main_DM.py', ['--dataset', 'CIFAR11'], 'invalid choice'),
+    ('main_DM.py', ['--model', 'ConvNetX'], 'invalid choice'),
+    ('main_DM.py', ['--dsa_strategy', 'color_blur'], 'unknown augmentation'),
+    ('main_DM.py', ['--ipc', '0'], '--ipc must be'),
+    ('main_DM.py', ['--ipc', 'ten'], 'invalid int'),
+    ('main_DM.py', ['--eval_mode', 'Q'], 'invalid choice'),
+    ('main_DM.py', ['--lr_img', '-1'], '--lr_img must be'),
+    ('main_DM.py', ['--num_exp', '0'], '--num_exp must be'),
+    ('main_DM.py', ['--batch_real', '0'], '--batch_real must be'),
+    ('main_DM.py', ['--Iteration', '-5'], '--Iteration must be'),
+    ('main_DM.py', ['--device', 'cuda:0'], 'no CUDA device'),
+    ('main_DM.py', ['--device', 'tpu'], 'unknown device'),
+    ('main_DM.py', ['--dataset', 'CIFAR10', '--data_path', '{tmp}/empty'], 'cifar-10-batches-py'),
+    ('main_DM.py', ['--save_path', '{tmp}/a_file'], 'is a file'),
+    ('main_DM.py', ['--save_path', '/proc/forbidden'], 'cannot write'),
+    ('main_DM.py', ['--init', 'zeros'], 'invalid choice'),
+    ('main_DM.py', ['--no_such_flag'], 'unrecognized'),
+    ('main_DM.py', ['--model', 'VGG11', '--eval_mode', 'W'], 'needs a ConvNet'),
+    ('main_DM.py', ['--checkpoint_every', '0'], '--checkpoint_every must be'),
+    ('main_DM.py', ['--resume', '{tmp}/no_such_checkpoint.pt'], 'no such checkpoint'),
+    ('main_DM.py', ['--epoch_eval_train', '0'], '--epoch_eval_train must be'),
+    ('main_DM.py', ['--lr_net', '0'], '--lr_net must be'),
+    ('main_DM.py', ['--lr_img', 'nan'], '--lr_img must be'),
+    ('main_DM.py', ['--num_eval', '-1'], '--num_eval must be'),
+    ('main_DM.py', ['--batch_train', '0'], '--batch_train must be'),
+    ('main_DM.py', ['--dataset', 'ImageFolder', '--data_path', '{tmp}/empty'], 'ImageFolder needs'),
+    ('main_DM.py', ['--dataset', 'ImageFolder', '--im_size', '4'], '--im_size'),
+    ('main_DM.py', ['--dataset', 'MNIST', '--data_path', '{tmp}/partial'], 'missing: t10k-labels'),
+    ('main_DM.py', ['--dataset', 'MNIST', '--data_path', '{tmp}/corrupt'], 'not an IDX file'),
+    ('main_DM.py', ['--dataset', 'MNIST', '--data_path', '{tmp}/complete', '--init', 'real', '--ipc', '100000'], 'smallest class'),
 ]
 
 
 def prepare(tmp_path, args):
     (tmp_path / 'a_file').write_text('x')
     (tmp_path / 'empty').mkdir(exist_ok=True)
+    if not (tmp_path / 'partial').exists():
+        write_mnist(tmp_path / 'partial', n_train=20, n_test=10)
+        os.remove(tmp_path / 'partial' / 'MNIST' / 'raw' / 't10k-labels-idx1-ubyte')
+        write_mnist(tmp_path / 'corrupt', n_train=20, n_test=10, gz=(False,) * 4)
+        (tmp_path / 'corrupt' / 'MNIST' / 'raw' / 't10k-labels-idx1-ubyte').write_bytes(b'not an idx file')
+        write_mnist(tmp_path / 'complete', n_train=20, n_test=10)
     args = [a.replace('{tmp}', str(tmp_path)) for a in args]
     return args if '--save_path' in args else args + ['--save_path', str(tmp_path / 'res')]
 
 
-@pytest.mark.parametrize('script,args', BAD, ids=[' '.join(a) for _, a in BAD])
-def test_bad_command_line(tmp_path, capsys, monkeypatch, script, args):
+@pytest.mark.parametrize('script,args,expected', BAD, ids=[' '.join(a) for _, a, _ in BAD])
+def test_bad_command_line(tmp_path, capsys, monkeypatch, script, args, expected):
     """Runs the script's entry point in this process (as `python script ...` would)."""
     monkeypatch.setattr(sys, 'argv', [script, *prepare(tmp_path, args)])
     with pytest.raises(SystemExit) as e:
@@ -44,6 +63,7 @@ def test_bad_command_line(tmp_path, capsys, monkeypatch, script, args):
     err = capsys.readouterr().err
     assert e.value.code == 2, err
     assert len(err.strip().splitlines()) == 1 and 'Traceback' not in err, err
+    assert expected in err, err
 
 
 @pytest.mark.parametrize('args', [['--ipc', '0'], ['--dataset', 'SVHN', '--data_path', '{tmp}/empty']])

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 import utils
+from helpers import write_mnist
 from utils import ClassImages, UsageError, get_dataset
 
 RNG = np.random.default_rng(0)
@@ -17,26 +18,6 @@ RNG = np.random.default_rng(0)
 @pytest.fixture(autouse=True)
 def offline(monkeypatch):
     monkeypatch.setattr(utils, '_download', lambda name, path: 'offline (test)')
-
-
-def idx_bytes(arr):
-    header = bytes([0, 0, 8, arr.ndim]) + b''.join(int(s).to_bytes(4, 'big') for s in arr.shape)
-    return header + arr.astype(np.uint8).tobytes()
-
-
-def write_mnist(root, name='MNIST', n_train=30, n_test=10, gz=(True, False, True, False)):
-    raw = root / name / 'raw'
-    raw.mkdir(parents=True)
-    arrays = [RNG.integers(0, 256, (n_train, 28, 28)), np.arange(n_train) % 10,
-              RNG.integers(0, 256, (n_test, 28, 28)), np.arange(n_test) % 10]
-    for fname, arr, z in zip(utils.IDX_FILES, arrays, gz):
-        data = idx_bytes(arr)
-        if z:
-            with gzip.open(raw / (fname + '.gz'), 'wb') as f:
-                f.write(data)
-        else:
-            (raw / fname).write_bytes(data)
-    return arrays
 
 
 def check(out, channel, im_size, num_classes, n_train, n_test):

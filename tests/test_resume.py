@@ -1,0 +1,186 @@
+"""Long runs survive: checkpoints, resume, signals, divergence, safe loading, full disks."""
+import errno
+import glob
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import utils
+from helpers import ROOT, run, write_mnist
+from utils import Diverged, UsageError, load_pt, load_result
+
+DM = ['--dataset', 'MNIST', '--ipc', 2, '--num_exp', 2, '--num_eval', 1, '--epoch_eval_train', 1, '--batch_real', 8,
+      '--eval_mode', 'SS', '--checkpoint_every', 1]
+
+
+@pytest.fixture
+def data(tmp_path):
+    write_mnist(tmp_path / 'data', n_train=100, n_test=20)
+    return tmp_path / 'data'
+
+
+def final_images(save_path):
+    return [d[0] for d in load_result(os.path.join(save_path, 'res_DM_MNIST_ConvNet_2ipc.pt'))['data']]
+
+
+def start(args, save_path):
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, 'main_DM.py'), *map(str, args), '--save_path', save_path],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+
+
+def wait_for_checkpoint(proc, save_path, progress):
+    """Wait until a checkpoint at or beyond `progress` exists (or the process ends)."""
+    while proc.poll() is None:
+        done = [int(p[-13:-3]) for p in glob.glob(os.path.join(save_path, 'checkpoint_*.pt'))]
+        if done and max(done) >= progress:
+            return
+        time.sleep(0.01)
+
+
+def test_sigkill_then_resume_gives_the_uninterrupted_result(data, tmp_path):
+    args = [*DM, '--Iteration', 12, '--data_path', data]
+    p = run('main_DM.py', *args, '--save_path', tmp_path / 'whole')
+    assert p.returncode == 0, p.stderr[-2000:]
+    whole = final_images(tmp_path / 'whole')
+
+    cut = tmp_path / 'cut'
+    proc = start(args, cut)
+    wait_for_checkpoint(proc, cut, 13 + 5)  # in the second experiment
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, 'the run ended before it could be killed'
+    ckpts = sorted(glob.glob(str(cut / 'checkpoint_*.pt')))
+    assert 1 <= len(ckpts) <= 2
+    # a truncated newest checkpoint is skipped with a warning
+    newest = ckpts[-1]
+    with open(newest, 'r+b') as f:
+        f.truncate(os.path.getsize(newest) // 2)
+    p = run('main_DM.py', *args, '--save_path', cut, '--resume', 'auto')
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert 'warning: skipping' in p.stdout + p.stderr and 'resuming from' in p.stdout
+    assert not glob.glob(str(cut / '*.tmp*'))  # the killed run's half-written files are gone
+    for a, b in zip(whole, final_images(cut)):
+        assert torch.equal(a, b)  # bit-identical on the CPU
+    assert len(glob.glob(str(cut / 'checkpoint_*.pt'))) == 2
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(data, tmp_path):
+    args = [*DM, '--num_exp', 1, '--Iteration', 200, '--data_path', data, '--checkpoint_every', 1000]
+    proc = start(args, tmp_path)
+    wait_for_checkpoint(proc, tmp_path, 0)  # the first one, after evaluating the initial set
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    last = err.strip().splitlines()[-1]  # (above it: the progress bar)
+    assert last.startswith('error: stopped by SIGTERM') and 'resume' in last and 'Traceback' not in err
+    state = load_pt(sorted(glob.glob(str(tmp_path / 'checkpoint_*.pt')))[-1])
+    assert 0 < state['it'] < 200  # saved at the iteration where it stopped, not only the first one
+
+
+def test_resume_with_other_settings_is_refused(data, tmp_path):
+    args = [*DM, '--num_exp', 1, '--Iteration', 2, '--data_path', data, '--save_path', tmp_path]
+    assert run('main_DM.py', *args).returncode == 0
+    p = run('main_DM.py', *args, '--resume', 'auto', '--lr_img', 0.5)
+    assert p.returncode == 2 and '--lr_img' in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    p = run('main_DM.py', *args, '--resume', 'auto', '--num_exp', 2)  # more experiments: continues
+    assert p.returncode == 0 and len(load_result(tmp_path / 'res_DM_MNIST_ConvNet_2ipc.pt')['data']) == 2
+
+
+def small_args(data, tmp_path, *extra):
+    parser = utils.get_parser('test', method='DM', init='real', lr_img=1.0, dsa_strategy='color_crop_cutout_flip_scale_rotate')
+    args = parser.parse_args(['--dataset', 'MNIST', '--data_path', str(data), '--save_path', str(tmp_path), '--ipc', '1',
+                              '--Iteration', '4', '--num_eval', '1', '--epoch_eval_train', '1', '--checkpoint_every', '1',
+                              '--eval_mode', 'SS', *extra])
+    args = utils.setup(args)
+    args.dsa = True
+    return args
+
+
+def test_nan_in_the_images_stops_the_run_and_keeps_what_was_written(data, tmp_path):
+    def poisoned(it, syn, real, args):
+        if it == 2:
+            with torch.no_grad():
+                syn.images[0, 0, 0, 0] = float('nan')
+        return 1.0
+
+    args = small_args(data, tmp_path, '--num_exp', '2')
+    with pytest.raises(Diverged, match='iteration 2 of experiment 0') as e:
+        utils.condense(args, poisoned, eval_interval=2000)
+    assert 'checkpoint_DM_MNIST_ConvNet_1ipc_0000000002.pt' in str(e.value)
+    state = load_pt(tmp_path / 'checkpoint_DM_MNIST_ConvNet_1ipc_0000000002.pt')
+    assert torch.isfinite(state['images']).all()  # the last good state, not overwritten by the NaN
+
+
+def test_malicious_pickle_is_refused(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f'touch {tmp_path}/pwned',))
+
+    torch.save({'data': Evil()}, tmp_path / 'evil.pt')
+    with pytest.raises(UsageError, match='cannot load .* safely'):
+        load_pt(tmp_path / 'evil.pt')
+    assert not (tmp_path / 'pwned').exists()
+    (tmp_path / 'raw.pt').write_bytes(pickle.dumps(Evil()))
+    with pytest.raises(UsageError):
+        load_pt(tmp_path / 'raw.pt')
+    assert not (tmp_path / 'pwned').exists()
+
+
+def test_papers_result_files_with_numpy_scalars_load(tmp_path):
+    res = {'data': [[torch.randn(10, 3, 32, 32), torch.arange(10)]], 'accs_all_exps': {'ConvNet': [np.float64(0.25)]}}
+    torch.save(res, tmp_path / 'new.pt')
+    assert load_result(tmp_path / 'new.pt')['accs_all_exps']['ConvNet'][0] == 0.25
+    # files written with numpy 1 name its scalar type numpy.core.multiarray.scalar
+    torch.save(res, tmp_path / 'old.pt', _use_new_zipfile_serialization=False)
+    raw = (tmp_path / 'old.pt').read_bytes()
+    if b'numpy._core.multiarray' in raw:
+        (tmp_path / 'old.pt').write_bytes(raw.replace(b'numpy._core.multiarray', b'numpy.core.multiarray'))
+    assert load_result(tmp_path / 'old.pt')['accs_all_exps']['ConvNet'][0] == 0.25
+
+
+def test_result_structure_is_checked(tmp_path):
+    torch.save({'data': [[torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2])]]}, tmp_path / 'bad.pt')
+    with pytest.raises(UsageError, match='integer labels'):
+        load_result(tmp_path / 'bad.pt')
+    torch.save([1, 2], tmp_path / 'list.pt')
+    with pytest.raises(UsageError, match='must hold a dict'):
+        load_result(tmp_path / 'list.pt')
+
+
+def test_full_disk_keeps_the_previous_file(tmp_path, monkeypatch):
+    target = tmp_path / 'res.pt'
+    utils.atomic_save({'v': 1}, target)
+
+    def full(obj, f, *a, **k):
+        with open(f, 'wb') as fh:
+            fh.write(b'partial')
+        raise OSError(errno.ENOSPC, 'No space left on device')
+
+    monkeypatch.setattr(torch, 'save', full)
+    with pytest.raises(UsageError, match='No space left'):
+        utils.atomic_save({'v': 2}, target)
+    monkeypatch.undo()
+    assert load_pt(target) == {'v': 1} and os.listdir(tmp_path) == ['res.pt']
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason='mounting a tiny file system needs root')
+def test_really_full_disk(tmp_path):
+    mnt = tmp_path / 'tiny'
+    mnt.mkdir()
+    if subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=64k', 'tmpfs', str(mnt)], capture_output=True).returncode:
+        pytest.skip('cannot mount tmpfs here')
+    try:
+        utils.atomic_save({'v': 1}, mnt / 'res.pt')
+        with pytest.raises(UsageError, match='cannot write'):
+            utils.atomic_save({'v': torch.zeros(100000)}, mnt / 'res.pt')
+        assert load_pt(mnt / 'res.pt') == {'v': 1} and os.listdir(mnt) == ['res.pt']
+    finally:
+        subprocess.run(['umount', str(mnt)])

@@ -250,41 +250,41 @@ class _DecodeResized:
         return torch.from_numpy(np.asarray(img, np.uint8).copy()).reshape(self.size[0], self.size[1], -1).permute(2, 0, 1)
 
 
-def _load_tree(root, im_size, channel):
-    """An image-folder tree root/train/<class>/*, root/test/<class>/* as uint8 tensors, decoded in
-    parallel once and then cached beside the tree as one tensor file."""
+def _decode_folder(folder, im_size, channel):
+    """All images of an ImageFolder tree as one uint8 tensor, decoded by parallel DataLoader workers."""
     from torchvision.datasets import ImageFolder
+    ds = ImageFolder(folder, loader=_DecodeResized(im_size, 'L' if channel == 1 else 'RGB'))
+    if len(ds) == 0:
+        raise UsageError(f'{folder} holds no images')
+    batches = list(tqdm(DataLoader(ds, batch_size=500, num_workers=min(4, os.cpu_count() or 1)),
+                        desc=f'decoding {folder}', leave=False))
+    return torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches]), ds.classes
+
+
+def _load_tree(root, im_size, channel):
+    """An image-folder tree root/train/<class>/*, root/test/<class>/* as uint8 tensors, decoded once and
+    then cached beside the tree as one tensor file (keyed by the file list, sizes and image size)."""
     splits = [os.path.join(root, s) for s in ('train', 'test')]
     if not all(map(os.path.isdir, splits)):
         return None
-    listing = []
-    for s in splits:
-        for dirpath, _, files in sorted(os.walk(s)):
-            listing += [(os.path.relpath(os.path.join(dirpath, f), root), os.path.getsize(os.path.join(dirpath, f)))
-                        for f in sorted(files)]
+    listing = [(os.path.relpath(os.path.join(d, f), root), os.path.getsize(os.path.join(d, f)))
+               for s in splits for d, _, files in sorted(os.walk(s)) for f in sorted(files)]
     key = hashlib.sha1(repr((listing, tuple(im_size), channel)).encode()).hexdigest()[:16]
-    cache = os.path.join(root, f'.cache_{im_size[0]}x{im_size[1]}_{channel}ch_{key}.pt')
-    if os.path.isfile(cache):
-        with contextlib.suppress(Exception):
-            d = torch.load(cache, weights_only=True)
-            return d['x_train'], d['y_train'], d['x_test'], d['y_test'], d['classes']
-    out = []
-    for s in splits:
-        ds = ImageFolder(s, loader=_DecodeResized(im_size, 'L' if channel == 1 else 'RGB'))
-        if len(ds) == 0:
-            raise UsageError(f'{s} holds no images')
-        if out and ds.classes != classes:
-            raise UsageError(f'{root}: train/ and test/ must have the same class folders')
-        classes = ds.classes
-        xs, ys = [], []
-        for x, y in tqdm(DataLoader(ds, batch_size=500, num_workers=min(4, os.cpu_count() or 1)),
-                         desc=f'decoding {s}', leave=False):
-            xs.append(x)
-            ys.append(y)
-        out += [torch.cat(xs), torch.cat(ys)]
-    with contextlib.suppress(UsageError):  # a read-only data folder just means no cache
-        atomic_save(dict(x_train=out[0], y_train=out[1], x_test=out[2], y_test=out[3], classes=classes), cache)
-    return (*out, classes)
+    stem = os.path.join(root, f'.cache_{im_size[0]}x{im_size[1]}_{channel}ch_')
+    cache = stem + key + '.pt'
+    with contextlib.suppress(Exception):  # no cache yet, or an unreadable one: decode afresh
+        d = torch.load(cache, weights_only=True)
+        return d['x_train'], d['y_train'], d['x_test'], d['y_test'], d['classes']
+    x_train, y_train, classes = _decode_folder(splits[0], im_size, channel)
+    x_test, y_test, test_classes = _decode_folder(splits[1], im_size, channel)
+    if test_classes != classes:
+        raise UsageError(f'{root}: train/ and test/ must have the same class folders')
+    with contextlib.suppress(UsageError, OSError):  # a read-only data folder just means no cache
+        atomic_save(dict(x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test, classes=classes), cache)
+        for old in os.listdir(root):  # caches of an earlier state of the tree
+            if os.path.join(root, old).startswith(stem) and os.path.join(root, old) != cache:
+                os.remove(os.path.join(root, old))
+    return x_train, y_train, x_test, y_test, classes
 
 
 def get_dataset(dataset, data_path, im_size=None, device='cpu'):

@@ -22,10 +22,10 @@ def train_iteration(it, syn, real, args):
         if joint:
             real_all.append(img_real)
         else:
-            real_means.append(embed(net, img_real).mean(0))
+            real_means.append(embed(net, img_real, amp=args.amp, compiled=args.compile).mean(0))
         syn_all.append(img_syn)
     if joint:
-        real_means = embed(net, torch.cat(real_all), chunk=None).unflatten(0, (args.num_classes, -1)).mean(1)
+        real_means = embed(net, torch.cat(real_all), None, args.amp, args.compile).unflatten(0, (args.num_classes, -1)).mean(1)
     else:
         real_means = torch.stack(real_means)
     syn_means = net.embed(torch.cat(syn_all)).view(args.num_classes, args.ipc, -1).mean(1)

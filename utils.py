@@ -21,6 +21,7 @@ import signal
 import socket
 import sys
 import time
+import functools
 from functools import partial
 
 import numpy as np
@@ -375,11 +376,25 @@ def get_network(model, channel, num_classes, im_size=(32, 32), device=None):
     return MODELS[model](channel, num_classes, tuple(im_size)).to(device or pick_device())
 
 
+def _embed(net, x):
+    return net.embed(x)
+
+
+@functools.cache
+def _compiled_embed():  # built on first use: importing torch's compiler takes seconds
+    return torch.compile(_embed, dynamic=False)  # compiles once per architecture and input shape
+
+
 @torch.no_grad()
-def embed(net, images, chunk=256):
+def embed(net, images, chunk=256, amp=False, compiled=False):
     """net.embed(images) without autograd, `chunk` images at a time (None: as one batch, which
-    BatchNorm in train mode needs)."""
-    return torch.cat([net.embed(x) for x in images.split(chunk or len(images))])
+    BatchNorm in train mode needs), as float32. `amp`: bfloat16 autocast; `compiled`: through
+    torch.compile, in channels-last memory format (fuses normalisation, activation and pooling)."""
+    if compiled:
+        images = images.contiguous(memory_format=torch.channels_last)
+    with torch.autocast(images.device.type, torch.bfloat16, enabled=amp):
+        return torch.cat([(_compiled_embed() if compiled else _embed)(net, x).float()
+                          for x in images.split(chunk or len(images))])
 
 
 def has_batchnorm(net):
@@ -876,6 +891,10 @@ def get_parser(description, **defaults):
     p.add_argument('--im_size', type=int, nargs='+', default=None, help='image size for --dataset ImageFolder')
     p.add_argument('--seed', type=int, default=0, help='the same seed gives the same synthetic sets')
     p.add_argument('--device', type=str, default='auto', help='auto (CUDA when present), cpu, cuda or cuda:<i>')
+    p.add_argument('--amp', action='store_true',
+                   help='bfloat16 autocast for the forward passes of real images that need no gradient (DM)')
+    p.add_argument('--compile', action='store_true',
+                   help='torch.compile those forward passes (compiling takes a few seconds to a minute, once)')
     p.add_argument('--resume', type=str, default='none',
                    help="'auto': continue from the newest valid checkpoint in --save_path (if any); or a checkpoint file")
     p.add_argument('--checkpoint_every', type=int, default=None,

@@ -71,3 +71,16 @@ def test_matrix_average_pooling_matches_native_forward_and_backward():
 def test_unknown_model_is_a_usage_error():
     with pytest.raises(UsageError, match='unknown model'):
         get_network('ConvNetX', 3, 10)
+
+
+def test_fast_real_embeddings_match_float32():
+    from utils import embed
+    torch.manual_seed(0)
+    net = get_network('ConvNetW32', 1, 10, (28, 28), 'cpu').requires_grad_(False)
+    x = torch.randn(40, 1, 28, 28)
+    ref = net.embed(x)
+    assert torch.allclose(embed(net, x, chunk=16), ref, atol=1e-5)
+    for kw in (dict(amp=True), dict(amp=True, compiled=True)):
+        out = embed(net, x, chunk=16, **kw)
+        assert out.dtype == torch.float32 and out.shape == ref.shape
+        assert (out.mean(0) - ref.mean(0)).norm() / ref.mean(0).norm() < 0.01  # DM uses the class means

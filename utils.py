@@ -693,7 +693,7 @@ def evaluate_synset(it_eval, net, images_train, labels_train, testloader, args):
     criterion = nn.CrossEntropyLoss()
     trainloader = tensor_loader(images_train, labels_train, args.batch_train, shuffle=True)
     start = time.time()
-    for ep in range(Epoch):
+    for ep in tqdm(range(Epoch), desc=f'training evaluation model {it_eval}', leave=False, dynamic_ncols=True):
         stats = _run_epoch('train', trainloader, net, optimizer, criterion, args, aug=True)
         if ep + 1 == Epoch // 2:
             for group in optimizer.param_groups:
@@ -876,7 +876,7 @@ def get_parser(description, **defaults):
     p.add_argument('--num_exp', type=int, default=5, help='the number of experiments')
     p.add_argument('--num_eval', type=int, default=20, help='the number of evaluated randomly initialised models')
     p.add_argument('--epoch_eval_train', type=int, default=None,
-                   help='epochs to train an evaluation model (default 1000 with augmentation, else %(default)s)')
+                   help='epochs to train an evaluation model (default: 1000 with augmentation, else 300; CAFE 600)')
     p.add_argument('--Iteration', type=int, default=1000, help='training iterations')
     p.add_argument('--lr_img', type=float, default=0.1, help='learning rate for the synthetic images')
     p.add_argument('--lr_net', type=float, default=0.01, help='learning rate for network parameters')

@@ -1048,12 +1048,12 @@ class Checkpoints:
             return it - self.last_it >= self.args.checkpoint_every
         return time.monotonic() - self.last_time >= 60 * self.MINUTES
 
-    def save(self, exp, it, syn, accs, accs_all_exps, data_save):
+    def save(self, exp, it, syn, accs, accs_all_exps, data_save, evaluated=True):
         progress = exp * (self.args.Iteration + 1) + it
         path = f'{self.prefix}{progress:010d}.pt'
         old = self.paths()
         atomic_save(dict(signature=self.signature, exp=exp, it=it, images=syn.images.detach().cpu(),
-                         optimizer=syn.optimizer.state_dict(), accs=accs, accs_all_exps=accs_all_exps,
+                         optimizer=syn.optimizer.state_dict(), accs=accs, evaluated=evaluated, accs_all_exps=accs_all_exps,
                          data=data_save, rng=rng_state()), path)
         keep = 1 if not self.fresh else 0  # keep the newest earlier one of this run: two in all
         for p in [p for p in old if p != path][keep:]:
@@ -1087,12 +1087,17 @@ class Checkpoints:
         return None
 
 
+class _StopNow(Exception):
+    pass
+
+
 class StopSignals:
-    """SIGINT/SIGTERM ask the loop to stop at the next iteration boundary (after saving a checkpoint);
-    a second one stops at once."""
+    """SIGINT/SIGTERM ask the loop to stop at the next iteration boundary, with a checkpoint there; an
+    evaluation in progress (which the checkpoint does not need) stops at once; a second signal stops
+    everything at once."""
 
     def __enter__(self):
-        self.signum = None
+        self.signum, self.evaluating = None, False
         self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
         return self
 
@@ -1100,7 +1105,20 @@ class StopSignals:
         if self.signum is not None:
             raise KeyboardInterrupt
         self.signum = signum
+        if self.evaluating:
+            raise _StopNow
         tqdm.write(f'{signal.Signals(signum).name}: stopping after this step with a checkpoint (again to stop now)')
+
+    @contextlib.contextmanager
+    def evaluation(self):
+        """Run an evaluation that a stop signal may cut short: returns quietly, and stop.signum says so."""
+        self.evaluating = True
+        try:
+            yield
+        except _StopNow:
+            pass
+        finally:
+            self.evaluating = False
 
     def __exit__(self, *exc):
         for s, h in self.previous.items():
@@ -1147,12 +1165,16 @@ def condense(args, train_iteration, eval_interval):
             bar = tqdm(range(start, args.Iteration + 1), desc=f'exp {exp}', dynamic_ncols=True, initial=start,
                        total=args.Iteration + 1)
             for it in bar:
-                if it in eval_its and not (resumed and it == start):
-                    accs = evaluate_models(syn.images, syn.labels, model_pool, args, testloader, (exp, it))
-                    save_vis(syn.images, args, exp, it)
-                    checkpoints.save(exp, it, syn, accs, accs_all_exps, data_save)
-                elif stop.signum or checkpoints.due(it):
-                    checkpoints.save(exp, it, syn, accs, accs_all_exps, data_save)
+                todo = it in eval_its and not (resumed and it == start and state.get('evaluated', True))
+                if todo and not stop.signum:
+                    with stop.evaluation():
+                        accs = evaluate_models(syn.images, syn.labels, model_pool, args, testloader, (exp, it))
+                        save_vis(syn.images, args, exp, it)
+                        todo = False
+                    if not todo:
+                        checkpoints.save(exp, it, syn, accs, accs_all_exps, data_save)
+                if stop.signum or checkpoints.due(it):
+                    checkpoints.save(exp, it, syn, accs, accs_all_exps, data_save, evaluated=not todo)
                 if stop.signum:
                     raise Interrupted(f'stopped by {signal.Signals(stop.signum).name} at iteration {it} of experiment '
                                       f'{exp}; checkpoint {checkpoints.last_path}; continue with --resume auto', stop.signum)

@@ -95,6 +95,7 @@ def test_resume_with_other_settings_is_refused(data, tmp_path):
 
 
 def small_args(data, tmp_path, *extra):
+    tmp_path.mkdir(exist_ok=True)
     parser = utils.get_parser('test', method='DM', init='real', lr_img=1.0, dsa_strategy='color_crop_cutout_flip_scale_rotate')
     args = parser.parse_args(['--dataset', 'MNIST', '--data_path', str(data), '--save_path', str(tmp_path), '--ipc', '1',
                               '--Iteration', '4', '--num_eval', '1', '--epoch_eval_train', '1', '--checkpoint_every', '1',
@@ -184,3 +185,32 @@ def test_really_full_disk(tmp_path):
         assert load_pt(mnt / 'res.pt') == {'v': 1} and os.listdir(mnt) == ['res.pt']
     finally:
         subprocess.run(['umount', str(mnt)])
+
+
+def test_a_stop_during_evaluation_cuts_it_short_and_resume_redoes_it(data, tmp_path, monkeypatch):
+    import main_DM
+    whole = small_args(data, tmp_path / 'whole')
+    utils.condense(whole, main_DM.train_iteration, eval_interval=2)
+    expected = load_result(tmp_path / 'whole' / 'res_DM_MNIST_ConvNet_1ipc.pt')['data'][0][0]
+
+    evaluate = utils.evaluate_models
+    calls = []
+
+    def slow_evaluation(*a, **k):  # the second evaluation (iteration 2) is interrupted half way
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(60)
+        return evaluate(*a, **k)
+
+    monkeypatch.setattr(utils, 'evaluate_models', slow_evaluation)
+    cut = small_args(data, tmp_path / 'cut')
+    t = time.time()
+    with pytest.raises(utils.Interrupted, match='SIGINT at iteration 2'):
+        utils.condense(cut, main_DM.train_iteration, eval_interval=2)
+    assert time.time() - t < 50  # the evaluation did not run to its end
+    state = load_pt(sorted(glob.glob(str(tmp_path / 'cut' / 'checkpoint_*.pt')))[-1])
+    assert state['it'] == 2 and state['evaluated'] is False
+    monkeypatch.setattr(utils, 'evaluate_models', evaluate)
+    utils.condense(small_args(data, tmp_path / 'cut', '--resume', 'auto'), main_DM.train_iteration, eval_interval=2)
+    assert torch.equal(load_result(tmp_path / 'cut' / 'res_DM_MNIST_ConvNet_1ipc.pt')['data'][0][0], expected)

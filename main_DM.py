@@ -5,7 +5,7 @@ network and moves the synthetic images so that the mean embeddings of each class
 """
 import torch
 
-from utils import DiffAugment, condense, embed, get_network, get_parser, has_batchnorm, run_script, setup
+from utils import condense, embed, get_network, get_parser, has_batchnorm, run_script, setup, siamese_augment
 
 
 def train_iteration(it, syn, real, args):
@@ -16,9 +16,7 @@ def train_iteration(it, syn, real, args):
     for c in range(args.num_classes):
         img_real, img_syn = real.get_images(c, args.batch_real), syn.of_class(c)
         if args.dsa:  # the same transformation for the real and the synthetic batch of a class
-            seed = int(torch.randint(2 ** 31 - 1, ()))
-            img_real = DiffAugment(img_real, args.dsa_strategy, seed=seed, param=args.dsa_param)
-            img_syn = DiffAugment(img_syn, args.dsa_strategy, seed=seed, param=args.dsa_param)
+            img_real, img_syn = siamese_augment([img_real, img_syn], args)
         if joint:
             real_all.append(img_real)
         else:

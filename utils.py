@@ -347,6 +347,12 @@ class ClassImages:
         counts = torch.bincount(labels, minlength=num_classes).tolist()
         self.indices_class = list(order.split(counts))
 
+    def subset(self, classes):
+        """The same images seen as a dataset of `classes` only, relabelled 0..len(classes)-1 (no copy)."""
+        sub = copy.copy(self)
+        sub.indices_class = [self.indices_class[c] for c in classes]
+        return sub
+
     def get_images(self, c, n):
         """n random images of class c, drawn without replacement (all of them if the class has fewer)."""
         idx = self.indices_class[c]
@@ -544,6 +550,28 @@ AUGMENT_FNS = {'color': _color, 'crop': rand_crop, 'cutout': rand_cutout, 'flip'
                'scale': rand_scale, 'rotate': rand_rotate}
 
 
+def siamese_augment(batches, args):
+    """The batches (e.g. a class's real and synthetic images) through one and the same random DSA
+    transformation, drawn from torch's global generator."""
+    seed = int(torch.randint(2 ** 31 - 1, ()))
+    return [DiffAugment(x, args.dsa_strategy, seed=seed, param=args.dsa_param) for x in batches]
+
+
+FULL_STRATEGY = 'color_crop_cutout_flip_scale_rotate'
+
+
+def set_dsa(args):
+    """args.dsa from --method: DSA matches and evaluates with DSA augmentation (the DSA paper's full
+    strategy unless --dsa_strategy names one; the public code silently used none); DC uses none, so it
+    takes no --dsa_strategy; other methods (coresets) use DSA augmentation when a strategy is named."""
+    named = args.dsa_strategy not in ('', 'none', 'None')
+    if args.method == 'DC' and named:
+        raise UsageError('--dsa_strategy goes with --method DSA; DC matches and evaluates without it')
+    if args.method == 'DSA' and not named:
+        args.dsa_strategy = FULL_STRATEGY
+    args.dsa = named or args.method == 'DSA'
+
+
 def check_strategy(strategy):
     if strategy in ('', 'none', 'None'):
         return
@@ -646,11 +674,27 @@ def match_loss(gw_syn, gw_real, args):
     raise UsageError(f'unknown distance {args.dis_metric!r}; use ours, mse or cos')
 
 
+def class_gradients(net, images, label, create_graph=False, chunk=64):
+    """Gradients of the mean cross-entropy of `images`, all of class `label`, with respect to the
+    parameters of `net`. With create_graph (synthetic images) they stay differentiable; without
+    (real images: constants) the batch goes through `chunk` images at a time, which keeps the
+    activations in cache (same values: the network must not be a BatchNorm net in train mode)."""
+    params = [p for p in net.parameters() if p.requires_grad]
+    target = torch.full((len(images),), label, device=images.device, dtype=torch.long)
+    if create_graph:
+        return torch.autograd.grad(F.cross_entropy(net(images), target), params, create_graph=True)
+    grads = None
+    for x, y in zip(images.split(chunk), target.split(chunk)):
+        g = torch.autograd.grad(F.cross_entropy(net(x), y, reduction='sum') / len(images), params)
+        grads = g if grads is None else [a.add_(b) for a, b in zip(grads, g)]
+    return grads
+
+
 # ----------------------------------------------------------------------------------------------------
 # Training and evaluation of networks
 # ----------------------------------------------------------------------------------------------------
 
-def _run_epoch(mode, dataloader, net, optimizer, criterion, args, aug):
+def run_epoch(mode, dataloader, net, optimizer, criterion, args, aug):
     """One pass over dataloader; returns (summed loss, correct, count) as device tensors (no host sync)."""
     train = mode == 'train'
     net.train(train)
@@ -677,7 +721,7 @@ def _run_epoch(mode, dataloader, net, optimizer, criterion, args, aug):
 
 def epoch(mode, dataloader, net, optimizer, criterion, args, aug):
     """Train ('train') or test one pass over dataloader; returns (mean loss, accuracy)."""
-    loss_sum, correct, count = _run_epoch(mode, dataloader, net, optimizer, criterion, args, aug)
+    loss_sum, correct, count = run_epoch(mode, dataloader, net, optimizer, criterion, args, aug)
     loss, correct = torch.stack([loss_sum, correct.float()]).tolist()
     return loss / max(count, 1), correct / max(count, 1)
 
@@ -694,7 +738,7 @@ def evaluate_synset(it_eval, net, images_train, labels_train, testloader, args):
     trainloader = tensor_loader(images_train, labels_train, args.batch_train, shuffle=True)
     start = time.time()
     for ep in tqdm(range(Epoch), desc=f'training evaluation model {it_eval}', leave=False, dynamic_ncols=True):
-        stats = _run_epoch('train', trainloader, net, optimizer, criterion, args, aug=True)
+        stats = run_epoch('train', trainloader, net, optimizer, criterion, args, aug=True)
         if ep + 1 == Epoch // 2:
             for group in optimizer.param_groups:
                 group['lr'] = lr * 0.1
@@ -735,6 +779,115 @@ def evaluate_models(images, labels, model_pool, args, testloader, seed_keys=()):
             tqdm.write('Evaluate %d random %s, mean = %.4f std = %.4f' % (
                 args.num_eval, model_eval, np.mean(accs[model_eval]), np.std(accs[model_eval])))
     return accs
+
+
+@torch.no_grad()
+def accuracy(net, images, labels, chunk=256):
+    """Fraction of `images` that `net` (in eval mode) classifies as `labels`, as a device tensor."""
+    mode = net.training
+    net.eval()
+    correct = sum((net(x).argmax(1) == y).sum() for x, y in zip(images.split(chunk), labels.split(chunk)))
+    net.train(mode)
+    return correct / len(labels)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Coreset selection (the baselines of the papers' tables)
+# ----------------------------------------------------------------------------------------------------
+
+def train_classifier(net, real, classes, args, epochs):
+    """Train `net` on all real training images of `classes` (relabelled 0..len(classes)-1), without
+    augmentation, with the evaluation protocol's optimiser (SGD lr_net, momentum 0.9, weight decay
+    5e-4, batch batch_train, lr x0.1 after half the epochs). Returns the [epochs, N] record of whether
+    each image (in the order of the classes' indices) was classified correctly when it was presented."""
+    index = torch.cat([real.indices_class[c] for c in classes])
+    labels = torch.arange(len(classes), device=index.device).repeat_interleave(
+        torch.tensor([len(real.indices_class[c]) for c in classes], device=index.device))
+    optimizer = torch.optim.SGD(net.parameters(), lr=args.lr_net, momentum=0.9, weight_decay=0.0005)
+    correct = torch.zeros(epochs, len(index), dtype=torch.bool, device=index.device)
+    net.train()
+    for ep in tqdm(range(epochs), desc='training a network on the real data', leave=False, dynamic_ncols=True):
+        if ep == epochs // 2 and ep > 0:
+            for group in optimizer.param_groups:
+                group['lr'] = args.lr_net * 0.1
+        for batch in torch.randperm(len(index), device=index.device).split(args.batch_train):
+            output = net(real.images[index[batch]])
+            loss = F.cross_entropy(output, labels[batch])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            correct[ep, batch] = output.argmax(1) == labels[batch]
+    return correct
+
+
+def herding(features, n):
+    """n rows of `features` (one class), picked greedily so that the mean of the picks stays as close
+    as possible to the mean of all rows (Welling, 2009). Returns their indices in picking order."""
+    mean, total = features.mean(0), torch.zeros_like(features[0])
+    sq_norms = features.square().sum(1)
+    free = torch.ones(len(features), dtype=torch.bool, device=features.device)
+    picks = []
+    for k in range(1, min(n, len(features)) + 1):
+        target = k * mean - total  # the next pick x should minimise |target - x|^2
+        dist = (sq_norms - 2 * features @ target).masked_fill(~free, math.inf)
+        i = dist.argmin()
+        picks.append(i)
+        free[i] = False
+        total += features[i]
+    return torch.stack(picks)
+
+
+def k_center(features, n):
+    """n rows of `features` picked by greedy k-center (Sener & Savarese, 2018): first the row nearest
+    the mean, then again and again the row farthest from all picks so far. Returns their indices."""
+    sq_norms = features.square().sum(1)
+
+    def sq_dist(x):  # squared distance of every row to x
+        return (sq_norms - 2 * features @ x + x.square().sum()).clamp_min(0)
+
+    picks, nearest = [], torch.full_like(sq_norms, math.inf)  # squared distance to the nearest pick
+    i = sq_dist(features.mean(0)).argmin()
+    for _ in range(min(n, len(features))):
+        picks.append(i)
+        nearest = torch.minimum(nearest, sq_dist(features[i])).index_fill_(0, i.view(1), -math.inf)
+        i = nearest.argmax()
+    return torch.stack(picks)
+
+
+def forgetting_counts(correct):
+    """correct: [T, N] bool, whether each of N examples was classified correctly at each of T
+    presentations. Returns the number of forgetting events per example (correct at one presentation,
+    wrong at the next; Toneva et al., 2019); an example never classified correctly counts T, more
+    than any learned example."""
+    events = (correct[:-1] & ~correct[1:]).sum(0)
+    return torch.where(correct.any(0), events, correct.shape[0])
+
+
+CORESETS = ['random', 'herding', 'kcenter', 'forgetting']
+
+
+def select_coreset(method, real, args, n, classes=None):
+    """Indices into real.images of n images per class of `classes` (default: all), one tensor per class,
+    chosen by `method`: random, herding or kcenter (in the embedding of a --model network trained for
+    --coreset_epochs on the real images of these classes) or forgetting (the images that this training
+    forgot most often; ties broken at random)."""
+    classes = list(range(args.num_classes)) if classes is None else list(classes)
+    if method == 'random':
+        return [real.indices_class[c][torch.randperm(len(real.indices_class[c]), device=real.images.device)[:n]]
+                for c in classes]
+    net = get_network(args.model, args.channel, len(classes), args.im_size, args.device)
+    correct = train_classifier(net, real, classes, args, args.coreset_epochs)
+    picks = []
+    for c, counts in zip(classes, correct.split([len(real.indices_class[c]) for c in classes], dim=1)):
+        idx = real.indices_class[c]
+        if method == 'forgetting':
+            score = forgetting_counts(counts) + 0.5 * torch.rand(len(idx), device=idx.device)
+            picks.append(idx[score.topk(min(n, len(idx))).indices])
+        else:
+            net.eval()
+            features = embed(net, real.images[idx])
+            picks.append(idx[{'herding': herding, 'kcenter': k_center}[method](features, n)])
+    return picks
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -863,57 +1016,67 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f'{self.prog}: error: {message}\n')
 
 
-def get_parser(description, **defaults):
-    """The flags shared by the condensation scripts (the papers' names); script defaults as keywords."""
+def get_parser(description, methods=None, omit=(), **defaults):
+    """The flags shared by the condensation scripts (the papers' names); script defaults as keywords,
+    `methods`: the choices of --method; `omit`: flags a script does not offer (their defaults stay)."""
     p = ArgumentParser(description=description)
-    p.add_argument('--method', type=str, default='DC', help='method name, used in output file names')
-    p.add_argument('--dataset', type=str, default='CIFAR10', choices=[*DATASETS, 'ImageFolder'])
-    p.add_argument('--model', type=str, default='ConvNet', choices=list(MODELS), metavar='MODEL',
-                   help='training model: ' + ', '.join(MODELS))
-    p.add_argument('--ipc', type=int, default=1, help='image(s) per class')
-    p.add_argument('--eval_mode', type=str, default='S', choices=EVAL_MODES,
-                   help='S: the training model (BN as its non-BN twin), SS: itself, M/B/W/D/A/P/N: model pools')
-    p.add_argument('--num_exp', type=int, default=5, help='the number of experiments')
-    p.add_argument('--num_eval', type=int, default=20, help='the number of evaluated randomly initialised models')
-    p.add_argument('--epoch_eval_train', type=int, default=None,
-                   help='epochs to train an evaluation model (default: 1000 with augmentation, else 300; CAFE 600)')
-    p.add_argument('--Iteration', type=int, default=1000, help='training iterations')
-    p.add_argument('--lr_img', type=float, default=0.1, help='learning rate for the synthetic images')
-    p.add_argument('--lr_net', type=float, default=0.01, help='learning rate for network parameters')
-    p.add_argument('--batch_real', type=int, default=256, help='batch size for real data')
-    p.add_argument('--batch_train', type=int, default=256, help='batch size for training networks')
-    p.add_argument('--init', type=str, default='noise', choices=['noise', 'real'],
-                   help='initialise the synthetic images from noise or from random real images')
-    p.add_argument('--dsa_strategy', type=str, default='None', help='_-separated DSA transformations, or None')
-    p.add_argument('--data_path', type=str, default='data', help='dataset path')
-    p.add_argument('--save_path', type=str, default='result', help='path to save results')
-    p.add_argument('--dis_metric', type=str, default='ours', choices=['ours', 'mse', 'cos'], help='gradient distance')
-    p.add_argument('--im_size', type=int, nargs='+', default=None, help='image size for --dataset ImageFolder')
-    p.add_argument('--seed', type=int, default=0, help='the same seed gives the same synthetic sets')
-    p.add_argument('--device', type=str, default='auto', help='auto (CUDA when present), cpu, cuda or cuda:<i>')
-    p.add_argument('--amp', action='store_true',
-                   help='bfloat16 autocast for the forward passes of real images that need no gradient (DM)')
-    p.add_argument('--compile', action='store_true',
-                   help='torch.compile those forward passes (compiling takes a few seconds to a minute, once)')
-    p.add_argument('--resume', type=str, default='none',
-                   help="'auto': continue from the newest valid checkpoint in --save_path (if any); or a checkpoint file")
-    p.add_argument('--checkpoint_every', type=int, default=None,
-                   help='save a checkpoint every N iterations (default: about every 10 minutes), and at each evaluation')
-    p.set_defaults(epoch_eval_noaug=300, **defaults)
+
+    def add(flag, **kw):
+        if flag[2:] in omit:
+            p.set_defaults(**{flag[2:]: kw.get('default', False)})
+        else:
+            p.add_argument(flag, **kw)
+
+    add('--method', type=str, default='DC', choices=methods, help='method name, used in output file names')
+    add('--dataset', type=str, default='CIFAR10', choices=[*DATASETS, 'ImageFolder'])
+    add('--model', type=str, default='ConvNet', choices=list(MODELS), metavar='MODEL',
+        help='training model: ' + ', '.join(MODELS))
+    add('--ipc', type=int, default=1, help='image(s) per class')
+    add('--eval_mode', type=str, default='S', choices=EVAL_MODES,
+        help='S: the training model (BN as its non-BN twin), SS: itself, M/B/W/D/A/P/N: model pools')
+    add('--num_exp', type=int, default=5, help='the number of experiments')
+    add('--num_eval', type=int, default=20, help='the number of evaluated randomly initialised models')
+    add('--epoch_eval_train', type=int, default=None,
+        help='epochs to train an evaluation model (default: 1000 with augmentation, else 300; CAFE 600)')
+    add('--Iteration', type=int, default=1000, help='training iterations')
+    add('--lr_img', type=float, default=0.1, help='learning rate for the synthetic images')
+    add('--lr_net', type=float, default=0.01, help='learning rate for network parameters')
+    add('--batch_real', type=int, default=256, help='batch size for real data')
+    add('--batch_train', type=int, default=256, help='batch size for training networks')
+    add('--init', type=str, default='noise', choices=['noise', 'real'],
+        help='initialise the synthetic images from noise or from random real images')
+    add('--dsa_strategy', type=str, default='None', help='_-separated DSA transformations, or None')
+    add('--data_path', type=str, default='data', help='dataset path')
+    add('--save_path', type=str, default='result', help='path to save results')
+    add('--dis_metric', type=str, default='ours', choices=['ours', 'mse', 'cos'], help='gradient distance')
+    add('--im_size', type=int, nargs='+', default=None, help='image size for --dataset ImageFolder')
+    add('--seed', type=int, default=0, help='the same seed gives the same synthetic sets')
+    add('--device', type=str, default='auto', help='auto (CUDA when present), cpu, cuda or cuda:<i>')
+    add('--amp', action='store_true',
+        help='bfloat16 autocast for the forward passes of real images that need no gradient (DM)')
+    add('--compile', action='store_true',
+        help='torch.compile those forward passes (compiling takes a few seconds to a minute, once)')
+    add('--resume', type=str, default='none',
+        help="'auto': continue from the newest valid checkpoint in --save_path (if any); or a checkpoint file")
+    add('--checkpoint_every', type=int, default=None,
+        help='save a checkpoint every N iterations (default: about every 10 minutes), and at each evaluation')
+    p.set_defaults(**{'epoch_eval_noaug': 300, **defaults})
     return p
 
 
-POSITIVE = ['ipc', 'num_exp', 'num_eval', 'batch_real', 'batch_train', 'epoch_eval_train', 'checkpoint_every']
+# whole-number flags (of any script) that must be at least 1, or at least 0
+POSITIVE = ['ipc', 'num_exp', 'num_eval', 'batch_real', 'batch_train', 'epoch_eval_train', 'checkpoint_every',
+            'coreset_epochs', 'query', 'window', 'max_outer', 'max_inner', 'steps', 'seeds']
 NON_NEGATIVE = ['Iteration']
 
 
 def setup(args):
     """Check the arguments and prepare the run: device, save path, augmentation parameters."""
     for k in POSITIVE:
-        if getattr(args, k) is not None and getattr(args, k) < 1:
+        if getattr(args, k, None) is not None and getattr(args, k) < 1:
             raise UsageError(f'--{k} must be at least 1, got {getattr(args, k)}')
     for k in NON_NEGATIVE:
-        if getattr(args, k) is not None and getattr(args, k) < 0:
+        if getattr(args, k, None) is not None and getattr(args, k) < 0:
             raise UsageError(f'--{k} must be at least 0, got {getattr(args, k)}')
     for k in ('lr_img', 'lr_net'):
         if getattr(args, k) is None:
@@ -975,14 +1138,18 @@ def load_real(args):
 
 
 class SynSet:
-    """The synthetic set: num_classes x ipc images (labels [0]*ipc + [1]*ipc + ...) and their optimiser."""
+    """The synthetic set: num_classes x ipc images (labels [0]*ipc + [1]*ipc + ...) and their optimiser.
+    Initialised by --init (noise or random real images), or with the given `images`."""
 
-    def __init__(self, real, args):
+    def __init__(self, real, args, images=None):
         C, ipc = args.num_classes, args.ipc
         self.ipc = ipc
-        self.images = torch.randn(C * ipc, args.channel, *args.im_size, device=args.device)
-        if args.init == 'real':
+        if images is not None:
+            self.images = images.detach().clone().to(args.device)
+        elif args.init == 'real':
             self.images = torch.cat([real.get_images(c, ipc) for c in range(C)])
+        else:
+            self.images = torch.randn(C * ipc, args.channel, *args.im_size, device=args.device)
         self.images.requires_grad_(True)
         self.labels = torch.arange(C, device=args.device).repeat_interleave(ipc)
         self.optimizer = torch.optim.SGD([self.images], lr=args.lr_img, momentum=0.5)
@@ -1125,13 +1292,14 @@ class StopSignals:
             signal.signal(s, h)
 
 
-def condense(args, train_iteration, eval_interval):
+def condense(args, train_iteration, eval_interval, init_images=None):
     """The experiment loop of a condensation method.
 
-    For each experiment: a fresh synthetic set; then for it = 0 .. Iteration-1 the method's
-    `train_iteration(it, syn, real, args)` (returns the loss as a float), with the synthetic set
-    evaluated (and drawn) at the evaluation iterations. The final synthetic sets and accuracies are
-    saved after every experiment in the papers' format. Checkpoints (see Checkpoints) let an
+    For each experiment: a fresh synthetic set (from `init_images(real, args)` when given, else as
+    --init says); then for it = 0 .. Iteration-1 the method's `train_iteration(it, syn, real, args)`
+    (returns the loss as a float, or a dict of numbers for the progress bar with the loss under 'loss'),
+    with the synthetic set evaluated (and drawn) at the evaluation iterations. The final synthetic sets
+    and accuracies are saved after every experiment in the papers' format. Checkpoints (see Checkpoints) let an
     interrupted run continue with --resume, giving the same synthetic sets as an uninterrupted one.
     """
     signature = {k: v for k, v in vars(args).items() if k not in RESUMABLE and k != 'dsa_param'}
@@ -1154,7 +1322,7 @@ def condense(args, train_iteration, eval_interval):
         for exp in range(state['exp'] if state else 0, args.num_exp):
             resumed = state is not None and exp == state['exp']
             set_seed(args.seed, exp)
-            syn = SynSet(real, args)
+            syn = SynSet(real, args, init_images(real, args) if init_images and not resumed else None)
             start, accs = 0, None
             if resumed:
                 with torch.no_grad():
@@ -1180,11 +1348,12 @@ def condense(args, train_iteration, eval_interval):
                                       f'{exp}; checkpoint {checkpoints.last_path}; continue with --resume auto', stop.signum)
                 if it == args.Iteration:
                     break
-                loss = train_iteration(it, syn, real, args)
-                if not math.isfinite(loss) or not torch.isfinite(syn.images).all():
+                stats = train_iteration(it, syn, real, args)
+                stats = stats if isinstance(stats, dict) else {'loss': stats}
+                if not math.isfinite(stats['loss']) or not torch.isfinite(syn.images).all():
                     raise Diverged(f'the loss or the synthetic images became non-finite at iteration {it} of experiment '
                                    f'{exp} (try a smaller --lr_img); last good checkpoint: {checkpoints.last_path}')
-                bar.set_postfix(loss=f'{loss:.4f}')
+                bar.set_postfix({k: f'{v:.4f}' if k == 'loss' else v for k, v in stats.items()})
             bar.close()
             for m in model_pool:
                 accs_all_exps[m] += accs[m]

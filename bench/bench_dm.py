@@ -47,7 +47,7 @@ def ours(extra):
     a = utils.eval_args(args, 'ConvNet')
     loader = utils.tensor_loader(syn.images.detach(), syn.labels, 256, shuffle=True)
     crit = torch.nn.CrossEntropyLoss()
-    out['eval_epoch'] = median_time(lambda: utils._run_epoch('train', loader, net, opt, crit, a, True)[0].item(), 10, 2)
+    out['eval_epoch'] = median_time(lambda: utils.run_epoch('train', loader, net, opt, crit, a, True)[0].item(), 10, 2)
     out['test_pass'] = median_time(lambda: utils.epoch('test', testloader, net, None, crit, a, False), 2)
     return out
 

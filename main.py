@@ -1,0 +1,75 @@
+"""DC: Dataset Condensation with Gradient Matching (Zhao, Mopuri & Bilen, ICLR 2021), and DSA: with
+Differentiable Siamese Augmentation (Zhao & Bilen, ICML 2021). Also the coreset baselines of their
+tables (--method random, herding, kcenter, forgetting), evaluated with the same protocol.
+
+Each iteration samples a fresh network. For outer_loop steps the synthetic images of every class move
+so that the network's gradients on them match its gradients on a batch of real images of that class
+(DSA: both batches through one random transformation); between steps the network trains inner_loop
+epochs on the synthetic set.
+"""
+import torch
+
+from utils import (CORESETS, class_gradients, condense, get_loops, get_network, get_parser, has_batchnorm,
+                   match_loss, run_epoch, run_script, select_coreset, set_dsa, setup, siamese_augment, tensor_loader)
+
+BN_IMAGES_PER_CLASS = 16
+
+
+def freeze_batchnorm(net, real, args):
+    """Measure the BatchNorm statistics on 16 real images per class, then freeze them (eval mode): a
+    synthetic batch, e.g. one image, is too small to estimate them."""
+    net.train()
+    with torch.no_grad():
+        net(torch.cat([real.get_images(c, BN_IMAGES_PER_CLASS) for c in range(args.num_classes)]))
+    for m in net.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
+def train_iteration(it, syn, real, args):
+    net = get_network(args.model, args.channel, args.num_classes, args.im_size, args.device)
+    optimizer_net = torch.optim.SGD(net.parameters(), lr=args.lr_net)
+    syn_loader = tensor_loader(syn.images.detach(), syn.labels, args.batch_train, shuffle=True)  # sees each update
+    loss_sum = 0
+    for ol in range(args.outer_loop):
+        if has_batchnorm(net):
+            freeze_batchnorm(net, real, args)
+        loss = 0
+        for c in range(args.num_classes):
+            img_real, img_syn = real.get_images(c, args.batch_real), syn.of_class(c)
+            if args.dsa:  # the same transformation for the real and the synthetic batch of a class
+                img_real, img_syn = siamese_augment([img_real, img_syn], args)
+            gw_real = class_gradients(net, img_real, c)  # constants
+            gw_syn = class_gradients(net, img_syn, c, create_graph=True)
+            loss = loss + match_loss(gw_syn, gw_real, args)
+        syn.step(loss)
+        loss_sum += loss.detach()
+        if ol == args.outer_loop - 1:
+            break
+        for il in range(args.inner_loop):  # train the network on the current synthetic set
+            run_epoch('train', syn_loader, net, optimizer_net, torch.nn.functional.cross_entropy, args, aug=args.dsa)
+    return loss_sum.item() / (args.num_classes * args.outer_loop)
+
+
+def coreset_images(real, args):
+    """The synthetic set of a coreset method: args.ipc real images per class, selected by args.method."""
+    return real.images[torch.cat(select_coreset(args.method, real, args, args.ipc))]
+
+
+def main():
+    parser = get_parser('DC/DSA: dataset condensation with gradient matching', methods=['DC', 'DSA', *CORESETS],
+                        Iteration=1000, lr_img=0.1, init='noise', num_exp=5, num_eval=20)
+    parser.add_argument('--coreset_epochs', type=int, default=10,
+                        help='herding/kcenter/forgetting: epochs of training the network on the real data')
+    args = setup(parser.parse_args())
+    set_dsa(args)
+    if args.method in CORESETS:  # real images, selected once: nothing to iterate
+        args.Iteration, args.init = 0, 'real'
+        condense(args, None, eval_interval=1, init_images=coreset_images)
+    else:
+        args.outer_loop, args.inner_loop = get_loops(args.ipc)
+        condense(args, train_iteration, eval_interval=500)
+
+
+if __name__ == '__main__':
+    run_script(main)

@@ -1,0 +1,91 @@
+"""Coreset selection: random, herding, k-center and forgetting, on problems whose answer is known."""
+import argparse
+
+import pytest
+import torch
+
+from helpers import needs_fashion, run
+from utils import (ClassImages, TensorDataset, forgetting_counts, get_network, herding, k_center, load_result,
+                   select_coreset, train_classifier)
+
+POINTS = torch.tensor([[0., 0.], [10., 0.], [1., 1.], [-1., -1.], [4., 0.]])  # mean (2.8, 0)
+
+
+def test_herding_picks_the_point_nearest_the_mean_first_then_keeps_the_running_mean_close():
+    picks = herding(POINTS, 5).tolist()
+    assert picks[0] == 4  # (4, 0) is nearest the mean (2.8, 0)
+    # second: the mean of (4,0) and x closest to (2.8,0), i.e. x closest to (1.6, 0): (1, 1)
+    assert picks[1] == 2
+    assert sorted(picks) == [0, 1, 2, 3, 4]  # every point once
+    assert herding(POINTS, 2).tolist() == picks[:2] and len(herding(POINTS, 99)) == 5
+
+
+def test_k_center_second_pick_is_the_farthest_point():
+    picks = k_center(POINTS, 3).tolist()
+    assert picks[0] == 4  # nearest the mean
+    # squared distances from (4,0): 16, 36, 10, 26: the farthest is (10,0); then the point farthest from
+    # both picks is (-1,-1) (26, against 16 for (0,0) and 10 for (1,1))
+    assert picks[1:] == [1, 3]
+    assert sorted(k_center(POINTS, 5).tolist()) == [0, 1, 2, 3, 4]
+
+
+def test_forgetting_counts_on_a_scripted_sequence():
+    correct = torch.tensor([
+        # example: 0  1  2  3
+        [1, 0, 1, 0],
+        [0, 0, 1, 1],
+        [1, 0, 1, 0],
+        [0, 0, 1, 1],
+        [1, 0, 0, 1],
+    ], dtype=torch.bool)
+    # 0: forgotten at presentations 2 and 4; 1: never learned (counts T = 5); 2: forgotten once at the
+    # end; 3: forgotten once (after presentation 2)
+    assert forgetting_counts(correct).tolist() == [2, 5, 1, 1]
+
+
+def clustered(num_classes=3, per_class=30, seed=0):
+    """Classes of 1x12x12 images around class-specific patterns, plus a few far outliers per class."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(num_classes).repeat_interleave(per_class)
+    patterns = torch.randn(num_classes, 1, 12, 12, generator=g) * 2
+    images = patterns[labels] + 0.3 * torch.randn(len(labels), 1, 12, 12, generator=g)
+    return ClassImages(TensorDataset(images, labels), num_classes)
+
+
+def args(**kw):
+    a = dict(model='ConvNetW32', channel=1, im_size=(12, 12), num_classes=3, device='cpu', lr_net=0.01,
+             batch_train=32, coreset_epochs=3)
+    a.update(kw)
+    return argparse.Namespace(**a)
+
+
+@pytest.mark.parametrize('method', ['random', 'herding', 'kcenter', 'forgetting'])
+def test_select_coreset_returns_distinct_images_of_each_class(method):
+    torch.manual_seed(0)
+    real = clustered()
+    picks = select_coreset(method, real, args(), 5)
+    assert len(picks) == 3
+    for c, idx in enumerate(picks):
+        assert len(idx) == 5 and len(set(idx.tolist())) == 5
+        assert set(idx.tolist()) <= set(real.indices_class[c].tolist())
+    sub = select_coreset(method, real, args(), 4, classes=[2, 0])  # a subset of the classes (continual learning)
+    assert [set(i.tolist()) <= set(real.indices_class[c].tolist()) for i, c in zip(sub, [2, 0])] == [True, True]
+
+
+def test_train_classifier_learns_and_records_every_presentation():
+    torch.manual_seed(0)
+    real = clustered()
+    net = get_network('ConvNetW32', 1, 2, (12, 12), 'cpu')
+    correct = train_classifier(net, real, [1, 2], args(), 4)
+    assert correct.shape == (4, 60) and correct.dtype == torch.bool
+    assert correct[-1].float().mean() > 0.9  # two well separated classes are learned
+
+
+@needs_fashion
+def test_coreset_baseline_end_to_end(tmp_path):
+    p = run('main.py', '--method', 'herding', '--dataset', 'FashionMNIST', '--ipc', 2, '--num_exp', 1, '--num_eval', 1,
+            '--epoch_eval_train', 2, '--coreset_epochs', 1, '--batch_train', 1024, '--data_path', tmp_path / 'data',
+            '--save_path', tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
+    images, labels = load_result(tmp_path / 'res_herding_FashionMNIST_ConvNet_2ipc.pt')['data'][0]
+    assert images.shape == (20, 1, 28, 28) and labels.tolist() == [c for c in range(10) for _ in range(2)]

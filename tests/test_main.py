@@ -1,0 +1,172 @@
+"""DC and DSA (main.py): gradient distances, one matching step, loops, BatchNorm freezing, evaluation
+pools and end-to-end runs."""
+import argparse
+import copy
+import math
+
+import pytest
+import torch
+
+import main
+import utils
+from helpers import needs_fashion, run, write_mnist
+from utils import (EVAL_POOLS, ClassImages, ParamDiffAug, SynSet, TensorDataset, class_gradients, get_eval_pool,
+                   get_loops, get_network, load_result, match_loss, tensor_loader)
+
+# gradients of a conv weight (2 output units), a linear weight (1 unit) and a bias
+GR = [torch.tensor([[[[1., 0.]]], [[[1., 1.]]]]), torch.tensor([[3., 4.]]), torch.tensor([1., 2.])]
+GS = [torch.tensor([[[[0., 1.]]], [[[2., 2.]]]]), torch.tensor([[4., 3.]]), torch.tensor([5., -1.])]
+
+
+def metric(name):
+    return argparse.Namespace(dis_metric=name)
+
+
+def test_match_loss_ours_by_hand():
+    # per output unit 1 - cos: conv unit 0 orthogonal (1), conv unit 1 parallel (0), linear 1 - 24/25;
+    # the 1-D bias contributes nothing
+    eps = 1e-6
+    expected = (1 - 0 / (1 * 1 + eps)) + (1 - 4 / (math.sqrt(2) * math.sqrt(8) + eps)) + (1 - 24 / (5 * 5 + eps))
+    assert match_loss(GS, GR, metric('ours')).item() == pytest.approx(expected, rel=1e-6)
+    assert match_loss(GS[2:], GR[2:], metric('ours')).item() == 0
+
+
+def test_match_loss_mse_and_cos_by_hand():
+    r = [1, 0, 1, 1, 3, 4, 1, 2]
+    s = [0, 1, 2, 2, 4, 3, 5, -1]
+    mse = sum((a - b) ** 2 for a, b in zip(r, s))
+    dot = sum(a * b for a, b in zip(r, s))
+    cos = 1 - dot / (math.sqrt(sum(a * a for a in r)) * math.sqrt(sum(b * b for b in s)) + 1e-6)
+    assert match_loss(GS, GR, metric('mse')).item() == pytest.approx(mse)
+    assert match_loss(GS, GR, metric('cos')).item() == pytest.approx(cos, rel=1e-6)
+
+
+def test_loops_of_the_papers_and_the_rule_between_them():
+    assert [get_loops(i) for i in (1, 10, 20, 30, 40, 50)] == [(1, 1), (10, 50), (20, 25), (30, 20), (40, 15), (50, 10)]
+    assert get_loops(15) == (15, 38) and get_loops(5) == (5, 23)  # linear between the neighbours, rounded
+    assert get_loops(100) == (50, 10)
+
+
+def test_chunked_real_gradients_equal_the_whole_batch():
+    torch.manual_seed(0)
+    net = get_network('ConvNetW32', 3, 4, (16, 16), 'cpu')
+    x = torch.randn(37, 3, 16, 16)
+    whole = torch.autograd.grad(torch.nn.functional.cross_entropy(net(x), torch.full((37,), 2)), list(net.parameters()))
+    for a, b in zip(class_gradients(net, x, 2, chunk=8), whole):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def tiny(num_classes=3, per_class=8, channel=1, size=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(num_classes).repeat_interleave(per_class)
+    images = torch.randn(len(labels), channel, size, size, generator=g) + labels.view(-1, 1, 1, 1)
+    return ClassImages(TensorDataset(images, labels), num_classes)
+
+
+def step_args(**kw):
+    a = dict(model='ConvNetW32', channel=1, num_classes=3, im_size=(12, 12), device='cpu', ipc=2, batch_real=8,
+             batch_train=256, lr_img=0.1, lr_net=0.01, init='noise', dis_metric='ours', dsa=False,
+             dsa_strategy='none', dsa_param=ParamDiffAug(), outer_loop=1, inner_loop=1)
+    a.update(kw)
+    return argparse.Namespace(**a)
+
+
+@pytest.mark.parametrize('dsa', [False, True])
+def test_one_matching_step_moves_the_images_and_lowers_the_loss(monkeypatch, dsa):
+    torch.manual_seed(0)
+    real = tiny()  # batch_real = class size: every draw is the whole class, so the real gradients are fixed
+    args = step_args(dsa=dsa, dsa_strategy='flip' if dsa else 'none')
+    fixed = get_network(args.model, 1, 3, (12, 12), 'cpu')
+    monkeypatch.setattr(main, 'get_network', lambda *a, **k: copy.deepcopy(fixed))
+    syn = SynSet(real, args)
+    before = syn.images.detach().clone()
+    losses = [main.train_iteration(it, syn, real, args) for it in range(4)]
+    assert not torch.equal(syn.images, before) and torch.isfinite(syn.images).all()
+    if not dsa:  # a flip changes the real gradients from step to step
+        assert all(b < a for a, b in zip(losses, losses[1:])), losses
+
+
+@pytest.mark.parametrize('outer_loop', [1, 2])
+def test_inner_loop_trains_the_network_between_outer_steps_only(monkeypatch, outer_loop):
+    torch.manual_seed(0)
+    real, args = tiny(), step_args(outer_loop=outer_loop, inner_loop=3)
+    made = []
+
+    def network(*a, **k):
+        made.append(get_network(*a, **k))
+        made.append(copy.deepcopy(made[-1]))  # its initial state
+        return made[-2]
+
+    monkeypatch.setattr(main, 'get_network', network)
+    main.train_iteration(0, SynSet(real, args), real, args)
+    net, initial = made
+    changed = [not torch.equal(a, b) for a, b in zip(net.parameters(), initial.parameters()) if a.dim() > 1]
+    assert all(changed) if outer_loop == 2 else not any(changed)  # (conv biases before a norm get no gradient)
+
+
+def test_batchnorm_statistics_are_measured_on_real_images_then_frozen():
+    torch.manual_seed(0)
+    real, args = tiny(), step_args(model='ConvNetBN')
+    net = get_network('ConvNetBN', 1, 3, (12, 12), 'cpu')
+    bn = next(m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    main.freeze_batchnorm(net, real, args)
+    assert not bn.training and bn.num_batches_tracked == 1 and not torch.equal(bn.running_var, torch.ones_like(bn.running_var))
+    stats = bn.running_mean.clone()
+    net(torch.randn(4, 1, 12, 12) * 10)  # frozen: a synthetic batch no longer changes them
+    assert torch.equal(bn.running_mean, stats)
+
+
+def test_a_batchnorm_model_condenses(monkeypatch):
+    torch.manual_seed(0)
+    real, args = tiny(), step_args(model='ConvNetBN', outer_loop=2, inner_loop=2)
+    syn = SynSet(real, args)
+    assert math.isfinite(main.train_iteration(0, syn, real, args))
+
+
+@pytest.mark.parametrize('channel,size', [(1, 28), (3, 32)])
+def test_every_evaluation_pool_runs(channel, size):
+    torch.manual_seed(0)
+    images, labels = torch.randn(20, channel, size, size), torch.arange(10).repeat(2)
+    testloader = tensor_loader(torch.randn(10, channel, size, size), torch.arange(10), 256)
+    args = argparse.Namespace(seed=0, device='cpu', num_eval=1, dsa=False, dataset='MNIST', model='ConvNet', ipc=2,
+                              epoch_eval_train=1, epoch_eval_noaug=300, lr_net=0.01, batch_train=256, channel=channel,
+                              num_classes=10, im_size=(size, size), dsa_strategy='none', dsa_param=ParamDiffAug())
+    for mode in ['S', 'SS', *EVAL_POOLS]:
+        pool = get_eval_pool(mode, 'ConvNet', 'ConvNet')
+        accs = utils.evaluate_models(images, labels, pool, args, testloader)
+        assert list(accs) == pool and all(0 <= a[0] <= 1 for a in accs.values())
+
+
+def test_evaluation_iterations():
+    a = argparse.Namespace(Iteration=1200, eval_mode='S')
+    assert utils.eval_iterations(a, 500) == [0, 500, 1000, 1200]  # the last one always
+    a.eval_mode = 'M'
+    assert utils.eval_iterations(a, 500) == [1200]
+
+
+def test_dc_summary_lists_every_model_of_the_pool(tmp_path):
+    write_mnist(tmp_path / 'data', n_train=40, n_test=20)
+    p = run('main.py', '--dataset', 'MNIST', '--ipc', 1, '--Iteration', 1, '--num_exp', 1, '--num_eval', 1,
+            '--epoch_eval_train', 1, '--batch_real', 4, '--eval_mode', 'M', '--data_path', tmp_path / 'data',
+            '--save_path', tmp_path / 'res', timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    for m in EVAL_POOLS['M']:
+        assert f'evaluate 1 random {m},' in p.stdout
+    assert set(load_result(tmp_path / 'res' / 'res_DC_MNIST_ConvNet_1ipc.pt')['accs_all_exps']) == set(EVAL_POOLS['M'])
+
+
+FAST = ['--dataset', 'FashionMNIST', '--ipc', 2, '--Iteration', 2, '--num_exp', 1, '--num_eval', 1,
+        '--epoch_eval_train', 2, '--batch_real', 32, '--eval_mode', 'SS']
+
+
+@needs_fashion
+@pytest.mark.parametrize('method', ['DC', 'DSA'])
+def test_end_to_end_on_real_fashion_mnist(tmp_path, method):
+    p = run('main.py', '--method', method, *FAST, '--data_path', tmp_path / 'data', '--save_path', tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
+    images, labels = load_result(tmp_path / f'res_{method}_FashionMNIST_ConvNet_2ipc.pt')['data'][0]
+    assert images.shape == (20, 1, 28, 28) and torch.isfinite(images).all()
+    assert labels.tolist() == [c for c in range(10) for _ in range(2)]
+    assert (tmp_path / f'vis_{method}_FashionMNIST_ConvNet_2ipc_exp0_iter2.png').exists()
+    if method == 'DSA':
+        assert "'dsa_strategy': 'color_crop_cutout_flip_scale_rotate'" in p.stdout  # the DSA paper's default

@@ -38,6 +38,23 @@ BAD = [  # (script, arguments, a part of the expected message)
     ('main_DM.py', ['--dataset', 'MNIST', '--data_path', '{tmp}/partial'], 'missing: t10k-labels'),
     ('main_DM.py', ['--dataset', 'MNIST', '--data_path', '{tmp}/corrupt'], 'not an IDX file'),
     ('main_DM.py', ['--dataset', 'MNIST', '--data_path', '{tmp}/complete', '--init', 'real', '--ipc', '100000'], 'smallest class'),
+    ('main.py', ['--method', 'KIP'], 'invalid choice'),
+    ('main.py', ['--dis_metric', 'l1'], 'invalid choice'),
+    ('main.py', ['--method', 'DC', '--dsa_strategy', 'crop'], 'goes with --method DSA'),
+    ('main.py', ['--method', 'DSA', '--dsa_strategy', 'crop_zoom'], 'unknown augmentation'),
+    ('main.py', ['--method', 'herding', '--coreset_epochs', '0'], '--coreset_epochs must be'),
+    ('main.py', ['--model', 'ResNet18', '--eval_mode', 'D'], 'needs a ConvNet'),
+    ('distill.py', ['--layer_weights', '1', '2'], 'needs 4 weights'),
+    ('distill.py', ['--lambda_1', '-0.1'], 'must not be negative'),
+    ('distill.py', ['--window', '0'], '--window must be'),
+    ('distill.py', ['--max_inner', '0'], '--max_inner must be'),
+    ('distill.py', ['--method', 'DM'], 'invalid choice'),
+    ('CL_DM.py', ['--method', 'DC'], 'invalid choice'),
+    ('CL_DM.py', ['--steps', '0'], '--steps must be'),
+    ('CL_DM.py', ['--seeds', '0'], '--seeds must be'),
+    ('CL_DM.py', ['--eval_mode', 'M'], 'unrecognized'),
+    ('CL_DM.py', ['--dsa_strategy', 'None'], 'must name transformations'),
+    ('CL_DM.py', ['--dataset', 'MNIST', '--data_path', '{tmp}/complete', '--ipc', '2', '--steps', '11'], '--steps must be at most'),
 ]
 
 

@@ -1371,5 +1371,6 @@ def run_script(main):
         print(f'error: {e}', file=sys.stderr)
         sys.exit(e.code)
     except KeyboardInterrupt:
-        print('error: interrupted (the last checkpoint in --save_path can be resumed with --resume auto)', file=sys.stderr)
+        print('error: interrupted; what was saved is kept (continue with --resume auto where the script takes it)',
+              file=sys.stderr)
         sys.exit(130)

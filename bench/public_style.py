@@ -8,7 +8,14 @@ built in per-image Python loops, a DataLoader rebuilt per evaluation with per-ba
     python bench/public_style.py dm_iteration   # seconds per DM iteration, Fashion-MNIST, ipc 10
     python bench/public_style.py eval_epoch     # seconds per evaluation epoch (100 images, DSA)
     python bench/public_style.py test_pass      # seconds to test on the 10,000 test images
+    python bench/public_style.py dc_iteration_ipc1    # seconds per DC iteration, Fashion-MNIST, ipc 1
+    python bench/public_style.py dc_iteration_ipc10   # the same at ipc 10 (10 outer steps, 50 inner epochs)
+
+Its DC iteration is the public one: per class an unchunked forward and backward of 256 real images,
+the synthetic gradients with create_graph, a per-layer cosine distance; between outer steps the
+synthetic set deep-copied into a new DataLoader, epochs with a host sync per batch.
 """
+import copy
 import gzip
 import json
 import math
@@ -86,6 +93,47 @@ def dm_iteration(x, y, syn, indices):
     return loss.item()
 
 
+def distance(gr, gs):
+    if gr.dim() == 1:
+        return torch.tensor(0.0)
+    gr, gs = gr.reshape(gr.shape[0], -1), gs.reshape(gs.shape[0], -1)
+    return torch.sum(1 - torch.sum(gr * gs, -1) / (gr.norm(dim=-1) * gs.norm(dim=-1) + 0.000001))
+
+
+def dc_iteration(x, syn, indices, ipc, outer_loop, inner_loop):
+    net = stock_convnet()
+    net.train()
+    params = list(net.parameters())
+    optimizer_net = torch.optim.SGD(params, lr=0.01)
+    optimizer_img = torch.optim.SGD([syn], lr=0.1, momentum=0.5)
+    labels = torch.arange(10).repeat_interleave(ipc)
+    for ol in range(outer_loop):
+        loss = torch.tensor(0.0)
+        for c in range(10):
+            img_real = x[np.random.permutation(indices[c])[:256]]
+            gw_real = torch.autograd.grad(F.cross_entropy(net(img_real), torch.full((256,), c)), params)
+            gw_real = [g.detach().clone() for g in gw_real]
+            out_syn = net(syn[c * ipc:(c + 1) * ipc])
+            gw_syn = torch.autograd.grad(F.cross_entropy(out_syn, labels[c * ipc:(c + 1) * ipc]), params, create_graph=True)
+            loss += sum(distance(a, b) for a, b in zip(gw_real, gw_syn))
+        optimizer_img.zero_grad()
+        loss.backward()
+        optimizer_img.step()
+        loss.item()
+        if ol == outer_loop - 1:
+            break
+        data = torch.utils.data.TensorDataset(copy.deepcopy(syn.detach()), copy.deepcopy(labels))
+        loader = torch.utils.data.DataLoader(data, batch_size=256, shuffle=True)
+        for il in range(inner_loop):
+            for img, lab in loader:
+                out = net(img)
+                loss_net = F.cross_entropy(out, lab)
+                optimizer_net.zero_grad()
+                loss_net.backward()
+                optimizer_net.step()
+                loss_net.item(), np.sum(np.argmax(out.detach().numpy(), -1) == lab.numpy())
+
+
 def main():
     what = sys.argv[1]
     torch.manual_seed(0)
@@ -118,6 +166,15 @@ def main():
                 loss.item(), np.sum(np.argmax(out.detach().numpy(), -1) == lab.numpy())
             times.append(time.time() - t)
         times = times[2:]
+    elif what.startswith('dc_iteration'):
+        ipc, loops = (1, (1, 1)) if what.endswith('ipc1') else (10, (10, 50))
+        syn = torch.randn(10 * ipc, 1, 28, 28, requires_grad=True)
+        dc_iteration(x, syn, indices, ipc, *loops)
+        times = []
+        for _ in range(3 if ipc == 1 else 1):
+            t = time.time()
+            dc_iteration(x, syn, indices, ipc, *loops)
+            times.append(time.time() - t)
     elif what == 'test_pass':
         xt, yt = load('test')
         net = stock_convnet()

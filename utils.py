@@ -677,8 +677,9 @@ def match_loss(gw_syn, gw_real, args):
 def class_gradients(net, images, label, create_graph=False, chunk=64):
     """Gradients of the mean cross-entropy of `images`, all of class `label`, with respect to the
     parameters of `net`. With create_graph (synthetic images) they stay differentiable; without
-    (real images: constants) the batch goes through `chunk` images at a time, which keeps the
+    (real images: constants) the batch goes through the CPU `chunk` images at a time, which keeps the
     activations in cache (same values: the network must not be a BatchNorm net in train mode)."""
+    chunk = chunk if images.device.type == 'cpu' else len(images)  # a GPU wants the whole batch
     params = [p for p in net.parameters() if p.requires_grad]
     target = torch.full((len(images),), label, device=images.device, dtype=torch.long)
     if create_graph:

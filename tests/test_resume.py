@@ -214,3 +214,35 @@ def test_a_stop_during_evaluation_cuts_it_short_and_resume_redoes_it(data, tmp_p
     monkeypatch.setattr(utils, 'evaluate_models', evaluate)
     utils.condense(small_args(data, tmp_path / 'cut', '--resume', 'auto'), main_DM.train_iteration, eval_interval=2)
     assert torch.equal(load_result(tmp_path / 'cut' / 'res_DM_MNIST_ConvNet_1ipc.pt')['data'][0][0], expected)
+
+
+@pytest.mark.parametrize('script,flags', [
+    ('main', ['--method', 'DC']),
+    ('main', ['--method', 'DSA', '--dsa_strategy', 'crop_flip']),
+    ('distill', ['--query', '2', '--window', '2', '--max_outer', '3', '--max_inner', '2', '--eval_mode', 'SS']),
+])
+def test_every_method_resumes_bit_identically_after_a_crash(data, tmp_path, monkeypatch, script, flags):
+    module = __import__(script)
+    args = ['--dataset', 'MNIST', '--ipc', '2', '--Iteration', '4', '--num_exp', '1', '--num_eval', '1',
+            '--epoch_eval_train', '1', '--batch_real', '4', '--checkpoint_every', '1', '--data_path', str(data), *flags]
+
+    def run_main(save_path, *extra):
+        monkeypatch.setattr(sys, 'argv', [script, *args, '--save_path', str(save_path), *extra])
+        module.main()
+        return glob.glob(str(save_path / 'res_*.pt'))[0]
+
+    whole = load_result(run_main(tmp_path / 'whole'))['data'][0][0]
+    step = module.train_iteration
+
+    def crash_at_3(it, *a):
+        if it == 3:
+            raise RuntimeError('crash')
+        return step(it, *a)
+
+    monkeypatch.setattr(module, 'train_iteration', crash_at_3)
+    with pytest.raises(RuntimeError, match='crash'):
+        run_main(tmp_path / 'cut')
+    calls = []
+    monkeypatch.setattr(module, 'train_iteration', lambda it, *a: calls.append(it) or step(it, *a))
+    resumed = load_result(run_main(tmp_path / 'cut', '--resume', 'auto'))['data'][0][0]
+    assert calls == [3] and torch.equal(resumed, whole)  # only the iteration that crashed is done again

@@ -4,9 +4,9 @@ import argparse
 import pytest
 import torch
 
-from helpers import needs_fashion, run
-from utils import (ClassImages, TensorDataset, forgetting_counts, get_network, herding, k_center, load_result,
-                   select_coreset, train_classifier)
+from helpers import needs_fashion, run, write_mnist
+from utils import (ClassImages, TensorDataset, forgetting_counts, get_dataset, get_network, herding, k_center,
+                   load_result, select_coreset, train_classifier)
 
 POINTS = torch.tensor([[0., 0.], [10., 0.], [1., 1.], [-1., -1.], [4., 0.]])  # mean (2.8, 0)
 
@@ -81,11 +81,25 @@ def test_train_classifier_learns_and_records_every_presentation():
     assert correct[-1].float().mean() > 0.9  # two well separated classes are learned
 
 
-@needs_fashion
-def test_coreset_baseline_end_to_end(tmp_path):
-    p = run('main.py', '--method', 'herding', '--dataset', 'FashionMNIST', '--ipc', 2, '--num_exp', 1, '--num_eval', 1,
-            '--epoch_eval_train', 2, '--coreset_epochs', 1, '--batch_train', 1024, '--data_path', tmp_path / 'data',
-            '--save_path', tmp_path)
+@pytest.mark.parametrize('method', ['herding', 'forgetting'])
+def test_coreset_baseline_end_to_end(tmp_path, method):
+    write_mnist(tmp_path / 'data', n_train=100, n_test=20)
+    p = run('main.py', '--method', method, '--dataset', 'MNIST', '--ipc', 2, '--num_exp', 1, '--num_eval', 1,
+            '--epoch_eval_train', 2, '--coreset_epochs', 2, '--data_path', tmp_path / 'data', '--save_path', tmp_path)
     assert p.returncode == 0, p.stderr[-2000:]
-    images, labels = load_result(tmp_path / 'res_herding_FashionMNIST_ConvNet_2ipc.pt')['data'][0]
+    saved = load_result(tmp_path / f'res_{method}_MNIST_ConvNet_2ipc.pt')
+    images, labels = saved['data'][0]
     assert images.shape == (20, 1, 28, 28) and labels.tolist() == [c for c in range(10) for _ in range(2)]
+    real = get_dataset('MNIST', str(tmp_path / 'data'))[6]
+    for image, label in zip(images, labels):  # real training images of their class
+        match = (real.images == image).flatten(1).all(1)
+        assert match.any() and real.labels[match][0] == label
+    assert len(saved['accs_all_exps']['ConvNet']) == 1
+
+
+@needs_fashion
+def test_random_baseline_on_real_fashion_mnist_is_above_chance(tmp_path):
+    p = run('main.py', '--method', 'random', '--dataset', 'FashionMNIST', '--ipc', 10, '--num_exp', 1, '--num_eval', 1,
+            '--epoch_eval_train', 30, '--data_path', tmp_path / 'data', '--save_path', tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert load_result(tmp_path / 'res_random_FashionMNIST_ConvNet_10ipc.pt')['accs_all_exps']['ConvNet'][0] > 0.5

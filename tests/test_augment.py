@@ -103,3 +103,16 @@ def test_dc_augmentation():
     assert augment(x, none) is x
     noise = augment(x, dict(none, strategy='noise'))
     assert 0 < (noise - x).abs().max() < 0.01
+
+
+def test_siamese_augment_shares_one_fresh_draw_between_batches():
+    import argparse
+    from utils import siamese_augment
+    args = argparse.Namespace(dsa_strategy='crop_flip_scale_rotate_cutout', dsa_param=ParamDiffAug())
+    real = images(8)
+    syn = real[:3].clone()
+    torch.manual_seed(0)
+    draws = [siamese_augment([real, syn], args) for _ in range(6)]
+    for r, s in draws:
+        assert torch.allclose(r[:3], s, atol=1e-6)  # the synthetic batch got the real batch's transformation
+    assert len({tuple(r.flatten()[:50].tolist()) for r, _ in draws}) > 1  # a fresh draw per call

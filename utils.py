@@ -1363,15 +1363,22 @@ def condense(args, train_iteration, eval_interval, init_images=None):
     return summarise(args, accs_all_exps)
 
 
+SAVED = 'what was saved is kept (continue with --resume auto where the script takes it)'
+
+
 def run_script(main):
-    """Run a script's main(): a StopRun (bad input, divergence, a stop signal) and Ctrl-C end with one
-    line on stderr and their exit status, without a traceback."""
+    """Run a script's main(): a StopRun (bad input, divergence, a stop signal), Ctrl-C and SIGTERM end
+    with one line on stderr and their exit status, without a traceback. (The experiment loop handles
+    the signals itself, to save a checkpoint first.)"""
+    def terminate(signum, frame):
+        raise Interrupted(f'stopped by SIGTERM; {SAVED}', signum)
+
+    signal.signal(signal.SIGTERM, terminate)
     try:
         main()
     except StopRun as e:
         print(f'error: {e}', file=sys.stderr)
         sys.exit(e.code)
     except KeyboardInterrupt:
-        print('error: interrupted; what was saved is kept (continue with --resume auto where the script takes it)',
-              file=sys.stderr)
+        print(f'error: interrupted; {SAVED}', file=sys.stderr)
         sys.exit(130)

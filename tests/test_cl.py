@@ -1,5 +1,6 @@
 """Continual learning (CL_DM.py): memories built, saved and reloaded; the papers' files; real data."""
 import json
+import os
 
 import numpy as np
 import pytest
@@ -81,3 +82,21 @@ def test_end_to_end_on_real_fashion_mnist(tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
     steps = json.loads((tmp_path / 'cl_random_FashionMNIST_ConvNet_5ipc_2steps.json').read_text())['steps']
     assert steps[0]['mean'] > 0.3 and steps[1]['mean'] > 0.2  # well above chance (0.2 and 0.1)
+
+
+def test_sigterm_keeps_the_memories_of_finished_steps(data, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+    from helpers import ROOT
+    args = [*TINY, '--method', 'DM', '--Iteration', 100000, '--steps', 2, '--data_path', data, '--save_path', tmp_path]
+    proc = subprocess.Popen([sys.executable, f'{ROOT}/CL_DM.py', *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, 'PYTHONUNBUFFERED': '1'})
+    while 'class order' not in proc.stdout.readline():  # then it condenses the first step's memory
+        assert proc.poll() is None, proc.stderr.read()
+    time.sleep(1)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM and err.strip().splitlines()[-1].startswith('error: stopped by SIGTERM')
+    assert 'Traceback' not in err and not list(memory_file(data, 'cl_DM').parent.glob('*.tmp*'))

@@ -20,7 +20,7 @@ from tqdm import trange
 
 from main import train_iteration as dsa_iteration
 from main_DM import train_iteration as dm_iteration
-from utils import (FULL_STRATEGY, SynSet, UsageError, atomic_save, atomic_write, evaluate_models, get_loops,
+from utils import (FULL_STRATEGY, Diverged, SynSet, UsageError, atomic_save, atomic_write, evaluate_models, get_loops,
                    get_parser, load_real, load_result, run_script, select_coreset, set_seed, setup, tensor_loader)
 
 MEMORY_NAMES = {'herding': 'cl_herding', 'DSA': 'cl_res_DSA', 'DM': 'cl_DM'}  # the papers' file names
@@ -43,6 +43,8 @@ def build_memory(classes, real, args):
         for it in trange(args.Iteration, desc=f'{args.method} on classes {classes}', leave=False, dynamic_ncols=True):
             CONDENSE[args.method](it, syn, sub, a)
         images = syn.images.detach()
+        if not torch.isfinite(images).all():
+            raise Diverged(f'the {args.method} memory of classes {classes} became non-finite (try a smaller --lr_img)')
     return [images.cpu(), torch.tensor(classes).repeat_interleave(args.ipc)]
 
 

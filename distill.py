@@ -104,6 +104,9 @@ def train_iteration(it, syn, real, args):
     return {'loss': torch.stack(losses).mean().item() / args.num_classes, 'outer': n_outer, 'inner': n_inner}
 
 
+PUBLIC_WEIGHTS = ['first', 'second', 'third', 'fourth']  # the public code's names, from the deepest stage
+
+
 def default_layer_weights(n_stages):
     """The public code's weights for a depth-3 ConvNet (0.1, 0.1, 1, 1), generalised: 1 for the last
     block and the final feature map, 0.1 for every earlier stage."""
@@ -116,7 +119,7 @@ def main():
     parser.add_argument('--layer_weights', type=float, nargs='+', default=None,
                         help='alignment weight of each stage, from the first block to the final feature map '
                              '(default: 1 for the last block and the final map, 0.1 before)')
-    for k, name in enumerate(['first', 'second', 'third', 'fourth']):  # the public code's names
+    for k, name in enumerate(PUBLIC_WEIGHTS):
         parser.add_argument(f'--{name}_weight', type=float, default=None,
                             help=f'the public code\'s name for the weight of stage {k + 1} from the deepest')
     parser.add_argument('--inner_weight', type=float, default=0.01, help='weight of the discrimination loss')
@@ -133,7 +136,7 @@ def main():
     weights = args.layer_weights or default_layer_weights(n_stages)
     if len(weights) != n_stages:
         raise UsageError(f'--layer_weights needs {n_stages} weights for {args.model}, got {len(weights)}')
-    for k, name in enumerate(['first', 'second', 'third', 'fourth'][:n_stages]):
+    for k, name in enumerate(PUBLIC_WEIGHTS[:n_stages]):
         if getattr(args, f'{name}_weight') is not None:
             weights[n_stages - 1 - k] = getattr(args, f'{name}_weight')
     if min(weights) < 0 or args.inner_weight < 0 or args.lambda_1 < 0 or args.lambda_2 < 0:

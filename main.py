@@ -9,7 +9,7 @@ epochs on the synthetic set.
 """
 import torch
 
-from utils import (CORESETS, class_gradients, condense, get_loops, get_network, get_parser, has_batchnorm,
+from utils import (CORESETS, batchnorm_layers, class_gradients, condense, get_loops, get_network, get_parser, has_batchnorm,
                    match_loss, run_epoch, run_script, select_coreset, set_dsa, setup, siamese_augment, tensor_loader)
 
 BN_IMAGES_PER_CLASS = 16
@@ -21,9 +21,8 @@ def freeze_batchnorm(net, real, args):
     net.train()
     with torch.no_grad():
         net(torch.cat([real.get_images(c, BN_IMAGES_PER_CLASS) for c in range(args.num_classes)]))
-    for m in net.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            m.eval()
+    for m in batchnorm_layers(net):
+        m.eval()
 
 
 def train_iteration(it, syn, real, args):

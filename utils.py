@@ -403,8 +403,12 @@ def embed(net, images, chunk=256, amp=False, compiled=False):
                           for x in images.split(chunk or len(images))])
 
 
+def batchnorm_layers(net):
+    return [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
 def has_batchnorm(net):
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules())
+    return bool(batchnorm_layers(net))
 
 
 EVAL_POOLS = {
@@ -878,6 +882,7 @@ def select_coreset(method, real, args, n, classes=None):
                 for c in classes]
     net = get_network(args.model, args.channel, len(classes), args.im_size, args.device)
     correct = train_classifier(net, real, classes, args, args.coreset_epochs)
+    net.eval()
     picks = []
     for c, counts in zip(classes, correct.split([len(real.indices_class[c]) for c in classes], dim=1)):
         idx = real.indices_class[c]
@@ -885,7 +890,6 @@ def select_coreset(method, real, args, n, classes=None):
             score = forgetting_counts(counts) + 0.5 * torch.rand(len(idx), device=idx.device)
             picks.append(idx[score.topk(min(n, len(idx))).indices])
         else:
-            net.eval()
             features = embed(net, real.images[idx])
             picks.append(idx[{'herding': herding, 'kcenter': k_center}[method](features, n)])
     return picks
@@ -1300,8 +1304,9 @@ def condense(args, train_iteration, eval_interval, init_images=None):
     --init says); then for it = 0 .. Iteration-1 the method's `train_iteration(it, syn, real, args)`
     (returns the loss as a float, or a dict of numbers for the progress bar with the loss under 'loss'),
     with the synthetic set evaluated (and drawn) at the evaluation iterations. The final synthetic sets
-    and accuracies are saved after every experiment in the papers' format. Checkpoints (see Checkpoints) let an
-    interrupted run continue with --resume, giving the same synthetic sets as an uninterrupted one.
+    and accuracies are saved after every experiment in the papers' format. Checkpoints (see
+    Checkpoints) let an interrupted run continue with --resume, giving the same synthetic sets as an
+    uninterrupted one.
     """
     signature = {k: v for k, v in vars(args).items() if k not in RESUMABLE and k != 'dsa_param'}
     real, testloader = load_real(args)

@@ -6,9 +6,10 @@ np.random.seed(seed); np.random.permutation(num_classes). At each step the learn
 condensed by DSA or DM on those classes. A fresh model is trained on all memories so far (DSA
 augmentation) and tested on the test images of every class seen so far.
 
-Memories are read from <data_path>/metasets/cl_data/ under the papers' file names when present (their
-released files load unchanged); otherwise they are built and saved there, step by step, so a later run
-reuses them.
+Memories built here are saved in --save_path under the papers' file names, with a record of the
+settings that shaped them, after every step; the papers' released memories are read from
+<data_path>/metasets/cl_data/. The table is written after every seed, so a rerun continues where an
+interrupted one stopped.
 """
 import copy
 import json
@@ -20,27 +21,45 @@ from tqdm import trange
 
 from main import train_iteration as dsa_iteration
 from main_DM import train_iteration as dm_iteration
-from utils import (FULL_STRATEGY, Diverged, SynSet, UsageError, atomic_save, atomic_write, evaluate_models, get_loops,
-                   get_parser, load_real, load_result, run_script, select_coreset, set_seed, setup, tensor_loader)
+from utils import (STRATEGY_RULE, Diverged, SynSet, UsageError, atomic_json, atomic_save, differences,
+                   evaluate_models, exclusive, get_loops, get_parser, load_real, load_result, refuse, run_script,
+                   select_coreset, set_dsa, set_seed, setup, signature, tensor_loader)
 
 MEMORY_NAMES = {'herding': 'cl_herding', 'DSA': 'cl_res_DSA', 'DM': 'cl_DM'}  # the papers' file names
 CONDENSE = {'DSA': dsa_iteration, 'DM': dm_iteration}
+DEFAULTS = {'DSA': (1000, 0.1, 'noise'), 'DM': (20000, 1.0, 'real')}  # the methods' own Iteration, lr_img, init
+SHAPED_BY = {  # besides method, dataset and its data, model, ipc, steps, class order and --seed
+    'random': [],
+    'herding': ['coreset_epochs', 'lr_net', 'batch_train'],
+    'DSA': ['Iteration', 'lr_img', 'init', 'batch_real', 'dsa_strategy', 'dis_metric', 'lr_net', 'batch_train'],
+    'DM': ['Iteration', 'lr_img', 'init', 'batch_real', 'dsa_strategy', 'amp'],
+}
 
 
-def memory_path(args, seed):
-    return os.path.join(args.data_path, 'metasets', 'cl_data', '%s_%s_%s_%dipc_%dsteps_seed%d.pt' % (
-        MEMORY_NAMES[args.method], args.dataset, args.model, args.ipc, args.steps, seed))
+def memory_name(args, seed):
+    return '%s_%s_%s_%dipc_%dsteps_seed%d.pt' % (MEMORY_NAMES[args.method], args.dataset, args.model, args.ipc,
+                                                  args.steps, seed)
 
 
-def build_memory(classes, real, args):
-    """--ipc images of each class in `classes` (by --method) and their labels."""
+def memory_record(args, seed, class_order):
+    """The settings that shape the memories of one seed."""
+    keys = ['method', 'dataset', 'data_id', 'model', 'ipc', 'steps', 'seed', *SHAPED_BY[args.method]]
+    return dict({k: getattr(args, k) for k in keys}, order_seed=seed, class_order=class_order)
+
+
+def build_memory(classes, real, args, keys):
+    """--ipc images of each class in `classes` (by --method) and their labels; random draws seeded by keys."""
+    set_seed(*keys)
     if args.method in ('random', 'herding'):
         images = real.images[torch.cat(select_coreset(args.method, real, args, args.ipc, classes))]
     else:  # condense a synthetic set of these classes only, as a len(classes)-class problem
         sub, a = real.subset(classes), copy.copy(args)
         a.num_classes = len(classes)
+        sub.start(*keys, 'init')
         syn = SynSet(sub, a)
         for it in trange(args.Iteration, desc=f'{args.method} on classes {classes}', leave=False, dynamic_ncols=True):
+            set_seed(*keys, it)
+            sub.start(*keys, it)
             CONDENSE[args.method](it, syn, sub, a)
         images = syn.images.detach()
         if not torch.isfinite(images).all():
@@ -48,73 +67,141 @@ def build_memory(classes, real, args):
     return [images.cpu(), torch.tensor(classes).repeat_interleave(args.ipc)]
 
 
-def memories(seed, steps, real, args):
-    """The memory of every step for one seed: loaded when saved, otherwise built (and saved)."""
-    if args.method == 'random':
-        return [build_memory(classes, real, args) for classes in steps]
-    path = memory_path(args, seed)
-    data = load_result(path)['data'] if os.path.isfile(path) else []
+def load_memories(path, record, steps, args):
+    """The memories in a file (ours, with the record of its settings, or the papers' released one, without)
+    that fit this run, and how many steps of them the papers released. A record of other settings is an
+    error, or with --overwrite: nothing to use."""
+    saved = load_result(path)
+    theirs = saved.get('settings')
+    if theirs is not None:
+        changed = differences({k: v for k, v in theirs.items() if k != 'released_steps'}, record)
+        if changed and args.overwrite:
+            return [], 0
+        if changed:
+            raise UsageError(f'{path} was built with other settings ({changed}); use another --save_path, '
+                             'or --overwrite to build the memories again')
+    data = saved['data']
     for k, (images, labels) in enumerate(data[:len(steps)]):
         if sorted(set(labels.tolist())) != sorted(steps[k]) or images.shape[1:] != (args.channel, *args.im_size):
-            raise UsageError(f'{path}: step {k} holds other classes or image shapes than this run (seed {seed})')
-    if data:
-        print(f'seed {seed}: using the memories of {min(len(data), len(steps))} steps in {path}')
+            raise UsageError(f'{path}: step {k} holds other classes or image shapes than this run')
+    return data, theirs.get('released_steps', 0) if theirs else len(data)
+
+
+def memories(seed, steps, real, args, record):
+    """The memory of every step for one seed: loaded when saved (here, or released by the papers),
+    otherwise built and saved in --save_path after every step."""
+    if args.method == 'random':
+        return [build_memory(classes, real, args, (args.seed, seed, k, args.method)) for k, classes in enumerate(steps)]
+    ours = os.path.join(args.save_path, memory_name(args, seed))
+    released = os.path.join(args.data_path, 'metasets', 'cl_data', memory_name(args, seed))
+    data, from_papers = [], 0
+    for path in (ours, released):
+        if os.path.isfile(path):
+            data, from_papers = load_memories(path, record, steps, args)
+            print(f'seed {seed}: using the memories of {min(len(data), len(steps))} steps in {path}')
+            break
     for k in range(len(data), len(steps)):
-        set_seed(args.seed, seed, k, args.method)
-        data.append(build_memory(steps[k], real, args))
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        atomic_save({'data': data}, path)  # after every step: an interrupted run keeps what it built
+        data.append(build_memory(steps[k], real, args, (args.seed, seed, k, args.method)))
+        atomic_save({'data': data, 'settings': dict(record, released_steps=from_papers)}, ours)  # after every step
     return data[:len(steps)]
 
 
-def main():
-    parser = get_parser('Continual learning with condensed memories', methods=['random', 'herding', 'DSA', 'DM'],
-                        omit=('eval_mode', 'num_exp', 'resume', 'checkpoint_every'), method='random',
-                        dataset='CIFAR100', ipc=20, num_eval=3, epoch_eval_train=1000, Iteration=None, lr_img=None,
-                        init=None, dsa_strategy=FULL_STRATEGY)
-    parser.add_argument('--steps', type=int, default=5, help='the number of learning steps (5 or 10 in the paper)')
-    parser.add_argument('--seeds', type=int, default=5, help='run the class orders of seeds 0 .. seeds-1')
-    parser.add_argument('--coreset_epochs', type=int, default=10, help='herding: epochs of training its network')
-    args = setup(parser.parse_args())
-    args.dsa = True  # every memory trains (and condenses) with DSA augmentation, as in the paper
-    if args.dsa_strategy in ('', 'none', 'None'):
+def parser():
+    p = get_parser('Continual learning with condensed memories', methods=['random', 'herding', 'DSA', 'DM'],
+                   omit=('eval_mode', 'num_exp', 'resume', 'checkpoint_every'), method='random',
+                   dataset='CIFAR100', ipc=20, num_eval=3, epoch_eval_train=1000, Iteration=None, lr_img=None,
+                   init=None, dsa_strategy=None,
+                   rules={'Iteration': 'default: DSA 1000, DM 20000', 'lr_img': 'default: DSA 0.1, DM 1',
+                          'init': 'default: DSA noise, DM real', 'dsa_strategy': STRATEGY_RULE})
+    p.add_argument('--steps', type=int, default=5, help='the number of learning steps (5 or 10 in the paper)')
+    p.add_argument('--seeds', type=int, default=5, help='run the class orders of seeds 0 .. seeds-1')
+    p.add_argument('--coreset_epochs', type=int, default=10, help='herding: epochs of training its network')
+    return p
+
+
+def check(args):
+    """Refuse the flags that do not apply to --method; the condensation methods' own defaults."""
+    set_dsa(args, augments=True)  # every memory trains (and condenses) with DSA augmentation, as in the paper
+    if not args.dsa:
         raise UsageError('continual learning trains with DSA augmentation: --dsa_strategy must name transformations')
-    defaults = {'DSA': (1000, 0.1, 'noise'), 'DM': (20000, 1.0, 'real')}.get(args.method, (0, 0.1, 'real'))
-    for k, v in zip(['Iteration', 'lr_img', 'init'], defaults):  # the condensation method's own defaults
+    if args.method in ('random', 'herding'):
+        refuse(args, ['Iteration', 'lr_img', 'init', 'batch_real', 'dis_metric', 'amp', 'compile'],
+               f'does not apply to --method {args.method}: its memories are real images, not optimised')
+    if args.method != 'herding':
+        refuse(args, ['coreset_epochs'], f'is for --method herding, not {args.method}')
+    if args.method != 'DSA':
+        refuse(args, ['dis_metric'], f'is for --method DSA (gradient matching), not {args.method}')
+    if args.method != 'DM':
+        refuse(args, ['amp', 'compile'], f'is for --method DM, not {args.method}')
+    for k, v in zip(['Iteration', 'lr_img', 'init'], DEFAULTS.get(args.method, (0, 0.1, 'real'))):
         setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
     args.outer_loop, args.inner_loop = get_loops(args.ipc)
+
+
+def main():
+    args = setup(parser().parse_args())
+    check(args)
     real, testloader = load_real(args)
     if args.steps > args.num_classes:
         raise UsageError(f'--steps must be at most the number of classes ({args.num_classes})')
     test = testloader.dataset
-    results = np.zeros((args.steps, args.seeds * args.num_eval))
-    summary_path = os.path.join(args.save_path, 'cl_%s_%s_%s_%dipc_%dsteps.json' % (
-        args.method, args.dataset, args.model, args.ipc, args.steps))
-    for seed in range(args.seeds):
-        np.random.seed(seed)  # the papers' class order
-        class_order = np.random.permutation(args.num_classes).tolist()
-        steps = [part.tolist() for part in np.array_split(class_order, args.steps)]
-        print(f'seed {seed}: class order {class_order}')
-        set_seed(args.seed, seed, 'memories')
-        data = memories(seed, steps, real, args)
-        for step in range(args.steps):
-            seen = torch.tensor(sum(steps[:step + 1], []), device=test.labels.device)
-            images = torch.cat([d[0] for d in data[:step + 1]]).to(args.device)
-            labels = torch.cat([d[1] for d in data[:step + 1]]).to(args.device)
-            mask = torch.isin(test.labels, seen)
-            loader = tensor_loader(test.images[mask], test.labels[mask], 256)
-            print(f'seed {seed} step {step}: {len(labels)} memory images of {len(seen)} classes, {int(mask.sum())} test images')
-            accs = evaluate_models(images, labels, [args.model], args, loader, seed_keys=(seed, step))[args.model]
-            results[step, seed * args.num_eval:(seed + 1) * args.num_eval] = accs
-        done = results[:, :(seed + 1) * args.num_eval]
-        table = [dict(step=k, classes=len(sum(steps[:k + 1], [])), mean=float(r.mean()), std=float(r.std()),
-                      accs=r.tolist()) for k, r in enumerate(done)]
-        atomic_write(summary_path, lambda tmp: open(tmp, 'w').write(json.dumps(
-            dict(method=args.method, seeds=seed + 1, steps=table), indent=1)))
+    name = 'cl_%s_%s_%s_%dipc_%dsteps' % (args.method, args.dataset, args.model, args.ipc, args.steps)
+    summary_path = os.path.join(args.save_path, name + '.json')
+    sig = {k: v for k, v in signature(args).items() if k != 'seeds'}  # more seeds may be added later
+    with exclusive(os.path.join(args.save_path, f'.lock_{name}'), summary_path):
+        done = finished_seeds(summary_path, sig, args)
+        for seed in range(args.seeds):
+            np.random.seed(seed)  # the papers' class order
+            class_order = np.random.permutation(args.num_classes).tolist()
+            steps = [part.tolist() for part in np.array_split(class_order, args.steps)]
+            if str(seed) in done:
+                print(f'seed {seed}: evaluated already (in {summary_path})')
+                continue
+            print(f'seed {seed}: class order {class_order}')
+            data = memories(seed, steps, real, args, memory_record(args, seed, class_order))
+            accs = []
+            for step in range(args.steps):
+                seen = torch.tensor(sum(steps[:step + 1], []), device=test.labels.device)
+                images = torch.cat([d[0] for d in data[:step + 1]]).to(args.device)
+                labels = torch.cat([d[1] for d in data[:step + 1]]).to(args.device)
+                mask = torch.isin(test.labels, seen)
+                loader = tensor_loader(test.images[mask], test.labels[mask], 256)
+                print(f'seed {seed} step {step}: {len(labels)} memory images of {len(seen)} classes, {int(mask.sum())} test images')
+                accs.append(evaluate_models(images, labels, [args.model], args, loader, seed_keys=(seed, step))[args.model])
+            done[str(seed)] = accs
+            write_table(done, steps, sig, args, summary_path)
+    table = write_table(done, steps, sig, args, summary_path)
     print(f'\n{args.steps}-step learning, {args.method}: mean +- std over {args.seeds} seeds x {args.num_eval} models')
     for row in table:
         print('step %d (%3d classes): %.2f%% +- %.2f%%' % (row['step'], row['classes'], row['mean'] * 100, row['std'] * 100))
     print(' '.join('& %.1f$\\pm$%.1f' % (r['mean'] * 100, r['std'] * 100) for r in table))  # the paper's table row
+
+
+def finished_seeds(summary_path, sig, args):
+    """{seed: per-step accuracies} of the seeds an earlier run of these settings finished."""
+    if not os.path.exists(summary_path) or args.overwrite:
+        return {}
+    try:
+        with open(summary_path) as f:
+            summary = json.load(f)
+        theirs = summary['signature']
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UsageError(f'{summary_path} is not a table of this toolkit; use another --save_path, '
+                         'or --overwrite to replace it') from None
+    changed = differences(theirs, sig)
+    if changed:
+        raise UsageError(f'{summary_path} belongs to a run with other settings ({changed}); use another '
+                         '--save_path, or --overwrite to replace it')
+    return {s: a for s, a in summary.get('per_seed', {}).items() if int(s) < args.seeds}
+
+
+def write_table(done, steps, sig, args, summary_path):
+    """Per-step mean +- std over the finished seeds x models, written with every seed's accuracies."""
+    results = np.array([[a for s in sorted(done, key=int) for a in done[s][k]] for k in range(args.steps)])
+    table = [dict(step=k, classes=len(sum(steps[:k + 1], [])), mean=float(r.mean()), std=float(r.std()),
+                  accs=r.tolist()) for k, r in enumerate(results)]
+    atomic_json(dict(method=args.method, seeds=len(done), steps=table, per_seed=done, signature=sig), summary_path)
+    return table
 
 
 if __name__ == '__main__':

@@ -11,7 +11,7 @@ from collections import deque
 import torch
 import torch.nn.functional as F
 
-from utils import (UsageError, accuracy, condense, get_network, get_parser, has_batchnorm, run_epoch, run_script,
+from utils import (STRATEGY_RULE, UsageError, accuracy, condense, get_network, get_parser, has_batchnorm, run_epoch, run_script,
                    set_dsa, setup, siamese_augment, tensor_loader)
 
 
@@ -89,7 +89,7 @@ def train_iteration(it, syn, real, args):
         img_real = [real.get_images(c, n) for c in range(args.num_classes)]
         img_syn = [syn.of_class(c) for c in range(args.num_classes)]
         if args.dsa:  # the same transformation for the real and the synthetic batch of a class
-            img_real, img_syn = zip(*[siamese_augment(pair, args) for pair in zip(img_real, img_syn)])
+            img_real, img_syn = zip(*[siamese_augment(pair, args, real.rng(c)) for c, pair in enumerate(zip(img_real, img_syn))])
         net.requires_grad_(False)  # only the synthetic images learn here
         alignment, centres, discrimination = cafe_losses(net, torch.stack(img_real), torch.stack(img_syn), args)
         loss = alignment + centres + args.inner_weight * discrimination
@@ -113,9 +113,11 @@ def default_layer_weights(n_stages):
     return [0.1] * (n_stages - 2) + [1.0] * min(2, n_stages)
 
 
-def main():
-    parser = get_parser('CAFE: dataset condensation by aligning features', methods=['DC', 'DSA'], Iteration=2000,
-                        lr_img=0.1, init='noise', num_exp=1, num_eval=20, epoch_eval_noaug=600)
+def parser():
+    parser = get_parser('CAFE: dataset condensation by aligning features', methods=['DC', 'DSA'], omit=['amp', 'compile'],
+                        Iteration=2000, lr_img=0.1, init='noise', num_exp=1, num_eval=20, epoch_eval_noaug=600,
+                        unused={'dis_metric': 'does not apply to CAFE: it aligns features, not gradients'},
+                        rules={'dsa_strategy': f'default: None; with --method DSA {STRATEGY_RULE}'})
     parser.add_argument('--layer_weights', type=float, nargs='+', default=None,
                         help='alignment weight of each stage, from the first block to the final feature map '
                              '(default: 1 for the last block and the final map, 0.1 before)')
@@ -129,8 +131,14 @@ def main():
     parser.add_argument('--query', type=int, default=128, help='real images per class in a query')
     parser.add_argument('--max_outer', type=int, default=50, help='at most this many outer steps per iteration')
     parser.add_argument('--max_inner', type=int, default=50, help='at most this many inner epochs per outer step')
-    args = setup(parser.parse_args())
-    set_dsa(args)
+    return parser
+
+
+def main():
+    args = setup(parser().parse_args())
+    set_dsa(args, augments=args.method == 'DSA')
+    if args.method == 'DSA' and not args.dsa:
+        raise UsageError('--method DSA needs a --dsa_strategy; --method DC aligns without augmentation')
     args.method = {'DC': 'CAFE', 'DSA': 'CAFE_DSA'}[args.method]  # names the outputs apart from main.py's
     n_stages = len(get_network(args.model, 3, 10, (32, 32), 'cpu').taps)  # the same for every input shape
     weights = args.layer_weights or default_layer_weights(n_stages)

@@ -9,8 +9,9 @@ epochs on the synthetic set.
 """
 import torch
 
-from utils import (CORESETS, batchnorm_layers, class_gradients, condense, get_loops, get_network, get_parser, has_batchnorm,
-                   match_loss, run_epoch, run_script, select_coreset, set_dsa, setup, siamese_augment, tensor_loader)
+from utils import (CORESETS, STRATEGY_RULE, UsageError, batchnorm_layers, class_gradients, condense, get_loops, get_network, get_parser,
+                   has_batchnorm, match_loss, refuse, run_epoch, run_script, select_coreset, set_dsa, setup, siamese_augment,
+                   tensor_loader)
 
 BN_IMAGES_PER_CLASS = 16
 
@@ -37,7 +38,7 @@ def train_iteration(it, syn, real, args):
         for c in range(args.num_classes):
             img_real, img_syn = real.get_images(c, args.batch_real), syn.of_class(c)
             if args.dsa:  # the same transformation for the real and the synthetic batch of a class
-                img_real, img_syn = siamese_augment([img_real, img_syn], args)
+                img_real, img_syn = siamese_augment([img_real, img_syn], args, real.rng(c))
             gw_real = class_gradients(net, img_real, c)  # constants
             gw_syn = class_gradients(net, img_syn, c, create_graph=True)
             loss = loss + match_loss(gw_syn, gw_real, args)
@@ -55,17 +56,29 @@ def coreset_images(real, args):
     return real.images[torch.cat(select_coreset(args.method, real, args, args.ipc))]
 
 
+def parser():
+    p = get_parser('DC/DSA: dataset condensation with gradient matching', methods=['DC', 'DSA', *CORESETS],
+                   omit=['compile', 'amp'], Iteration=1000, lr_img=0.1, init='noise', num_exp=5, num_eval=20,
+                   rules={'dsa_strategy': f'default: None; with --method DSA {STRATEGY_RULE}'})
+    p.add_argument('--coreset_epochs', type=int, default=10,
+                   help='herding/kcenter/forgetting: epochs of training the network on the real data')
+    return p
+
+
 def main():
-    parser = get_parser('DC/DSA: dataset condensation with gradient matching', methods=['DC', 'DSA', *CORESETS],
-                        Iteration=1000, lr_img=0.1, init='noise', num_exp=5, num_eval=20)
-    parser.add_argument('--coreset_epochs', type=int, default=10,
-                        help='herding/kcenter/forgetting: epochs of training the network on the real data')
-    args = setup(parser.parse_args())
-    set_dsa(args)
+    args = setup(parser().parse_args())
+    set_dsa(args, augments=args.method == 'DSA')
+    if args.method == 'DSA' and not args.dsa:
+        raise UsageError('--method DSA needs a --dsa_strategy; --method DC matches without augmentation')
     if args.method in CORESETS:  # real images, selected once: nothing to iterate
+        refuse(args, ['Iteration', 'init', 'lr_img', 'batch_real', 'dis_metric', 'checkpoint_every'],
+               f'does not apply to --method {args.method}: a coreset is selected from real images, not optimised')
+        if args.method == 'random':
+            refuse(args, ['coreset_epochs'], 'does not apply to --method random: it trains no network')
         args.Iteration, args.init = 0, 'real'
         condense(args, None, eval_interval=1, init_images=coreset_images)
     else:
+        refuse(args, ['coreset_epochs'], f'is for the coreset methods ({", ".join(CORESETS[1:])}), not {args.method}')
         args.outer_loop, args.inner_loop = get_loops(args.ipc)
         condense(args, train_iteration, eval_interval=500)
 

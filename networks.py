@@ -6,8 +6,9 @@ feature alignment as in CAFE) work the same way for all of them. `taps` lists th
 `features` whose outputs are the stages.
 
 Inputs may be 1x28x28, 3x32x32, 3x64x64 or any other size. For 28x28 inputs the first convolution of
-ConvNet, VGG and ResNet is padded by 3 (LeNet and AlexNet: their 5x5 kernels get 2 more than usual) so
-that the feature maps are those of a 32x32 input: the papers' convention, which their numbers rely on.
+ConvNet and VGG is padded by 3 (LeNet and AlexNet: their 5x5 kernels get 2 more than usual) so that the
+feature maps are those of a 32x32 input: the papers' convention, which their numbers rely on. ResNet18
+keeps padding 1 for every input, as in the papers' code (ResNet18BN_AP: 512x3x3 features on 28x28).
 """
 from functools import partial
 
@@ -191,7 +192,7 @@ class ResNet18(Net):
     Stages: the output of each of the four residual layers, and the pooled final map."""
 
     def __init__(self, channel, num_classes, im_size=(32, 32), norm='instancenorm', ap=False):
-        layers, c_in = [nn.Conv2d(channel, 64, 3, padding=first_pad(im_size, 1), bias=False),
+        layers, c_in = [nn.Conv2d(channel, 64, 3, padding=1, bias=False),  # 1 for 28x28 too, as in the papers
                         NORMS[norm](64, 0, 0), nn.ReLU(inplace=True)], 64
         for c_out, stride in [(64, 1), (128, 2), (256, 2), (512, 2)]:
             layers.append(nn.Sequential(BasicBlock(c_in, c_out, stride, norm, ap), BasicBlock(c_out, c_out, 1, norm, ap)))

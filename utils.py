@@ -17,10 +17,14 @@ import math
 import os
 import pickle
 import random
+import re
 import signal
 import socket
+import struct
 import sys
+import threading
 import time
+import zipfile
 import functools
 from functools import partial
 
@@ -49,8 +53,9 @@ class Diverged(StopRun):
     code = 3
 
 
-class Interrupted(StopRun):
-    """SIGINT/SIGTERM: a checkpoint was saved; exit status 128 + signal number."""
+class Interrupted(BaseException):
+    """SIGINT/SIGTERM: exit status 128 + signal number. A BaseException, like KeyboardInterrupt, so that
+    no `except Exception` can mistake a stop signal for an error of its own (e.g. a corrupt file)."""
 
     def __init__(self, message, signum):
         super().__init__(message)
@@ -334,8 +339,20 @@ def get_dataset(dataset, data_path, im_size=None, device='cpu'):
 
     dst_train = normalise(arrays[0], arrays[1], 'train')
     dst_test = normalise(arrays[2], arrays[3], 'test')
+    dst_train.fingerprint = fingerprint(arrays[:4])
     testloader = tensor_loader(dst_test.images, dst_test.labels, 256)
     return channel, tuple(im_size), num_classes, list(arrays[4]), mean, std, dst_train, dst_test, testloader
+
+
+def fingerprint(arrays):
+    """A short hash of a dataset's images and labels: which data a run used (another image folder under
+    the same --data_path, say, is other data)."""
+    h = hashlib.sha1()
+    for a in arrays:
+        a = torch.as_tensor(a).contiguous().numpy()
+        h.update(repr((a.dtype.str, a.shape)).encode())
+        h.update(a.reshape(-1).view(np.uint8))
+    return h.hexdigest()[:16]
 
 
 class ClassImages:
@@ -346,17 +363,34 @@ class ClassImages:
         order = torch.argsort(labels, stable=True)
         counts = torch.bincount(labels, minlength=num_classes).tolist()
         self.indices_class = list(order.split(counts))
+        self.keys, self.streams = None, {}
+
+    def start(self, *keys):
+        """Give every class a random stream of its own, seeded by keys (e.g. seed, experiment, iteration) and
+        the class: what is drawn for a class then depends neither on the other classes nor on the order
+        (or the process) in which they are handled."""
+        self.keys, self.streams = keys, {}
+
+    def rng(self, c):
+        """Class c's random stream since start() (torch's global generator before any start())."""
+        if self.keys is None:
+            return None
+        if c not in self.streams:
+            self.streams[c] = generator(*self.keys, 'class', c)
+        return self.streams[c]
 
     def subset(self, classes):
         """The same images seen as a dataset of `classes` only, relabelled 0..len(classes)-1 (no copy)."""
         sub = copy.copy(self)
         sub.indices_class = [self.indices_class[c] for c in classes]
+        sub.keys, sub.streams = None, {}
         return sub
 
     def get_images(self, c, n):
-        """n random images of class c, drawn without replacement (all of them if the class has fewer)."""
+        """n random images of class c, drawn from its stream without replacement (all of them if the class
+        has fewer)."""
         idx = self.indices_class[c]
-        return self.images[idx[torch.randperm(len(idx), device=idx.device)[:n]]]
+        return self.images[idx[torch.randperm(len(idx), generator=self.rng(c))[:n].to(idx.device)]]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -459,7 +493,7 @@ def DiffAugment(x, strategy='', seed=-1, param=None):
     so two calls with the same seed (e.g. on a real and a synthetic batch) apply the same transformation.
     seed = -1: every image draws its own parameters from torch's global generator.
     """
-    if strategy in ('', 'none', 'None'):
+    if strategy in NO_STRATEGY:
         return x
     param = param or ParamDiffAug()
     gen = torch.Generator().manual_seed(seed) if seed >= 0 else None
@@ -554,30 +588,38 @@ AUGMENT_FNS = {'color': _color, 'crop': rand_crop, 'cutout': rand_cutout, 'flip'
                'scale': rand_scale, 'rotate': rand_rotate}
 
 
-def siamese_augment(batches, args):
+def siamese_augment(batches, args, generator=None):
     """The batches (e.g. a class's real and synthetic images) through one and the same random DSA
-    transformation, drawn from torch's global generator."""
-    seed = int(torch.randint(2 ** 31 - 1, ()))
+    transformation, drawn from `generator` (e.g. the class's stream real.rng(c); default: torch's global one)."""
+    seed = int(torch.randint(2 ** 31 - 1, (), generator=generator))
     return [DiffAugment(x, args.dsa_strategy, seed=seed, param=args.dsa_param) for x in batches]
 
 
 FULL_STRATEGY = 'color_crop_cutout_flip_scale_rotate'
+DIGITS = ('MNIST', 'SVHN')
+NO_STRATEGY = ('', 'none', 'None', None)  # (None: not given, where a script picks one by rule)
 
 
-def set_dsa(args):
-    """args.dsa from --method: DSA matches and evaluates with DSA augmentation (the DSA paper's full
-    strategy unless --dsa_strategy names one; the public code silently used none); DC uses none, so it
-    takes no --dsa_strategy; other methods (coresets) use DSA augmentation when a strategy is named."""
-    named = args.dsa_strategy not in ('', 'none', 'None')
-    if args.method == 'DC' and named:
+def default_strategy(dataset):
+    """The DSA paper's strategy for a dataset: all six transformations, but no flip for the digit
+    datasets MNIST and SVHN ("flip is not good for digit datasets")."""
+    return FULL_STRATEGY.replace('flip_', '') if dataset in DIGITS else FULL_STRATEGY
+
+
+def set_dsa(args, augments):
+    """args.dsa and args.dsa_strategy. A method that matches with DSA augmentation (`augments`: DSA, DM,
+    continual learning) uses the DSA paper's strategy for the dataset unless --dsa_strategy is given; DC
+    matches and evaluates without augmentation, so it takes no strategy; the coresets evaluate with DSA
+    augmentation when a strategy is named. An explicit --dsa_strategy always wins."""
+    if augments and 'dsa_strategy' not in getattr(args, 'given', ()):
+        args.dsa_strategy = default_strategy(args.dataset)
+    args.dsa = args.dsa_strategy not in NO_STRATEGY
+    if args.method == 'DC' and args.dsa:
         raise UsageError('--dsa_strategy goes with --method DSA; DC matches and evaluates without it')
-    if args.method == 'DSA' and not named:
-        args.dsa_strategy = FULL_STRATEGY
-    args.dsa = named or args.method == 'DSA'
 
 
 def check_strategy(strategy):
-    if strategy in ('', 'none', 'None'):
+    if strategy in NO_STRATEGY:
         return
     bad = [s for s in strategy.split('_') if s not in AUGMENT_FNS]
     if bad:
@@ -770,15 +812,16 @@ def eval_args(args, model_eval):
 
 def evaluate_models(images, labels, model_pool, args, testloader, seed_keys=()):
     """Evaluate a synthetic set on num_eval fresh models of every architecture in model_pool.
-    Runs on its own random stream (seeded by seed_keys), so evaluating never changes the condensation."""
+    Every model trains on a random stream of its own, seeded by (--seed, seed_keys, architecture, number),
+    so evaluating never changes the condensation and each accuracy is the same wherever it is computed."""
     accs = {}
     devices = [torch.device(args.device)] if torch.device(args.device).type == 'cuda' else []
     with torch.random.fork_rng(devices=devices):
-        set_seed(args.seed, *seed_keys, 'eval')
         for model_eval in model_pool:
             a = eval_args(args, model_eval)
             accs[model_eval] = []
             for it_eval in range(args.num_eval):
+                set_seed(args.seed, *seed_keys, 'eval', model_eval, it_eval)
                 net = get_network(model_eval, args.channel, args.num_classes, args.im_size, args.device)
                 accs[model_eval].append(evaluate_synset(it_eval, net, images.detach(), labels, testloader, a)[2])
             tqdm.write('Evaluate %d random %s, mean = %.4f std = %.4f' % (
@@ -899,13 +942,23 @@ def select_coreset(method, real, args, n, classes=None):
 # Seeds, saving
 # ----------------------------------------------------------------------------------------------------
 
-def set_seed(*keys):
-    """Seed torch (CPU and CUDA), numpy and random from any tuple of ints and strings."""
+def _seed_of(*keys):
+    """One 32-bit seed from a tuple of non-negative ints and strings."""
     ints = [k if isinstance(k, int) else int(hashlib.sha1(str(k).encode()).hexdigest()[:8], 16) for k in keys]
-    seed = int(np.random.SeedSequence(ints).generate_state(1)[0])
+    return int(np.random.SeedSequence(ints).generate_state(1)[0])
+
+
+def set_seed(*keys):
+    """Seed torch (CPU and CUDA), numpy and random from a tuple of non-negative ints and strings."""
+    seed = _seed_of(*keys)
     torch.manual_seed(seed)
     np.random.seed(seed)
     random.seed(seed)
+
+
+def generator(*keys):
+    """A random stream of its own: a CPU torch.Generator seeded from a tuple of ints and strings."""
+    return torch.Generator().manual_seed(_seed_of(*keys))
 
 
 def _numpy_safe_globals():
@@ -918,18 +971,21 @@ def _numpy_safe_globals():
 
 
 NUMPY_SAFE_GLOBALS = _numpy_safe_globals()
+# what torch.load raises on a truncated, corrupt or unsafe file (never a stop signal: those are BaseExceptions)
+LOAD_ERRORS = (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, TypeError, KeyError, IndexError,
+               AttributeError, ImportError, OSError, zipfile.BadZipFile, struct.error, MemoryError)
 
 
 def load_pt(path, expected=None):
     """torch.load a file the user gave us without running pickled code (weights_only), allowing only
     numpy's scalar and dtype types beyond tensors and containers (the papers' result files keep
     accuracies as numpy scalars). `expected`: {key: type} that the loaded dict must have."""
+    if not os.path.isfile(path):
+        raise UsageError(f'{path} does not exist' if not os.path.exists(path) else f'{path} is not a file')
     try:
         with torch.serialization.safe_globals(NUMPY_SAFE_GLOBALS):
             obj = torch.load(path, map_location='cpu', weights_only=True)
-    except FileNotFoundError:
-        raise UsageError(f'{path} does not exist') from None
-    except Exception as e:
+    except LOAD_ERRORS as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise UsageError(f'cannot load {path} safely: {first}') from None
     if expected:
@@ -957,9 +1013,20 @@ def load_result(path):
     return res
 
 
+def _fsync_dir(folder):
+    """Make a rename in `folder` durable (a power loss after it keeps the new file)."""
+    with contextlib.suppress(OSError):  # not every file system lets a folder be opened or synced
+        fd = os.open(folder or '.', os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 def atomic_write(path, write):
-    """Call write(tmp_path), flush it to disk, then rename it to path: a crash or a full disk leaves the
-    previous file intact and never a half-written one under its name."""
+    """Call write(tmp_path), flush it to disk, rename it to path and sync the folder: a crash, a stop
+    signal or a full disk leaves the previous file intact and never a half-written one under its name."""
+    path = os.fspath(path)
     tmp = f'{path}.tmp{os.getpid()}'
     try:
         write(tmp)
@@ -973,10 +1040,45 @@ def atomic_write(path, write):
             reason = getattr(e, 'strerror', None) or 'disk full?'
             raise UsageError(f'cannot write {path} ({reason}); any previous version is intact') from None
         raise
+    _fsync_dir(os.path.dirname(path))
 
 
 def atomic_save(obj, path):
     atomic_write(path, partial(torch.save, obj))
+
+
+def atomic_json(obj, path):
+    def write(tmp):
+        with open(tmp, 'w') as f:
+            json.dump(obj, f, indent=1)
+    atomic_write(path, write)
+
+
+# The files this toolkit writes (results, records, images, checkpoints, CL memories and tables, evaluation
+# reports, decoded-data caches). Only temporaries of these names are ever cleaned up.
+OUR_FILES = r'(res|vis|checkpoint|cl)_.+\.(pt|json|png)|.+_eval\.json|\.cache_.+\.pt'
+_TEMPORARY = re.compile(rf'(?:{OUR_FILES})\.tmp(\d+)')
+
+
+def remove_stale_temporaries(folder):
+    """Remove the half-written files (see atomic_write) that a killed run of ours left in `folder`:
+    temporaries of our own file names whose process is gone; nothing else."""
+    with contextlib.suppress(OSError):
+        for name in os.listdir(folder):
+            match = _TEMPORARY.fullmatch(name)
+            if match and not _alive(int(match.group(match.lastindex))):
+                with contextlib.suppress(OSError):
+                    os.remove(os.path.join(folder, name))
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        pass
+    return True
 
 
 def denormalise(images, mean, std):
@@ -985,30 +1087,59 @@ def denormalise(images, mean, std):
     return (images * std + mean).clamp(0, 1)
 
 
+def run_name(args):
+    return '%s_%s_%s_%dipc' % (args.method, args.dataset, args.model, args.ipc)
+
+
+def vis_path(args, exp, it):
+    return os.path.join(args.save_path, f'vis_{run_name(args)}_exp{exp}_iter{it}.png')
+
+
 def save_vis(images, args, exp, it):
     """The de-normalised synthetic images, one row per class."""
     from torchvision.utils import save_image  # imported here: torchvision takes seconds to import
-    path = os.path.join(args.save_path, 'vis_%s_%s_%s_%dipc_exp%d_iter%d.png' % (
-        args.method, args.dataset, args.model, args.ipc, exp, it))
     vis = denormalise(images.detach().cpu(), args.mean, args.std)
-    atomic_write(path, lambda tmp: save_image(vis, tmp, nrow=args.ipc, format='png'))
+    atomic_write(vis_path(args, exp, it), lambda tmp: save_image(vis, tmp, nrow=args.ipc, format='png'))
 
 
 def result_path(args, ext='pt'):
-    return os.path.join(args.save_path, 'res_%s_%s_%s_%dipc.%s' % (args.method, args.dataset, args.model, args.ipc, ext))
+    return os.path.join(args.save_path, f'res_{run_name(args)}.{ext}')
+
+
+# settings that do not change a run's results, so it may continue with other values
+RESUMABLE = {'device', 'data_path', 'save_path', 'resume', 'overwrite', 'checkpoint_every', 'num_exp'}
+
+
+def settings(args):
+    """The run's settings as plain JSON values (tuples become lists)."""
+    plain = {k: v for k, v in vars(args).items()
+             if k != 'given' and isinstance(v, (int, float, str, bool, type(None), list, tuple))}
+    return json.loads(json.dumps(plain))
+
+
+def signature(args):
+    """What identifies a run: every setting that changes its results, the data among them."""
+    return {k: v for k, v in settings(args).items() if k not in RESUMABLE}
+
+
+def differences(theirs, ours):
+    """The settings that differ between two signatures, for a one-line message."""
+    keys = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
+    said = ['other data' if k == 'data_id' else f'--{k} {theirs.get(k)} there, {ours.get(k)} here' for k in keys]
+    return ', '.join(said[:4] + ['...'] * (len(said) > 4))
 
 
 def summarise(args, accs_all_exps):
-    """Print the final mean +- std per evaluation model and write them as JSON beside the .pt."""
+    """Print the final mean +- std per evaluation model and write them, with the run's settings, as the
+    JSON record beside the .pt."""
     print('\n==================== Final Results ====================\n')
     summary = {}
     for key, accs in accs_all_exps.items():
         print('Run %d experiments, train on %s, evaluate %d random %s, mean  = %.2f%%  std = %.2f%%'
               % (args.num_exp, args.model, len(accs), key, np.mean(accs) * 100, np.std(accs) * 100))
         summary[key] = dict(mean=float(np.mean(accs)), std=float(np.std(accs)), n=len(accs), accs=list(map(float, accs)))
-    settings = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None), list, tuple))}
-    atomic_write(result_path(args, 'json'), lambda tmp: open(tmp, 'w').write(
-        json.dumps(dict(results=summary, protocol=settings), indent=1)))
+    atomic_json(dict(status='finished', results=summary, protocol=settings(args), signature=signature(args)),
+                result_path(args, 'json'))
     return summary
 
 
@@ -1016,24 +1147,75 @@ def summarise(args, accs_all_exps):
 # Command line and the experiment loop
 # ----------------------------------------------------------------------------------------------------
 
+_UNSET = object()
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action):  # every default shown; a default set by a rule says so itself
+        if 'default:' in (action.help or ''):
+            return action.help
+        return super()._get_help_string(action)
+
+
 class ArgumentParser(argparse.ArgumentParser):
+    """argparse with one-line errors, every default in --help, `args.given` (the flags typed on the
+    command line) and `unused` flags refused with a reason, instead of silently ignored."""
+
+    def __init__(self, *a, unused=None, **k):
+        super().__init__(*a, formatter_class=_HelpFormatter, **k)
+        self.unused = unused or {}
+
     def error(self, message):  # one line on stderr and exit status 2, no usage dump
         self.exit(2, f'{self.prog}: error: {message}\n')
 
+    def parse_known_args(self, args=None, namespace=None):
+        namespace = namespace or argparse.Namespace(
+            **{a.dest: _UNSET for a in self._actions if a.default is not argparse.SUPPRESS})
+        namespace, extra = super().parse_known_args(args, namespace)
+        namespace.given = set()
+        for a in self._actions:
+            if getattr(namespace, a.dest, None) is _UNSET:
+                default = self._get_value(a, a.default) if isinstance(a.default, str) else a.default
+                setattr(namespace, a.dest, default)
+            elif a.default is not argparse.SUPPRESS:
+                namespace.given.add(a.dest)
+        for flag, reason in self.unused.items():
+            if flag in namespace.given:
+                self.error(f'--{flag} {reason}')
+        return namespace, extra
 
-def get_parser(description, methods=None, omit=(), **defaults):
+
+def refuse(args, flags, reason):
+    """Bad input: one of `flags` was given although, as `reason` says, it does not apply."""
+    for flag in flags:
+        if flag in args.given:
+            raise UsageError(f'--{flag} {reason}')
+
+
+STRATEGY_RULE = f'default: {FULL_STRATEGY}, without flip for {" and ".join(DIGITS)}'
+
+
+def get_parser(description, methods=None, omit=(), unused=None, rules=None, **defaults):
     """The flags shared by the condensation scripts (the papers' names); script defaults as keywords,
-    `methods`: the choices of --method; `omit`: flags a script does not offer (their defaults stay)."""
-    p = ArgumentParser(description=description)
+    `methods`: the choices of --method; `omit`: flags a script does not offer (their defaults stay);
+    `unused`: {flag: reason} for flags a script accepts from the papers' command lines but refuses;
+    `rules`: {flag: 'default: ...'} for defaults that follow a rule, shown in --help."""
+    p = ArgumentParser(description=description, unused=unused)
+    rules = rules or {}
 
     def add(flag, **kw):
         if flag[2:] in omit:
             p.set_defaults(**{flag[2:]: kw.get('default', False)})
         else:
+            if flag[2:] in rules:
+                kw['help'] += f' ({rules[flag[2:]]})'
+            if flag[2:] in p.unused:  # accepted from the papers' command lines, but refused with a reason
+                kw['help'] = argparse.SUPPRESS
             p.add_argument(flag, **kw)
 
     add('--method', type=str, default='DC', choices=methods, help='method name, used in output file names')
-    add('--dataset', type=str, default='CIFAR10', choices=[*DATASETS, 'ImageFolder'])
+    add('--dataset', type=str, default='CIFAR10', choices=[*DATASETS, 'ImageFolder'],
+        help='dataset (ImageFolder: your own images in --data_path/train|test/<class>/)')
     add('--model', type=str, default='ConvNet', choices=list(MODELS), metavar='MODEL',
         help='training model: ' + ', '.join(MODELS))
     add('--ipc', type=int, default=1, help='image(s) per class')
@@ -1050,21 +1232,25 @@ def get_parser(description, methods=None, omit=(), **defaults):
     add('--batch_train', type=int, default=256, help='batch size for training networks')
     add('--init', type=str, default='noise', choices=['noise', 'real'],
         help='initialise the synthetic images from noise or from random real images')
-    add('--dsa_strategy', type=str, default='None', help='_-separated DSA transformations, or None')
+    add('--dsa_strategy', type=str, default='None',
+        help='_-separated DSA transformations (color crop cutout flip scale rotate), or None')
     add('--data_path', type=str, default='data', help='dataset path')
     add('--save_path', type=str, default='result', help='path to save results')
     add('--dis_metric', type=str, default='ours', choices=['ours', 'mse', 'cos'], help='gradient distance')
-    add('--im_size', type=int, nargs='+', default=None, help='image size for --dataset ImageFolder')
+    add('--im_size', type=int, nargs='+', default=None,
+        help='image size for --dataset ImageFolder (default: 32x32)')
     add('--seed', type=int, default=0, help='the same seed gives the same synthetic sets')
     add('--device', type=str, default='auto', help='auto (CUDA when present), cpu, cuda or cuda:<i>')
     add('--amp', action='store_true',
-        help='bfloat16 autocast for the forward passes of real images that need no gradient (DM)')
+        help='bfloat16 autocast for the forward passes of real images that need no gradient')
     add('--compile', action='store_true',
         help='torch.compile those forward passes (compiling takes a few seconds to a minute, once)')
     add('--resume', type=str, default='none',
         help="'auto': continue from the newest valid checkpoint in --save_path (if any); or a checkpoint file")
     add('--checkpoint_every', type=int, default=None,
         help='save a checkpoint every N iterations (default: about every 10 minutes), and at each evaluation')
+    add('--overwrite', action='store_true',
+        help='replace the files of an earlier run of the same name in --save_path (other settings, or unfinished)')
     p.set_defaults(**{'epoch_eval_noaug': 300, **defaults})
     return p
 
@@ -1072,7 +1258,7 @@ def get_parser(description, methods=None, omit=(), **defaults):
 # whole-number flags (of any script) that must be at least 1, or at least 0
 POSITIVE = ['ipc', 'num_exp', 'num_eval', 'batch_real', 'batch_train', 'epoch_eval_train', 'checkpoint_every',
             'coreset_epochs', 'query', 'window', 'max_outer', 'max_inner', 'steps', 'seeds']
-NON_NEGATIVE = ['Iteration']
+NON_NEGATIVE = ['Iteration', 'seed']
 
 
 def setup(args):
@@ -1089,6 +1275,9 @@ def setup(args):
         if not getattr(args, k) > 0 or not math.isfinite(getattr(args, k)):
             raise UsageError(f'--{k} must be a positive number, got {getattr(args, k)}')
     if args.im_size is not None:
+        if args.dataset != 'ImageFolder':
+            h, w = DATASETS[args.dataset][1]
+            raise UsageError(f'--im_size is for --dataset ImageFolder; {args.dataset} images are {h}x{w}')
         if len(args.im_size) not in (1, 2) or min(args.im_size) < 8:
             raise UsageError('--im_size takes one or two sizes of at least 8 pixels')
         args.im_size = tuple(args.im_size) * (3 - len(args.im_size))
@@ -1108,33 +1297,18 @@ def setup(args):
         raise UsageError(f'cannot write to --save_path {args.save_path}: {e.strerror}') from None
     if args.resume not in ('none', 'auto') and not os.path.isfile(args.resume):
         raise UsageError(f'--resume {args.resume}: no such checkpoint file (use auto to pick the newest)')
+    if args.resume != 'none' and args.overwrite:
+        raise UsageError('--resume continues a run and --overwrite replaces it: give one of them')
     remove_stale_temporaries(args.save_path)
     return args
 
 
-def remove_stale_temporaries(folder):
-    """Remove half-written files that a killed run left behind (see atomic_write)."""
-    for name in os.listdir(folder):
-        stem, sep, pid = name.rpartition('.tmp')
-        if stem and sep and pid.isdigit() and not _alive(int(pid)):
-            with contextlib.suppress(OSError):
-                os.remove(os.path.join(folder, name))
-
-
-def _alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
-
-
 def load_real(args):
-    """Load the dataset onto the device; record its shape and constants in args; the real images by class."""
+    """Load the dataset onto the device; record its shape, constants and identity in args; the real
+    images by class."""
     (args.channel, args.im_size, args.num_classes, args.class_names, args.mean, args.std,
      dst_train, dst_test, testloader) = get_dataset(args.dataset, args.data_path, args.im_size, args.device)
+    args.data_id = dst_train.fingerprint
     real = ClassImages(dst_train, args.num_classes)
     fewest = min(map(len, real.indices_class))
     if args.init == 'real' and args.ipc > fewest:
@@ -1144,7 +1318,7 @@ def load_real(args):
 
 class SynSet:
     """The synthetic set: num_classes x ipc images (labels [0]*ipc + [1]*ipc + ...) and their optimiser.
-    Initialised by --init (noise or random real images), or with the given `images`."""
+    Initialised by --init (noise, or random real images of each class), or with the given `images`."""
 
     def __init__(self, real, args, images=None):
         C, ipc = args.num_classes, args.ipc
@@ -1168,6 +1342,15 @@ class SynSet:
         loss.backward()
         self.optimizer.step()
 
+    def state(self):
+        """A copy of the images and the optimiser's state (to return to with restore)."""
+        return self.images.detach().clone(), copy.deepcopy(self.optimizer.state_dict())
+
+    def restore(self, state):
+        with torch.no_grad():
+            self.images.copy_(state[0])
+        self.optimizer.load_state_dict(state[1])
+
 
 def eval_iterations(args, interval):
     """Iterations at which the synthetic set is evaluated: every `interval` in modes S/SS (and always the
@@ -1176,38 +1359,16 @@ def eval_iterations(args, interval):
     return sorted(its | {args.Iteration})
 
 
-def rng_state():
-    """Every random generator state (torch CPU and CUDA, numpy, random) as plain tensors and tuples."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    return dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                numpy=[kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss], random=random.getstate())
-
-
-def set_rng_state(state):
-    torch.set_rng_state(state['torch'])
-    if state['cuda'] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state['cuda'])
-    kind, keys, pos, has_gauss, gauss = state['numpy']
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state['random']))
-
-
-# settings that do not change the synthetic sets or their results, so a run may resume with other values
-RESUMABLE = {'device', 'data_path', 'save_path', 'resume', 'checkpoint_every', 'num_exp'}
-
-
 class Checkpoints:
-    """What a run needs to continue after a crash, a pre-emption or Ctrl-C, saved atomically as
-    `checkpoint_<run>_<progress>.pt` in the save path; the last two are kept."""
+    """What a run needs to continue after a crash, a pre-emption or a stop signal, saved atomically as
+    `checkpoint_<run>_<progress>.pt` in the save path; the newest two are kept."""
 
     MINUTES = 10  # default interval between checkpoints
 
     def __init__(self, args, signature):
         self.args, self.signature = args, signature
-        self.prefix = os.path.join(args.save_path, 'checkpoint_%s_%s_%s_%dipc_' % (
-            args.method, args.dataset, args.model, args.ipc))
-        self.last_path, self.last_time, self.last_it = None, time.monotonic(), 0
-        self.fresh = True  # checkpoints of an earlier run (not resumed) are replaced by this run's
+        self.prefix = os.path.join(args.save_path, f'checkpoint_{run_name(args)}_')
+        self.last_path, self.last_time, self.since = None, time.monotonic(), 0
 
     def paths(self):
         """This run's checkpoint files, newest first."""
@@ -1215,24 +1376,29 @@ class Checkpoints:
                  if p.startswith(self.prefix) and p.endswith('.pt') and p[len(self.prefix):-3].isdigit()]
         return sorted(found, key=lambda p: int(p[len(self.prefix):-3]), reverse=True)
 
-    def due(self, it):
+    def tick(self):
+        """One more iteration done since the last checkpoint."""
+        self.since += 1
+
+    def due(self):
         if self.args.checkpoint_every:
-            return it - self.last_it >= self.args.checkpoint_every
+            return self.since >= self.args.checkpoint_every
         return time.monotonic() - self.last_time >= 60 * self.MINUTES
 
     def save(self, exp, it, syn, accs, accs_all_exps, data_save, evaluated=True):
-        progress = exp * (self.args.Iteration + 1) + it
-        path = f'{self.prefix}{progress:010d}.pt'
-        old = self.paths()
+        """The state at the start of iteration `it` of experiment `exp` (evaluated or not yet)."""
+        path = f'{self.prefix}{exp * (self.args.Iteration + 1) + it:010d}.pt'
         atomic_save(dict(signature=self.signature, exp=exp, it=it, images=syn.images.detach().cpu(),
-                         optimizer=syn.optimizer.state_dict(), accs=accs, evaluated=evaluated, accs_all_exps=accs_all_exps,
-                         data=data_save, rng=rng_state()), path)
-        keep = 1 if not self.fresh else 0  # keep the newest earlier one of this run: two in all
-        for p in [p for p in old if p != path][keep:]:
+                         optimizer=syn.optimizer.state_dict(), accs=accs, evaluated=evaluated,
+                         accs_all_exps=accs_all_exps, data=data_save), path)
+        for p in [p for p in self.paths() if p != path][1:]:  # keep the one before it too
             with contextlib.suppress(OSError):
                 os.remove(p)
-        self.fresh = False
-        self.last_path, self.last_time, self.last_it = path, time.monotonic(), it
+        self.last_path, self.last_time, self.since = path, time.monotonic(), 0
+
+    def read(self, path):
+        return load_pt(path, {'signature': dict, 'exp': int, 'it': int, 'images': torch.Tensor, 'optimizer': dict,
+                              'accs_all_exps': dict, 'data': list})
 
     def load(self, which):
         """The newest valid checkpoint ('auto') or the given file; a corrupt or truncated one falls back to
@@ -1240,60 +1406,107 @@ class Checkpoints:
         paths = self.paths() if which == 'auto' else [which]
         for path in paths:
             try:
-                state = load_pt(path, {'signature': dict, 'exp': int, 'it': int, 'images': torch.Tensor,
-                                       'optimizer': dict, 'accs_all_exps': dict, 'data': list, 'rng': dict})
+                state = self.read(path)
             except UsageError as e:
                 if which != 'auto':
                     raise
                 tqdm.write(f'warning: skipping {path}: {e}')
                 continue
-            changed = sorted(k for k in set(state['signature']) | set(self.signature)
-                             if state['signature'].get(k) != self.signature.get(k))
+            changed = differences(state['signature'], self.signature)
             if changed:
-                raise UsageError(f'{path} was made with other settings ({", ".join("--" + k for k in changed)}); '
-                                 'rerun its command line, or start afresh without --resume')
+                raise UsageError(f'{path} was made with other settings ({changed}); '
+                                 'rerun its command line, or start afresh with --overwrite')
             if state['images'].shape[0] != self.args.num_classes * self.args.ipc:
                 raise UsageError(f'{path} holds {state["images"].shape[0]} images, not {self.args.num_classes * self.args.ipc}')
-            self.fresh, self.last_path, self.last_it = False, path, state['it']
+            self.last_path = path
             return state
         return None
 
 
-class _StopNow(Exception):
-    pass
-
-
-class StopSignals:
-    """SIGINT/SIGTERM ask the loop to stop at the next iteration boundary, with a checkpoint there; an
-    evaluation in progress (which the checkpoint does not need) stops at once; a second signal stops
-    everything at once."""
-
-    def __enter__(self):
-        self.signum, self.evaluating = None, False
-        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def handle(self, signum, frame):
-        if self.signum is not None:
-            raise KeyboardInterrupt
-        self.signum = signum
-        if self.evaluating:
-            raise _StopNow
-        tqdm.write(f'{signal.Signals(signum).name}: stopping after this step with a checkpoint (again to stop now)')
-
-    @contextlib.contextmanager
-    def evaluation(self):
-        """Run an evaluation that a stop signal may cut short: returns quietly, and stop.signum says so."""
-        self.evaluating = True
+@contextlib.contextmanager
+def exclusive(path, what):
+    """Hold an exclusive lock on `path` (a hidden lock file) while the block runs: a second run writing
+    the same files in the same folder stops at once. The system drops the lock if the process dies."""
+    try:
+        import fcntl
+    except ImportError:  # no advisory locks on this platform
+        yield
+        return
+    with open(path, 'a') as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise UsageError(f'another run is writing {what} right now; wait for it, or use another --save_path') from None
         try:
             yield
-        except _StopNow:
-            pass
         finally:
-            self.evaluating = False
+            fcntl.flock(f, fcntl.LOCK_UN)
 
-    def __exit__(self, *exc):
-        for s, h in self.previous.items():
+
+def _our_run_files(args, checkpoints):
+    """This run name's files in the save path: result, record, images, checkpoints."""
+    vis = re.compile(re.escape(f'vis_{run_name(args)}_exp') + r'\d+_iter\d+\.png')
+    return [p for p in (result_path(args), result_path(args, 'json')) if os.path.exists(p)] + checkpoints.paths() \
+        + [os.path.join(args.save_path, f) for f in os.listdir(args.save_path) if vis.fullmatch(f)]
+
+
+def claim(args, signature, checkpoints):
+    """Make sure this run may write its files (result, record, images, checkpoints) in --save_path: they
+    must not belong to a run with other settings, and a run of this command left unfinished is
+    continued (--resume) or replaced (--overwrite), never silently deleted. Records the run as running."""
+    record_path = result_path(args, 'json')
+    if args.overwrite:
+        for p in _our_run_files(args, checkpoints):
+            os.remove(p)
+    record = None
+    if os.path.exists(record_path):
+        try:
+            with open(record_path) as f:
+                record = json.load(f)
+            if not isinstance(record, dict) or not isinstance(record.get('signature'), dict):
+                raise ValueError
+        except (OSError, ValueError):
+            raise UsageError(f'{record_path} is not a record of this toolkit; use another --save_path, '
+                             'or --overwrite to replace it') from None
+        changed = differences(record['signature'], signature)
+        if changed:
+            raise UsageError(f'{result_path(args)} belongs to a run with other settings ({changed}); use another '
+                             '--save_path, or --overwrite to replace it')
+    elif os.path.exists(result_path(args)):
+        raise UsageError(f'{result_path(args)} was not written by a run with these settings (it has no record '
+                         'beside it); use another --save_path, or --overwrite to replace it')
+    ours = checkpoints.paths()
+    for path in ours[:1]:
+        with contextlib.suppress(UsageError):  # an unreadable newest checkpoint: --resume auto skips it
+            changed = differences(checkpoints.read(path)['signature'], signature)
+            if changed:
+                raise UsageError(f'{path} belongs to a run with other settings ({changed}); use another '
+                                 '--save_path, or --overwrite to replace it')
+    if args.resume == 'none' and ours:
+        if not record or record.get('status') != 'finished':
+            raise UsageError(f'an unfinished run of this command left checkpoints in {args.save_path}: continue it '
+                             'with --resume auto, or start afresh with --overwrite')
+        for p in ours:  # those of a finished run of this very command, which this one repeats
+            os.remove(p)
+    atomic_json(dict(record or {}, status='running', protocol=settings(args), signature=signature), record_path)
+
+
+def stop_signal(signum, frame):
+    raise Interrupted(f'stopped by {signal.Signals(signum).name}', signum)
+
+
+@contextlib.contextmanager
+def stop_signals():
+    """SIGINT and SIGTERM raise Interrupted at once, wherever the run is (a batch scheduler kills 30 s
+    after SIGTERM); whoever holds a consistent state catches it, saves, and passes it on."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, stop_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
             signal.signal(s, h)
 
 
@@ -1303,58 +1516,63 @@ def condense(args, train_iteration, eval_interval, init_images=None):
     For each experiment: a fresh synthetic set (from `init_images(real, args)` when given, else as
     --init says); then for it = 0 .. Iteration-1 the method's `train_iteration(it, syn, real, args)`
     (returns the loss as a float, or a dict of numbers for the progress bar with the loss under 'loss'),
-    with the synthetic set evaluated (and drawn) at the evaluation iterations. The final synthetic sets
-    and accuracies are saved after every experiment in the papers' format. Checkpoints (see
-    Checkpoints) let an interrupted run continue with --resume, giving the same synthetic sets as an
-    uninterrupted one.
+    with the synthetic set evaluated (and drawn) at the evaluation iterations. Each iteration starts from
+    random streams seeded by (--seed, experiment, iteration): torch's global generator, and one stream per
+    class (real.rng(c), used by real.get_images), so a class's draws do not depend on the others. The
+    final synthetic sets and accuracies are saved after every experiment in the papers' format.
+    Checkpoints (see Checkpoints) let an interrupted run continue with --resume, giving the same
+    synthetic sets as an uninterrupted one.
     """
-    signature = {k: v for k, v in vars(args).items() if k not in RESUMABLE and k != 'dsa_param'}
     real, testloader = load_real(args)
     model_pool = get_eval_pool(args.eval_mode, args.model, args.model)
     eval_its = eval_iterations(args, eval_interval)
-    print('Hyper-parameters:', {k: v for k, v in vars(args).items() if k not in ('class_names', 'dsa_param')})
+    print('Hyper-parameters:', {k: v for k, v in settings(args).items() if k != 'class_names'})
     print('Evaluation model pool:', model_pool, 'at iterations', eval_its)
-    checkpoints = Checkpoints(args, signature)
-    if args.resume == 'none' and checkpoints.paths():
-        print(f'note: the checkpoints of an earlier run in {args.save_path} will be replaced (--resume auto continues it)')
-    state = checkpoints.load(args.resume) if args.resume != 'none' else None
-    accs_all_exps = state['accs_all_exps'] if state else {m: [] for m in model_pool}
-    data_save = state['data'] if state else []
-    if state:
-        print(f'resuming from {checkpoints.last_path}: experiment {state["exp"]}, iteration {state["it"]}')
-    elif args.resume == 'auto':
-        print('no checkpoint to resume from: starting afresh')
-    with StopSignals() as stop:
+    checkpoints = Checkpoints(args, signature(args))
+    with stop_signals(), exclusive(os.path.join(args.save_path, f'.lock_{run_name(args)}'), result_path(args)):
+        claim(args, signature(args), checkpoints)
+        state = checkpoints.load(args.resume) if args.resume != 'none' else None
+        accs_all_exps = state['accs_all_exps'] if state else {m: [] for m in model_pool}
+        data_save = state['data'] if state else []
+        if state:
+            print(f'resuming from {checkpoints.last_path}: experiment {state["exp"]}, iteration {state["it"]}')
+        elif args.resume == 'auto':
+            print('no checkpoint to resume from: starting afresh')
         for exp in range(state['exp'] if state else 0, args.num_exp):
             resumed = state is not None and exp == state['exp']
             set_seed(args.seed, exp)
+            real.start(args.seed, exp, 'init')
             syn = SynSet(real, args, init_images(real, args) if init_images and not resumed else None)
             start, accs = 0, None
             if resumed:
-                with torch.no_grad():
-                    syn.images.copy_(state['images'])
-                syn.optimizer.load_state_dict(state['optimizer'])
-                set_rng_state(state['rng'])
+                syn.restore((state['images'], state['optimizer']))
                 start, accs = state['it'], state['accs']
             bar = tqdm(range(start, args.Iteration + 1), desc=f'exp {exp}', dynamic_ncols=True, initial=start,
                        total=args.Iteration + 1)
             for it in bar:
-                todo = it in eval_its and not (resumed and it == start and state.get('evaluated', True))
-                if todo and not stop.signum:
-                    with stop.evaluation():
+                evaluated = it not in eval_its or (resumed and it == start and state.get('evaluated', True))
+                before = None
+                try:
+                    if not evaluated:
                         accs = evaluate_models(syn.images, syn.labels, model_pool, args, testloader, (exp, it))
                         save_vis(syn.images, args, exp, it)
-                        todo = False
-                    if not todo:
+                        evaluated = True
                         checkpoints.save(exp, it, syn, accs, accs_all_exps, data_save)
-                if stop.signum or checkpoints.due(it):
-                    checkpoints.save(exp, it, syn, accs, accs_all_exps, data_save, evaluated=not todo)
-                if stop.signum:
-                    raise Interrupted(f'stopped by {signal.Signals(stop.signum).name} at iteration {it} of experiment '
-                                      f'{exp}; checkpoint {checkpoints.last_path}; continue with --resume auto', stop.signum)
-                if it == args.Iteration:
-                    break
-                stats = train_iteration(it, syn, real, args)
+                    elif checkpoints.due():
+                        checkpoints.save(exp, it, syn, accs, accs_all_exps, data_save)
+                    if it == args.Iteration:
+                        break
+                    before = syn.state()
+                    set_seed(args.seed, exp, it)
+                    real.start(args.seed, exp, it)
+                    stats = train_iteration(it, syn, real, args)
+                except Interrupted as stop:  # abandon this iteration: save the state it started from
+                    if before is not None:
+                        syn.restore(before)
+                    checkpoints.save(exp, it, syn, accs, accs_all_exps, data_save, evaluated=evaluated)
+                    raise Interrupted(f'{stop} at iteration {it} of experiment {exp}; checkpoint {checkpoints.last_path}; '
+                                      'continue with --resume auto', stop.code - 128) from None
+                checkpoints.tick()
                 stats = stats if isinstance(stats, dict) else {'loss': stats}
                 if not math.isfinite(stats['loss']) or not torch.isfinite(syn.images).all():
                     raise Diverged(f'the loss or the synthetic images became non-finite at iteration {it} of experiment '
@@ -1364,26 +1582,22 @@ def condense(args, train_iteration, eval_interval, init_images=None):
             for m in model_pool:
                 accs_all_exps[m] += accs[m]
             data_save.append([syn.images.detach().cpu(), syn.labels.cpu()])
-            atomic_save({'data': data_save, 'accs_all_exps': accs_all_exps}, result_path(args))
-    return summarise(args, accs_all_exps)
-
-
-SAVED = 'what was saved is kept (continue with --resume auto where the script takes it)'
+            atomic_save({'data': data_save, 'accs_all_exps': accs_all_exps, 'settings': settings(args)}, result_path(args))
+        return summarise(args, accs_all_exps)
 
 
 def run_script(main):
-    """Run a script's main(): a StopRun (bad input, divergence, a stop signal), Ctrl-C and SIGTERM end
-    with one line on stderr and their exit status, without a traceback. (The experiment loop handles
-    the signals itself, to save a checkpoint first.)"""
-    def terminate(signum, frame):
-        raise Interrupted(f'stopped by SIGTERM; {SAVED}', signum)
-
-    signal.signal(signal.SIGTERM, terminate)
+    """Run a script's main(): bad input, divergence and stop signals end with one line on stderr and their
+    exit status (2, 3, 128 + signal number), without a traceback; what was saved is kept."""
     try:
-        main()
+        with stop_signals():
+            main()
     except StopRun as e:
         print(f'error: {e}', file=sys.stderr)
         sys.exit(e.code)
+    except Interrupted as e:
+        print(f'error: {e}' + ('' if 'resume' in str(e) else '; what was saved is kept'), file=sys.stderr)
+        sys.exit(e.code)
     except KeyboardInterrupt:
-        print(f'error: interrupted; {SAVED}', file=sys.stderr)
+        print('error: interrupted; what was saved is kept', file=sys.stderr)
         sys.exit(130)

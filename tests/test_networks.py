@@ -26,10 +26,24 @@ def test_every_model_on_every_input_size(name):
 
 def test_28x28_inputs_give_the_feature_maps_of_32x32():
     # the papers' convention: padding the first convolution keeps 1x28x28 maps as large as 3x32x32 ones
-    for name in ('ConvNet', 'VGG11', 'ResNet18', 'AlexNet', 'LeNet', 'ResNet18BN_AP'):
+    for name in ('ConvNet', 'VGG11', 'AlexNet', 'LeNet'):
         a = get_network(name, 1, 10, (28, 28), 'cpu').embed(torch.randn(1, 1, 28, 28))
         b = get_network(name, 3, 10, (32, 32), 'cpu').embed(torch.randn(1, 3, 32, 32))
         assert a.shape == b.shape, name
+
+
+@pytest.mark.parametrize('name', ['ResNet18', 'ResNet18BN', 'ResNet18BN_AP'])
+def test_resnets_pad_their_first_convolution_by_1_for_every_input(name):
+    # as the papers' networks.py: no 28x28 special case, so ResNet18BN_AP keeps a 3x3 map on 28x28 input
+    for channel, size in [(1, 28), (3, 32)]:
+        net = get_network(name, channel, 10, (size, size), 'cpu')
+        assert net.features[0].padding == (1, 1)
+        net.eval()
+        emb = net.embed(torch.randn(2, channel, size, size))
+        side = size // 8 if name == 'ResNet18BN_AP' else 1
+        assert emb.shape == (2, 512 * side * side)
+    assert get_network('ResNet18BN_AP', 1, 10, (28, 28), 'cpu').classifier.in_features == 512 * 3 * 3
+    assert get_network('ResNet18BN_AP', 3, 10, (32, 32), 'cpu').classifier.in_features == 512 * 4 * 4
 
 
 def test_convnet_stages_are_block_outputs_and_final_map():

@@ -33,6 +33,11 @@ def train_iteration(it, syn, real, args):
     return loss.item() / args.num_classes
 
 
+def default_lr_img(dataset, ipc):
+    """The papers' learning rate for the images: 10 for large CIFAR-10 sets, else 1."""
+    return 10.0 if dataset == 'CIFAR10' and ipc >= 100 else 1.0
+
+
 def parser():
     return get_parser('DM: dataset condensation with distribution matching', methods=['DM'], method='DM', ipc=50,
                       num_exp=5, num_eval=20, eval_mode='SS', Iteration=20000, lr_img=None, init='real',
@@ -42,8 +47,8 @@ def parser():
 
 def main():
     args = setup(parser().parse_args())
-    if args.lr_img is None:  # the papers' choice: 10 for large CIFAR-10 sets
-        args.lr_img = 10.0 if args.dataset == 'CIFAR10' and args.ipc >= 100 else 1.0
+    if args.lr_img is None:
+        args.lr_img = default_lr_img(args.dataset, args.ipc)
     set_dsa(args, augments=True)
     condense(args, train_iteration, eval_interval=2000)
 

@@ -1425,8 +1425,9 @@ class Checkpoints:
 
 @contextlib.contextmanager
 def exclusive(path, what):
-    """Hold an exclusive lock on `path` (a hidden lock file) while the block runs: a second run writing
-    the same files in the same folder stops at once. The system drops the lock if the process dies."""
+    """Hold an exclusive lock on `path` (a hidden lock file, removed afterwards) while the block runs: a
+    second run writing the same files in the same folder stops at once. The system drops the lock if the
+    process dies."""
     try:
         import fcntl
     except ImportError:  # no advisory locks on this platform
@@ -1435,12 +1436,15 @@ def exclusive(path, what):
     with open(path, 'a') as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if os.fstat(f.fileno()).st_ino != os.stat(path).st_ino:  # removed by its holder meanwhile
+                raise BlockingIOError
         except OSError:
             raise UsageError(f'another run is writing {what} right now; wait for it, or use another --save_path') from None
         try:
             yield
         finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+            with contextlib.suppress(OSError):
+                os.remove(path)
 
 
 def _our_run_files(args, checkpoints):

@@ -1,0 +1,163 @@
+"""Every script's defaults, flag by flag, against the papers' code (seeds/) and SPEC.md; the rules that pick a
+default (DSA strategy, evaluation epochs, DM's learning rate); DM's loss and its BatchNorm path."""
+import argparse
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+
+import CL_DM
+import distill
+import main
+import main_DM
+import utils
+from helpers import ROOT
+from utils import ClassImages, ParamDiffAug, SynSet, TensorDataset, default_strategy, eval_args, set_dsa
+
+COMMON = dict(dataset='CIFAR10', model='ConvNet', lr_net=0.01, batch_train=256, data_path='data', seed=0)
+CONDENSE = dict(COMMON, batch_real=256, save_path='result', eval_mode='S', num_eval=20, dsa_strategy='None')
+PAPERS = {  # the papers' public code, flag by flag (epoch_eval_train: None = SPEC's rule 1000 / 300 / 600)
+    main: dict(CONDENSE, method='DC', ipc=1, num_exp=5, epoch_eval_train=None, Iteration=1000, lr_img=0.1,
+               init='noise', dis_metric='ours'),
+    main_DM: dict(CONDENSE, method='DM', ipc=50, eval_mode='SS', num_exp=5, epoch_eval_train=None, Iteration=20000,
+                  lr_img=None, init='real', dsa_strategy=None),  # lr_img 1 and the full strategy by rule, below
+    distill: dict(CONDENSE, method='DC', ipc=1, num_exp=1, epoch_eval_train=None, Iteration=2000, lr_img=0.1,
+                  init='noise', inner_weight=0.01, lambda_1=0.04, lambda_2=0.03, first_weight=None, second_weight=None,
+                  third_weight=None, fourth_weight=None, layer_weights=None),  # the weights' rule: below
+    CL_DM: dict(COMMON, method='random', dataset='CIFAR100', ipc=20, steps=5, num_eval=3, epoch_eval_train=1000),
+}
+
+
+@pytest.mark.parametrize('script', PAPERS, ids=lambda m: m.__name__)
+def test_every_default_is_the_papers(script):
+    args = script.parser().parse_args([])
+    for flag, value in PAPERS[script].items():
+        assert getattr(args, flag) == value, f'{script.__name__} --{flag}'
+    assert args.given == set()
+
+
+def test_rule_based_defaults():
+    args = main_DM.parser().parse_args([])
+    set_dsa(args, augments=True)
+    assert args.dsa and args.dsa_strategy == 'color_crop_cutout_flip_scale_rotate' and args.eval_mode == 'SS'
+    assert distill.default_layer_weights(4) == [0.1, 0.1, 1.0, 1.0]  # the public code's, for a depth-3 ConvNet
+    assert main_DM.parser().get_default('epoch_eval_noaug') == 300 and distill.parser().get_default('epoch_eval_noaug') == 600
+
+
+def test_dm_evaluates_the_training_model_itself_by_default():
+    args = main_DM.parser().parse_args(['--model', 'ConvNetBN'])
+    assert utils.get_eval_pool(args.eval_mode, args.model, args.model) == ['ConvNetBN']  # not its non-BN twin
+
+
+@pytest.mark.parametrize('dataset,expected', [('MNIST', 'color_crop_cutout_scale_rotate'),
+                                              ('SVHN', 'color_crop_cutout_scale_rotate'),
+                                              ('FashionMNIST', 'color_crop_cutout_flip_scale_rotate'),
+                                              ('CIFAR10', 'color_crop_cutout_flip_scale_rotate'),
+                                              ('CIFAR100', 'color_crop_cutout_flip_scale_rotate')])
+def test_a_script_that_picks_the_dsa_strategy_leaves_flip_out_for_digits(dataset, expected):
+    assert default_strategy(dataset) == expected
+    for parser, argv in [(main.parser, ['--method', 'DSA']), (main_DM.parser, []), (CL_DM.parser, ['--method', 'DM']),
+                         (distill.parser, ['--method', 'DSA'])]:
+        args = parser().parse_args(['--dataset', dataset, *argv])
+        set_dsa(args, augments=True)
+        assert args.dsa and args.dsa_strategy == expected, parser.__module__
+        # an explicit strategy always wins, flip included
+        args = parser().parse_args(['--dataset', dataset, *argv, '--dsa_strategy', 'flip_crop'])
+        set_dsa(args, augments=True)
+        assert args.dsa_strategy == 'flip_crop'
+    args = main.parser().parse_args(['--dataset', dataset])  # DC: no augmentation
+    set_dsa(args, augments=False)
+    assert not args.dsa
+    args = main.parser().parse_args(['--dataset', dataset, '--method', 'herding', '--dsa_strategy', 'crop_flip'])
+    set_dsa(args, augments=False)  # a coreset evaluated with the DSA augmentation it names
+    assert args.dsa and args.dsa_strategy == 'crop_flip'
+
+
+def test_dm_without_augmentation_when_asked():
+    args = main_DM.parser().parse_args(['--dsa_strategy', 'none'])
+    set_dsa(args, augments=True)
+    assert not args.dsa
+
+
+def eval_namespace(**kw):
+    a = dict(dsa=False, dataset='CIFAR10', model='ConvNet', ipc=10, epoch_eval_train=None, epoch_eval_noaug=300)
+    a.update(kw)
+    return argparse.Namespace(**a)
+
+
+def test_evaluation_epochs_follow_the_rule():
+    assert eval_args(eval_namespace(dsa=True), 'ConvNet').epoch_eval_train == 1000  # DSA augmentation
+    assert eval_args(eval_namespace(), 'ConvNet').epoch_eval_train == 300  # DC, no augmentation
+    assert eval_args(eval_namespace(dataset='MNIST'), 'ConvNet').epoch_eval_train == 1000  # DC's classic augmentation
+    assert eval_args(eval_namespace(), 'ConvNetBN').epoch_eval_train == 1000  # crop/noise for ConvNetBN
+    assert eval_args(eval_namespace(epoch_eval_noaug=600), 'ConvNet').epoch_eval_train == 600  # CAFE
+    assert eval_args(eval_namespace(epoch_eval_noaug=600, dsa=True), 'ConvNet').epoch_eval_train == 1000  # CAFE+DSA
+    assert eval_args(eval_namespace(epoch_eval_train=7, dsa=True), 'ConvNet').epoch_eval_train == 7  # explicit wins
+
+
+def test_dm_learning_rate_rule():
+    assert main_DM.default_lr_img('CIFAR10', 10) == 1.0 and main_DM.default_lr_img('CIFAR10', 100) == 10.0
+    assert main_DM.default_lr_img('CIFAR100', 100) == 1.0 and main_DM.default_lr_img('FashionMNIST', 50) == 1.0
+
+
+@pytest.mark.parametrize('script', ['main.py', 'main_DM.py', 'distill.py', 'CL_DM.py'])
+def test_help_shows_every_default(script):
+    out = subprocess.run([sys.executable, script, '--help'], capture_output=True, text=True, cwd=ROOT).stdout
+    parser = __import__(script[:-3]).parser()
+    text = ' '.join(out.split())
+    for action in parser._actions:
+        if action.help == argparse.SUPPRESS or action.dest == 'help':
+            continue
+        assert action.option_strings[0] in out
+        help_text = ' '.join(parser._get_formatter()._expand_help(action).split())
+        assert 'default:' in help_text and help_text in text, (script, action.dest)
+
+
+# ---- DM's loss, and its BatchNorm path ----
+
+class Stub(nn.Module):
+    """A 'network' whose embedding is the flattened image; with a BatchNorm layer it counts as a BN model."""
+
+    def __init__(self, bn):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(1) if bn else nn.Identity()
+        self.seen = []
+
+    def embed(self, x):
+        self.seen.append(x.shape[0])
+        return x.flatten(1)
+
+
+def class_valued(counts, size=2):
+    """Real images of class c are all equal to c (counts: images per class)."""
+    labels = torch.cat([torch.full((n,), c) for c, n in enumerate(counts)])
+    return ClassImages(TensorDataset(labels.float().view(-1, 1, 1, 1).expand(-1, 1, size, size).clone(), labels), len(counts))
+
+
+def dm_args(**kw):
+    a = dict(model='ConvNet', channel=1, num_classes=3, im_size=(2, 2), device='cpu', ipc=2, batch_real=5, lr_img=1.0,
+             init='noise', dsa=False, dsa_strategy='none', dsa_param=ParamDiffAug(), amp=False, compile=False)
+    a.update(kw)
+    return argparse.Namespace(**a)
+
+
+@pytest.mark.parametrize('bn', [False, True])
+def test_dm_loss_is_the_squared_distance_of_class_mean_embeddings(monkeypatch, bn):
+    real = class_valued([7, 3, 9])  # class 1 has fewer than --batch_real (5) images
+    args = dm_args()
+    stub = Stub(bn)
+    monkeypatch.setattr(main_DM, 'get_network', lambda *a, **k: stub)
+    syn = SynSet(real, args, images=torch.zeros(6, 1, 2, 2))
+    with torch.no_grad():
+        syn.images[2:4] = 0.5  # class 1's synthetic images
+    loss = main_DM.train_iteration(0, syn, real, args)
+    # per class: 4 pixels x (c - synthetic mean)^2, summed, then divided by the number of classes
+    assert loss == pytest.approx(4 * ((0 - 0) ** 2 + (1 - 0.5) ** 2 + (2 - 0) ** 2) / 3)
+    if bn:  # all classes as one batch, equally many of each: min(batch_real, smallest class) = 3
+        assert stub.seen[0] == 3 * 3
+    else:
+        assert stub.seen[:3] == [5, 3, 5]
+    # the gradient step moved every synthetic image towards its class's real mean
+    assert (syn.images[4:] > 0).all() and (syn.images[2:4] > 0.5).all()

@@ -1,0 +1,213 @@
+"""One results folder, many runs: no run overwrites or deletes another's files; checkpoints in every
+experiment and never onto other data; stop signals honoured within seconds and never mistaken for a
+corrupt file; only our own temporaries are cleaned; renames are made durable."""
+import glob
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+
+import utils
+from helpers import ROOT, run, write_mnist
+from utils import Interrupted, UsageError, load_pt, load_result
+
+DM = ['--dataset', 'MNIST', '--ipc', 1, '--num_exp', 1, '--num_eval', 1, '--epoch_eval_train', 1, '--batch_real', 4,
+      '--eval_mode', 'SS', '--Iteration', 2]
+RES = 'res_DM_MNIST_ConvNet_1ipc.pt'
+
+
+@pytest.fixture
+def data(tmp_path):
+    write_mnist(tmp_path / 'data', n_train=60, n_test=20)
+    return tmp_path / 'data'
+
+
+def files(folder):
+    """{name: bytes} of every file in folder (but the lock file and temporaries that a killed run left)."""
+    return {f: open(os.path.join(folder, f), 'rb').read() for f in sorted(os.listdir(folder))
+            if os.path.isfile(os.path.join(folder, f)) and not f.startswith('.lock_') and '.tmp' not in f}
+
+
+def one_line(p, *parts):
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and 'Traceback' not in p.stderr, p.stderr
+    for part in parts:
+        assert part in p.stderr, p.stderr
+
+
+@pytest.mark.parametrize('other', [['--seed', 1], ['--lr_img', 0.5], ['--Iteration', 3], ['--num_eval', 2]])
+def test_a_run_with_other_settings_never_touches_the_files_of_another(data, tmp_path, other):
+    res = tmp_path / 'res'
+    assert run('main_DM.py', *DM, '--data_path', data, '--save_path', res).returncode == 0
+    before = files(res)
+    args = [*DM, *other]  # (a later value of a flag wins)
+    p = run('main_DM.py', *args, '--data_path', data, '--save_path', res)
+    one_line(p, 'belongs to a run with other settings', f'--{other[0][2:]}', '--save_path', '--overwrite')
+    assert files(res) == before
+    p = run('main_DM.py', *args, '--data_path', data, '--save_path', res, '--overwrite')
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert load_result(res / RES)['settings'][other[0][2:]] == other[1]
+
+
+def test_a_result_file_without_a_record_is_not_ours_to_replace(data, tmp_path):
+    res = tmp_path / 'res'
+    res.mkdir()
+    torch.save({'data': [], 'accs_all_exps': {}}, res / RES)  # e.g. the papers' released file
+    before = files(res)
+    one_line(run('main_DM.py', *DM, '--data_path', data, '--save_path', res), 'has no record', '--overwrite')
+    assert files(res) == before
+
+
+def test_checkpoints_are_never_resumed_onto_other_data(tmp_path):
+    write_mnist(tmp_path / 'a', n_train=60, n_test=20, seed=0)
+    write_mnist(tmp_path / 'b', n_train=60, n_test=20, seed=1)
+    res = tmp_path / 'res'
+    assert run('main_DM.py', *DM, '--checkpoint_every', 1, '--data_path', tmp_path / 'a', '--save_path', res).returncode == 0
+    for p in [run('main_DM.py', *DM, '--data_path', tmp_path / 'b', '--save_path', res, '--resume', 'auto'),
+              run('main_DM.py', *DM, '--data_path', tmp_path / 'b', '--save_path', res)]:
+        one_line(p, 'other data')
+
+
+def test_a_rerun_without_resume_never_deletes_an_unfinished_run(data, tmp_path, monkeypatch):
+    res = tmp_path / 'res'
+    args = [*DM, '--Iteration', 200, '--checkpoint_every', 1, '--data_path', data, '--save_path', res]
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, 'main_DM.py'), *map(str, args)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+    while proc.poll() is None and len(glob.glob(str(res / 'checkpoint_*.pt'))) < 2:
+        time.sleep(0.05)
+    one_line(run('main_DM.py', *args), 'another run is writing')  # while it runs: its lock
+    proc.kill()
+    proc.wait()
+    before = files(res)
+    one_line(run('main_DM.py', *args), 'unfinished run', '--resume auto', '--overwrite')
+    assert files(res) == before
+    p = run('main_DM.py', *args, '--Iteration', 200, '--resume', 'auto')
+    assert p.returncode == 0 and 'resuming from' in p.stdout, p.stderr[-2000:]
+    p = run('main_DM.py', *args)  # the same command again after it finished: a fresh run that replaces it
+    assert p.returncode == 0 and load_result(res / RES)['settings']['Iteration'] == 200, p.stderr[-2000:]
+
+
+def test_periodic_checkpoints_in_every_experiment(data, tmp_path, monkeypatch):
+    monkeypatch.setattr(utils, 'evaluate_models', lambda images, labels, pool, *a, **k: {m: [0.5] for m in pool})
+    saved = []
+    save = utils.Checkpoints.save
+    monkeypatch.setattr(utils.Checkpoints, 'save', lambda self, exp, it, *a, **k: saved.append((exp, it)) or save(self, exp, it, *a, **k))
+    parser = utils.get_parser('test', method='DM', init='real', lr_img=1.0)
+    args = utils.setup(parser.parse_args(['--dataset', 'MNIST', '--data_path', str(data), '--save_path', str(tmp_path / 'r'),
+                                          '--ipc', '1', '--Iteration', '7', '--num_exp', '3', '--eval_mode', 'M',
+                                          '--checkpoint_every', '3', '--dsa_strategy', 'none']))
+    args.dsa = False
+    utils.condense(args, lambda it, syn, real, a: 0.0, eval_interval=2000)
+    # every 3 iterations (3 done since the last checkpoint), and after each (final) evaluation
+    assert saved == [(0, 3), (0, 6), (0, 7), (1, 3), (1, 6), (1, 7), (2, 3), (2, 6), (2, 7)]
+
+
+def test_a_stop_signal_is_not_mistaken_for_a_corrupt_checkpoint(data, tmp_path, monkeypatch):
+    res = tmp_path / 'res'
+    assert run('main_DM.py', *DM, '--checkpoint_every', 1, '--data_path', data, '--save_path', res).returncode == 0
+    parser = utils.get_parser('test', method='DM')
+    args = utils.setup(parser.parse_args(['--dataset', 'MNIST', '--save_path', str(res), '--ipc', '1']))
+    args.num_classes = 10
+
+    def signal_arrives(*a, **k):
+        raise Interrupted('stopped by SIGTERM', signal.SIGTERM)
+
+    monkeypatch.setattr(torch, 'load', signal_arrives)
+    with pytest.raises(Interrupted):  # not "warning: skipping ... corrupt"
+        utils.Checkpoints(args, {}).load('auto')
+    with pytest.raises(Interrupted):
+        load_pt(res / RES)
+
+
+def test_sigterm_mid_iteration_stops_within_seconds_and_resume_reproduces_the_run(data, tmp_path):
+    """A DC iteration at ipc 10 (10 outer steps, 9 x 50 inner epochs) takes long; SIGTERM abandons it."""
+    args = ['--method', 'DC', '--dataset', 'MNIST', '--ipc', 6, '--num_exp', 1, '--num_eval', 1, '--epoch_eval_train', 1,
+            '--batch_real', 4, '--eval_mode', 'SS', '--Iteration', 2, '--checkpoint_every', 1, '--data_path', data]
+    p = run('main.py', *args, '--save_path', tmp_path / 'whole')
+    assert p.returncode == 0, p.stderr[-2000:]
+    whole = load_result(tmp_path / 'whole' / 'res_DC_MNIST_ConvNet_6ipc.pt')['data']
+
+    cut = tmp_path / 'cut'
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, 'main.py'), *map(str, args), '--save_path', str(cut)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    while proc.poll() is None and not glob.glob(str(cut / 'checkpoint_*1.pt')):  # iteration 1 has begun
+        time.sleep(0.05)
+    time.sleep(1)
+    proc.send_signal(signal.SIGTERM)
+    t = time.time()
+    out, err = proc.communicate(timeout=120)
+    assert time.time() - t < 10, 'not honoured within seconds'
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert 'stopped by SIGTERM at iteration 1 of experiment 0' in err.strip().splitlines()[-1]
+    assert load_pt(sorted(glob.glob(str(cut / 'checkpoint_*.pt')))[-1])['it'] == 1  # the state before iteration 1
+    p = run('main.py', *args, '--save_path', cut, '--resume', 'auto')
+    assert p.returncode == 0, p.stderr[-2000:]
+    resumed = load_result(cut / 'res_DC_MNIST_ConvNet_6ipc.pt')['data']
+    assert len(resumed) == len(whole) and all(torch.equal(a[0], b[0]) for a, b in zip(resumed, whole))
+
+
+def test_only_our_own_temporaries_are_cleaned(tmp_path):
+    dead = 2 ** 22 + 12345  # beyond the pid range: no such process
+    ours = ['res_DM_MNIST_ConvNet_1ipc.pt', 'vis_DM_MNIST_ConvNet_1ipc_exp0_iter0.png', 'checkpoint_DM_x_0000000003.pt',
+            'cl_DM_CIFAR100_ConvNet_20ipc_5steps_seed0.pt', 'cl_DM_MNIST_ConvNet_2ipc_2steps.json', 'res_x_eval.json',
+            '.cache_32x32_3ch_abcdef.pt']
+    theirs = ['notes.tmp1', f'data.csv.tmp{dead}', f'my_res_file.txt.tmp{dead}', f'res_DM.pt.tmp{os.getpid()}',
+              f'experiment.pt.tmp{dead}', f'res_DM_x.pt.tmpx{dead}']
+    for name in [f'{n}.tmp{dead}' for n in ours] + theirs + ours:
+        (tmp_path / name).write_text('x')
+    utils.remove_stale_temporaries(tmp_path)
+    assert sorted(os.listdir(tmp_path)) == sorted(theirs + ours)
+
+
+def test_a_completed_write_syncs_its_folder(tmp_path, monkeypatch):
+    synced = []
+    fsync = os.fsync
+    monkeypatch.setattr(os, 'fsync', lambda fd: synced.append(os.path.realpath(f'/proc/self/fd/{fd}')) or fsync(fd))
+    utils.atomic_save({'v': 1}, tmp_path / 'res_a.pt')
+    assert synced[-1] == str(tmp_path.resolve())  # after the rename: the folder
+    assert synced[0].startswith(str(tmp_path.resolve() / 'res_a.pt.tmp'))  # before it: the file
+
+
+def test_a_signal_during_a_write_leaves_the_previous_file(tmp_path, monkeypatch):
+    utils.atomic_save({'v': 1}, tmp_path / 'res_a.pt')
+
+    def interrupted(obj, f, *a, **k):
+        open(f, 'wb').write(b'half')
+        raise Interrupted('stopped by SIGTERM', signal.SIGTERM)
+
+    monkeypatch.setattr(torch, 'save', interrupted)
+    with pytest.raises(Interrupted):
+        utils.atomic_save({'v': 2}, tmp_path / 'res_a.pt')
+    monkeypatch.undo()
+    assert load_pt(tmp_path / 'res_a.pt') == {'v': 1} and os.listdir(tmp_path) == ['res_a.pt']
+
+
+def test_sigint_in_process_is_caught_by_the_loop(data, tmp_path):
+    """condense installs its own handlers: a stop signal mid-iteration leaves the pre-iteration state."""
+    parser = utils.get_parser('test', method='DM', init='real', lr_img=1.0)
+    args = utils.setup(parser.parse_args(['--dataset', 'MNIST', '--data_path', str(data), '--save_path', str(tmp_path / 'r'),
+                                          '--ipc', '1', '--Iteration', '5', '--num_exp', '1', '--eval_mode', 'M',
+                                          '--checkpoint_every', '1', '--dsa_strategy', 'none', '--num_eval', '1',
+                                          '--epoch_eval_train', '1']))
+    args.dsa = False
+    seen = []
+
+    def iteration(it, syn, real, a):
+        with torch.no_grad():
+            syn.images.add_(1.0)  # a partial update...
+        seen.append(syn.images.detach().clone())
+        if it == 2:
+            threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT)).start()
+            time.sleep(30)  # ...then a long step, cut short
+        return 0.0
+
+    t = time.time()
+    with pytest.raises(Interrupted, match='SIGINT at iteration 2 of experiment 0'):
+        utils.condense(args, iteration, eval_interval=2000)
+    assert time.time() - t < 20
+    state = load_pt(sorted(glob.glob(str(tmp_path / 'r' / 'checkpoint_*.pt')))[-1])
+    assert state['it'] == 2 and torch.equal(state['images'], seen[1])  # not seen[2]: iteration 2 was abandoned

@@ -1,5 +1,6 @@
 import gzip
 import os
+import pickle
 import subprocess
 import sys
 
@@ -38,3 +39,23 @@ def write_mnist(root, name='MNIST', n_train=30, n_test=10, gz=(True, False, True
         else:
             (raw / fname).write_bytes(data)
     return arrays
+
+
+CIFAR_FILES = {'CIFAR10': ('cifar-10-batches-py', [f'data_batch_{i}' for i in range(1, 6)] + ['test_batch'], 'labels',
+                           'batches.meta', 'label_names'),
+               'CIFAR100': ('cifar-100-python', ['train', 'test'], 'fine_labels', 'meta', 'fine_label_names')}
+
+
+def write_cifar(root, name='CIFAR10', n=4, seed=0, protocol=pickle.DEFAULT_PROTOCOL):
+    """A tiny dataset in CIFAR's python layout (root/cifar-10-batches-py/ or root/cifar-100-python/), n images
+    per file, labels counting up from the file's index; returns the folder."""
+    rng = np.random.default_rng(seed)
+    folder, files, key, meta, names = CIFAR_FILES[name]
+    num_classes = 10 if name == 'CIFAR10' else 100
+    d = root / folder
+    d.mkdir(parents=True)
+    for i, f in enumerate(files):
+        batch = {'data': rng.integers(0, 256, (n, 3072), dtype=np.uint8), key: [(i + k) % num_classes for k in range(n)]}
+        (d / f).write_bytes(pickle.dumps(batch, protocol))
+    (d / meta).write_bytes(pickle.dumps({names: [f'c{k}' for k in range(num_classes)]}, protocol))
+    return d

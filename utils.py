@@ -478,12 +478,19 @@ class ClassImages:
 def pick_device(device='auto'):
     if device in (None, 'auto'):
         return 'cuda' if torch.cuda.is_available() else 'cpu'
-    if device.startswith('cuda') and not torch.cuda.is_available():
-        raise UsageError(f'--device {device}: no CUDA device is available')
     try:
-        return str(torch.device(device))
+        dev = torch.device(device)
     except RuntimeError:
-        raise UsageError(f'unknown device {device!r}; use auto, cpu, cuda or cuda:<index>') from None
+        dev = None
+    if dev is None or dev.type not in ('cpu', 'cuda'):
+        raise UsageError(f'unknown device {device!r}; use auto, cpu, cuda or cuda:<index>')
+    if dev.type == 'cuda':
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise UsageError(f'--device {device}: no CUDA device is available')
+        if (dev.index or 0) >= count:
+            raise UsageError(f'--device {device}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}')
+    return str(dev)
 
 
 def get_network(model, channel, num_classes, im_size=(32, 32), device=None):

@@ -6,8 +6,10 @@ import runpy
 import sys
 
 import pytest
+import torch
 
 from helpers import ROOT, run, write_cifar, write_mnist
+from utils import UsageError, pick_device
 
 BAD = [  # (script, arguments, a part of the expected message)
     ('main_DM.py', ['--dataset', 'CIFAR11'], 'invalid choice'),
@@ -133,3 +135,19 @@ def test_bad_data_in_a_real_process(tmp_path, dataset, make, message):
     assert re.search(message, lines[0]), lines[0]
     assert not (tmp_path / 'pwned').exists()
 
+
+def test_a_cuda_device_beyond_the_machine_is_a_usage_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 2)
+    assert [pick_device(d) for d in ('cuda', 'cuda:0', 'cuda:1', 'cpu')] == ['cuda', 'cuda:0', 'cuda:1', 'cpu']
+    for device in ('cuda:2', 'cuda:7'):
+        with pytest.raises(UsageError, match=f'--device {device}: this machine has 2 CUDA device\\(s\\), cuda:0 to cuda:1'):
+            pick_device(device)
+    for device in ('mps', 'meta', 'cuda:x', 'gpu'):
+        with pytest.raises(UsageError, match='unknown device'):
+            pick_device(device)
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 0)
+    for device in ('cuda', 'cuda:0', 'cuda:7'):
+        with pytest.raises(UsageError, match='no CUDA device is available'):
+            pick_device(device)

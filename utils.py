@@ -25,6 +25,7 @@ import sys
 import threading
 import time
 import zipfile
+import zlib
 import functools
 from functools import partial
 
@@ -123,15 +124,29 @@ def tensor_loader(images, labels, batch_size, shuffle=False):
     return DataLoader(dataset, batch_size=None, sampler=BatchSampler(sampler, batch_size, drop_last=False))
 
 
+# What readers of damaged files (gzip, pickle, torch.load, scipy.io.loadmat, PIL) raise; named one by one, so that
+# a stop signal is never taken for a bad file
+DAMAGED = (OSError, EOFError, ValueError, TypeError, LookupError, AttributeError, ArithmeticError, MemoryError,
+           struct.error, zlib.error, pickle.UnpicklingError)
+
+
+def _why(e):
+    """An exception's type and the first line of its message."""
+    return ': '.join([type(e).__name__, *str(e).strip().splitlines()[:1]])
+
+
 def _read_idx(path):
     """An IDX file of the MNIST family (optionally gzipped) as a numpy array."""
-    with (gzip.open if path.endswith('.gz') else open)(path, 'rb') as f:
-        data = bytearray(f.read())  # writable, so torch can share it
+    try:
+        with (gzip.open if path.endswith('.gz') else open)(path, 'rb') as f:
+            data = bytearray(f.read())  # writable, so torch can share it
+    except DAMAGED as e:  # unreadable, or a truncated or corrupt .gz
+        raise UsageError(f'cannot read {path}: {_why(e)}') from None
     if len(data) < 4 or data[:3] != b'\x00\x00\x08':
         raise UsageError(f'{path} is not an IDX file of unsigned bytes')
     ndim = data[3]
-    shape = tuple(np.frombuffer(data, '>i4', ndim, 4))
-    if len(data) != 4 + 4 * ndim + math.prod(shape):
+    shape = [int.from_bytes(data[4 + 4 * i:8 + 4 * i], 'big') for i in range(ndim)]
+    if len(data) != 4 + 4 * ndim + math.prod(shape):  # also when the header itself is cut short
         raise UsageError(f'{path} is truncated or corrupt')
     return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
@@ -157,26 +172,103 @@ def _load_mnist_like(name, data_path):
     return None
 
 
+class _PickledDtype:
+    """Stands in for numpy.dtype while unpickling: dtype(spec, align, copy), then __setstate__(state).
+    Plain dtypes only; numpy's own __setstate__ crashes the interpreter on some corrupt states."""
+
+    def __init__(self, spec, align=False, copy=False):
+        if not (isinstance(spec, str) and spec.isalnum()) or np.dtype(spec).hasobject:  # 'u1', 'f8', ...: no structures
+            raise pickle.UnpicklingError('it holds an array of an unsupported type')
+        self.dtype = np.dtype(spec)
+
+    def __setstate__(self, state):  # (version, byte order, subarray, names, fields, ...)
+        if not (isinstance(state, tuple) and len(state) >= 5 and state[1] in ('<', '>', '|', '=')
+                and state[2:5] == (None, None, None)):
+            raise pickle.UnpicklingError('it holds an array of an unsupported type')
+        self.dtype = self.dtype.newbyteorder(state[1])
+
+
+def _frombuffer(data, dtype, shape, order='C'):
+    """An array from its raw bytes (a str when pickled by Python 2), checked by numpy against dtype and shape."""
+    if not isinstance(dtype, _PickledDtype):
+        raise pickle.UnpicklingError('it holds a malformed array')
+    data = data.encode('latin1') if isinstance(data, str) else memoryview(data)
+    return np.frombuffer(bytearray(data), dtype.dtype).reshape(shape, order=order)
+
+
+class _PickledArray:
+    """Stands in for numpy's _reconstruct(ndarray, ...) then __setstate__(state) while unpickling;
+    np.asarray() gives the array."""
+
+    def __init__(self, *args):
+        self.array = None
+
+    def __setstate__(self, state):  # ([version,] shape, dtype, is_fortran, data)
+        shape, dtype, fortran, data = state[-4:]
+        self.array = _frombuffer(data, dtype, shape, 'F' if fortran else 'C')
+
+    def __array__(self, dtype=None, copy=None):
+        return np.asarray(self.array, dtype)
+
+
+def _pickle_globals():
+    """What a pickle of plain data and numpy arrays (pickled by numpy 1 or 2, Python 2 or 3) may name."""
+    names = {('numpy', 'ndarray'): _PickledArray, ('numpy', 'dtype'): _PickledDtype, ('_codecs', 'encode'): str.encode}
+    for core in ('numpy.core', 'numpy._core'):
+        names.update({(f'{core}.multiarray', '_reconstruct'): _PickledArray, (f'{core}.numeric', '_frombuffer'): _frombuffer,
+                      (f'{core}.multiarray', 'scalar'): lambda dtype, data: _frombuffer(data, dtype, ())[()]})
+    names.update({(m, t.__name__): t for m in ('builtins', '__builtin__') for t in (set, frozenset, complex)})
+    return names
+
+
+class _DataUnpickler(pickle._Unpickler):
+    """Unpickles plain data and numpy arrays, and refuses anything else: a data file cannot run code. (The
+    pure-Python unpickler: the C one allocates whatever memory a corrupt length or memo index asks for.)"""
+    GLOBALS = _pickle_globals()
+
+    def find_class(self, module, name):
+        if (module, name) not in self.GLOBALS:
+            raise pickle.UnpicklingError(f'refusing {module}.{name} in a data file')
+        return self.GLOBALS[module, name]
+
+
 def _unpickle(path):
-    with open(path, 'rb') as f:
-        return pickle.load(f, encoding='latin1')
+    try:
+        with open(path, 'rb') as f:
+            return _DataUnpickler(f, encoding='latin1').load()
+    except DAMAGED as e:
+        raise UsageError(f'cannot read {path}: {_why(e)}') from None
+
+
+def _cifar_split(path, key):
+    """Images [N,3,32,32] and labels [N] of one of CIFAR's python files."""
+    d = _unpickle(path)
+    try:
+        x, y = np.asarray(d['data']), np.asarray(d[key])
+    except (TypeError, LookupError, ValueError):  # not a dict, a key missing, ragged lists
+        x = y = None
+    if x is None or x.dtype != np.uint8 or x.shape[1:] != (3072,) or y.shape != x.shape[:1] or y.dtype.kind not in 'iu':
+        raise UsageError(f"{path} must hold a dict with 'data' (uint8, N x 3072) and {key!r} (N integer labels)")
+    return x.reshape(-1, 3, 32, 32), y.astype(np.int64)
 
 
 def _load_cifar(name, data_path):
-    folder, train, test, key = {
-        'CIFAR10': ('cifar-10-batches-py', [f'data_batch_{i}' for i in range(1, 6)], 'test_batch', 'labels'),
-        'CIFAR100': ('cifar-100-python', ['train'], 'test', 'fine_labels')}[name]
+    folder, train, test, key, names = {
+        'CIFAR10': ('cifar-10-batches-py', [f'data_batch_{i}' for i in range(1, 6)], 'test_batch', 'labels', 'label_names'),
+        'CIFAR100': ('cifar-100-python', ['train'], 'test', 'fine_labels', 'fine_label_names')}[name]
     root = os.path.join(data_path, folder)
     meta = os.path.join(root, 'batches.meta' if name == 'CIFAR10' else 'meta')
     found = [os.path.isfile(os.path.join(root, f)) for f in train + [test]]
     _partial(root, train + [test], found)
     if not all(found):
         return None
-    batches = [_unpickle(os.path.join(root, f)) for f in train + [test]]
-    xs = [np.asarray(b['data'], np.uint8).reshape(-1, 3, 32, 32) for b in batches]
-    ys = [np.asarray(b[key], np.int64) for b in batches]
-    classes = _unpickle(meta)['label_names' if name == 'CIFAR10' else 'fine_label_names'] \
-        if os.path.isfile(meta) else [str(c) for c in range(DATASETS[name][2])]
+    xs, ys = zip(*[_cifar_split(os.path.join(root, f), key) for f in train + [test]])
+    classes = [str(c) for c in range(DATASETS[name][2])]
+    if os.path.isfile(meta):
+        d = _unpickle(meta)
+        classes = d.get(names) if isinstance(d, dict) else None
+        if not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
+            raise UsageError(f'{meta} must hold a dict with {names!r}, a list of class names')
     return np.concatenate(xs[:-1]), np.concatenate(ys[:-1]), xs[-1], ys[-1], classes
 
 
@@ -189,8 +281,15 @@ def _load_svhn(name, data_path):
         return None
     out = []
     for p in paths:
-        mat = scipy.io.loadmat(p)
-        out += [mat['X'].transpose(3, 2, 0, 1), mat['y'].reshape(-1).astype(np.int64) % 10]  # label 10 is digit 0
+        try:
+            mat = scipy.io.loadmat(p)
+        except (*DAMAGED, UnboundLocalError, NotImplementedError, scipy.io.matlab.MatReadError) as e:  # v7.3 is HDF5
+            raise UsageError(f'cannot read {p}: {_why(e)}') from None
+        x, y = mat.get('X'), mat.get('y')
+        if not (isinstance(x, np.ndarray) and x.dtype == np.uint8 and x.ndim == 4 and x.shape[:3] == (32, 32, 3)
+                and isinstance(y, np.ndarray) and y.size == x.shape[3] and y.dtype.kind in 'iuf' and (y == y.astype(int)).all()):
+            raise UsageError(f"{p} must hold 'X' (uint8, 32 x 32 x 3 x N) and 'y' (N whole-number labels)")
+        out += [x.transpose(3, 2, 0, 1), y.reshape(-1).astype(np.int64) % 10]  # label 10 is digit 0
     return (*out, [str(c) for c in range(10)])
 
 
@@ -202,8 +301,10 @@ def _load_tinyimagenet(name, data_path):
                           'labels_val': torch.Tensor, 'classes': list})
     for split in ('train', 'val'):
         x, y = data[f'images_{split}'], data[f'labels_{split}']
-        if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[1:] != (3, 64, 64) or len(y) != len(x):
-            raise UsageError(f'{path}: images_{split} must be uint8 [N,3,64,64] with one label each')
+        if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[1:] != (3, 64, 64):
+            raise UsageError(f'{path}: images_{split} must be uint8 [N,3,64,64]')
+        if y.shape != x.shape[:1] or y.dtype not in (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64):
+            raise UsageError(f'{path}: labels_{split} must be [N] integers, one per image')
     return data['images_train'], data['labels_train'], data['images_val'], data['labels_val'], data['classes']
 
 
@@ -235,36 +336,45 @@ def _download(name, data_path):
             else:
                 getattr(tvd, name)(data_path, train=split, download=True)
         return None
-    except Exception as e:  # offline, refused, or a broken mirror: report why on one line
+    except (OSError, RuntimeError, ValueError) as e:  # offline, refused, or a broken mirror: say why on one line
         return str(e).splitlines()[0] if str(e) else type(e).__name__
     finally:
         socket.setdefaulttimeout(old_timeout)
 
 
 class _DecodeResized:
-    """Open an image file as RGB (or L) and resize it to (h, w) unless it already has that size."""
+    """Open an image file as RGB (or L) and resize it to (h, w) unless it already has that size. Returns
+    (image, ok); a file that is not a readable image gives ok=False and a blank image, not an exception
+    inside a DataLoader worker."""
 
     def __init__(self, size, mode):
         self.size, self.mode = size, mode
 
     def __call__(self, path):
         from PIL import Image
-        with open(path, 'rb') as f:
-            img = Image.open(f).convert(self.mode)
+        try:
+            with open(path, 'rb') as f:
+                img, ok = Image.open(f).convert(self.mode), True
+        except (*DAMAGED, SyntaxError, Image.DecompressionBombError):
+            img, ok = Image.new(self.mode, (self.size[1], self.size[0])), False
         if img.size != (self.size[1], self.size[0]):
             img = img.resize((self.size[1], self.size[0]), Image.BILINEAR)
-        return torch.from_numpy(np.asarray(img, np.uint8).copy()).reshape(self.size[0], self.size[1], -1).permute(2, 0, 1)
+        return torch.from_numpy(np.asarray(img, np.uint8).copy()).reshape(self.size[0], self.size[1], -1).permute(2, 0, 1), ok
 
 
 def _decode_folder(folder, im_size, channel):
     """All images of an ImageFolder tree as one uint8 tensor, decoded by parallel DataLoader workers."""
     from torchvision.datasets import ImageFolder
-    ds = ImageFolder(folder, loader=_DecodeResized(im_size, 'L' if channel == 1 else 'RGB'))
-    if len(ds) == 0:
-        raise UsageError(f'{folder} holds no images')
+    try:
+        ds = ImageFolder(folder, loader=_DecodeResized(im_size, 'L' if channel == 1 else 'RGB'))
+    except OSError as e:  # no class folders, or a class folder without images
+        raise UsageError(f'{folder} must hold <class>/<image files> ({e})') from None
     batches = list(tqdm(DataLoader(ds, batch_size=500, num_workers=min(4, os.cpu_count() or 1)),
                         desc=f'decoding {folder}', leave=False))
-    return torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches]), ds.classes
+    ok = torch.cat([o for (_, o), _ in batches])
+    if not ok.all():
+        raise UsageError(f'cannot read image {ds.samples[int((~ok).nonzero()[0])][0]}')
+    return torch.cat([x for (x, _), _ in batches]), torch.cat([y for _, y in batches]), ds.classes
 
 
 def _load_tree(root, im_size, channel):
@@ -278,14 +388,16 @@ def _load_tree(root, im_size, channel):
     key = hashlib.sha1(repr((listing, tuple(im_size), channel)).encode()).hexdigest()[:16]
     stem = os.path.join(root, f'.cache_{im_size[0]}x{im_size[1]}_{channel}ch_')
     cache = stem + key + '.pt'
-    with contextlib.suppress(Exception):  # no cache yet, or an unreadable one: decode afresh
-        d = torch.load(cache, weights_only=True)
+    with contextlib.suppress(*DAMAGED, RuntimeError, AssertionError):
+        d = torch.load(cache, weights_only=True)  # no cache yet, or an unreadable one: decode afresh
         return d['x_train'], d['y_train'], d['x_test'], d['y_test'], d['classes']
     x_train, y_train, classes = _decode_folder(splits[0], im_size, channel)
     x_test, y_test, test_classes = _decode_folder(splits[1], im_size, channel)
     if test_classes != classes:
-        raise UsageError(f'{root}: train/ and test/ must have the same class folders')
+        raise UsageError(f'{root}: train/ and test/ must have the same class folders; not in both: '
+                         + ', '.join(sorted(set(classes) ^ set(test_classes))))
     with contextlib.suppress(UsageError, OSError):  # a read-only data folder just means no cache
+        remove_stale_temporaries(root)
         atomic_save(dict(x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test, classes=classes), cache)
         for old in os.listdir(root):  # caches of an earlier state of the tree
             if os.path.join(root, old).startswith(stem) and os.path.join(root, old) != cache:
@@ -310,7 +422,7 @@ def get_dataset(dataset, data_path, im_size=None, device='cpu'):
             raise UsageError(f'--dataset ImageFolder needs {data_path}/train/<class>/* and {data_path}/test/<class>/*')
         channel, num_classes = 3, len(arrays[4])
         x = torch.as_tensor(arrays[0]).float().div_(255)
-        mean, std = x.mean((0, 2, 3)).tolist(), x.std((0, 2, 3)).tolist()
+        mean, std = x.mean((0, 2, 3)).tolist(), [s or 1.0 for s in x.std((0, 2, 3)).tolist()]  # (a flat channel: 1)
         del x
     elif dataset in DATASETS:
         channel, im_size, num_classes, mean, std = DATASETS[dataset]
@@ -400,12 +512,19 @@ class ClassImages:
 def pick_device(device='auto'):
     if device in (None, 'auto'):
         return 'cuda' if torch.cuda.is_available() else 'cpu'
-    if device.startswith('cuda') and not torch.cuda.is_available():
-        raise UsageError(f'--device {device}: no CUDA device is available')
     try:
-        return str(torch.device(device))
+        dev = torch.device(device)
     except RuntimeError:
-        raise UsageError(f'unknown device {device!r}; use auto, cpu, cuda or cuda:<index>') from None
+        dev = None
+    if dev is None or dev.type not in ('cpu', 'cuda'):
+        raise UsageError(f'unknown device {device!r}; use auto, cpu, cuda or cuda:<index>')
+    if dev.type == 'cuda':
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise UsageError(f'--device {device}: no CUDA device is available')
+        if (dev.index or 0) >= count:
+            raise UsageError(f'--device {device}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}')
+    return str(dev)
 
 
 def get_network(model, channel, num_classes, im_size=(32, 32), device=None):

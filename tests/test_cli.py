@@ -1,11 +1,15 @@
 """Bad command lines end with one line on stderr and exit status 2, without a traceback."""
 import os
+import pickle
+import re
 import runpy
 import sys
 
 import pytest
+import torch
 
-from helpers import ROOT, run, write_mnist
+from helpers import ROOT, run, write_cifar, write_mnist
+from utils import UsageError, pick_device
 
 BAD = [  # (script, arguments, a part of the expected message)
     ('main_DM.py', ['--dataset', 'CIFAR11'], 'invalid choice'),
@@ -87,3 +91,63 @@ def test_bad_command_line(tmp_path, capsys, monkeypatch, script, args, expected)
 def test_bad_command_line_in_a_real_process(tmp_path, args):
     p = run('main_DM.py', *prepare(tmp_path, args), timeout=120)
     assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and 'Traceback' not in p.stderr, p.stderr
+
+
+class Touch:
+    """Unpickling this with pickle.load creates the file `path`."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return os.system, (f'touch {self.path}',)
+
+
+def truncated_cifar(data):
+    batch = write_cifar(data) / 'data_batch_2'
+    batch.write_bytes(batch.read_bytes()[:5000])
+
+
+def malicious_cifar(data):
+    (write_cifar(data) / 'test_batch').write_bytes(pickle.dumps({'data': Touch(data / 'pwned'), 'labels': [0]}))
+
+
+def unreadable_image(data):
+    for split in ('train', 'test'):
+        for c in ('cats', 'dogs'):
+            (data / split / c).mkdir(parents=True)
+            (data / split / c / 'x.png').write_bytes(b'not a png')
+
+
+BAD_DATA = [  # (dataset, a function making its data folder, part of the expected message)
+    ('CIFAR10', truncated_cifar, r'^error: cannot read \S+/data_batch_2: UnpicklingError: pickle'),
+    ('CIFAR10', malicious_cifar, r'^error: cannot read \S+/test_batch: UnpicklingError: refusing posix\.system in a data file$'),
+    ('ImageFolder', unreadable_image, r'^error: cannot read image \S+/train/cats/x\.png$'),
+]
+
+
+@pytest.mark.parametrize('dataset,make,message', BAD_DATA, ids=[m.__name__ for _, m, _ in BAD_DATA])
+def test_bad_data_in_a_real_process(tmp_path, dataset, make, message):
+    make(tmp_path)
+    p = run('main_DM.py', '--dataset', dataset, '--data_path', tmp_path, '--save_path', tmp_path / 'res', timeout=120)
+    lines = [line for line in re.split(r'[\r\n]', p.stderr) if line.strip() and not line.startswith('decoding ')]
+    assert p.returncode == 2 and len(lines) == 1 and 'Traceback' not in p.stderr, p.stderr  # progress bars aside
+    assert re.search(message, lines[0]), lines[0]
+    assert not (tmp_path / 'pwned').exists()
+
+
+def test_a_cuda_device_beyond_the_machine_is_a_usage_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 2)
+    assert [pick_device(d) for d in ('cuda', 'cuda:0', 'cuda:1', 'cpu')] == ['cuda', 'cuda:0', 'cuda:1', 'cpu']
+    for device in ('cuda:2', 'cuda:7'):
+        with pytest.raises(UsageError, match=f'--device {device}: this machine has 2 CUDA device\\(s\\), cuda:0 to cuda:1'):
+            pick_device(device)
+    for device in ('mps', 'meta', 'cuda:x', 'gpu'):
+        with pytest.raises(UsageError, match='unknown device'):
+            pick_device(device)
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 0)
+    for device in ('cuda', 'cuda:0', 'cuda:7'):
+        with pytest.raises(UsageError, match='no CUDA device is available'):
+            pick_device(device)

@@ -29,6 +29,26 @@ def test_k_center_second_pick_is_the_farthest_point():
     assert sorted(k_center(POINTS, 5).tolist()) == [0, 1, 2, 3, 4]
 
 
+def test_herding_and_k_center_pick_differently_on_points():
+    # herding's third pick: 3 * mean - (4,0) - (1,1) = (3.4, -1) is nearest (0, 0); k-center's second is the
+    # farthest point (10, 0)
+    assert herding(POINTS, 3).tolist() == [4, 2, 0] and k_center(POINTS, 3).tolist() == [4, 1, 3]
+
+
+@pytest.mark.parametrize('method,expected', [('herding', [8, 4, 0]), ('kcenter', [8, 2, 6])])
+def test_select_coreset_dispatches_to_herding_and_k_center(monkeypatch, method, expected):
+    """With the images' pixels as their features (embed patched), select_coreset picks what herding and
+    k_center pick on POINTS, as indices into the real images (class 0 holds images 0, 2, 4, 6, 8)."""
+    import utils
+    images = torch.zeros(10, 1, 12, 12)
+    images[0::2, 0, 0, :2] = POINTS  # class 0: POINTS in two pixels
+    images[1::2, 0, 5, :2] = -POINTS  # class 1
+    real = ClassImages(TensorDataset(images, torch.tensor([0, 1] * 5)), 2)
+    monkeypatch.setattr(utils, 'embed', lambda net, x: x.flatten(1))
+    picks = select_coreset(method, real, args(num_classes=2, coreset_epochs=1), 3)
+    assert picks[0].tolist() == expected and len(picks[1]) == 3
+
+
 def test_forgetting_counts_on_a_scripted_sequence():
     correct = torch.tensor([
         # example: 0  1  2  3

@@ -185,8 +185,17 @@ def resolve(args):
 # The synthetic sets
 # ----------------------------------------------------------------------------------------------------
 
+def check_torch_file(path):  # candidate for utils.py (in load_pt: torch's own message blames weights_only)
+    """A file that torch.save wrote is a zip archive (or, before torch 1.6, a pickle: its first byte 0x80)."""
+    with open(path, 'rb') as f:
+        head = f.read(4)
+    if head != b'PK\x03\x04' and head[:1] != b'\x80':
+        raise UsageError(f'{path} is not a file that torch.save wrote')
+
+
 def read_pt(args):
     """The experiments [(k, images, labels)] of a result file (those --exp names) and its recorded accuracies."""
+    check_torch_file(args.input)
     res = load_result(args.input)
     n = len(res['data'])
     if n == 0:
@@ -196,8 +205,10 @@ def read_pt(args):
     sets = []
     for k in range(n) if args.exp == 'all' else [args.exp]:
         images, labels = res['data'][k]
-        if len(images) == 0 or not torch.isfinite(images).all():
-            raise UsageError(f'{args.input}: data[{k}] holds no images or non-finite ones')
+        if len(images) == 0:
+            raise UsageError(f'{args.input}: data[{k}] holds no images')
+        if not torch.isfinite(images).all():
+            raise UsageError(f'{args.input}: data[{k}] holds non-finite pixel values')
         sets.append((k, images.float(), labels.long()))
     recorded = {}  # the accuracies the file holds, as floats (the papers' files keep numpy scalars)
     accs_all = res.get('accs_all_exps')

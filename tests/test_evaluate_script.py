@@ -246,14 +246,16 @@ def test_random_real_images_of_fashion_mnist_are_clearly_above_chance(tmp_path):
 GOOD = '{tmp}/res_DSA_MNIST_ConvNet_2ipc.pt'
 BAD = [  # (arguments, a part of the expected message)
     (['{tmp}/nope.pt'], 'does not exist'),
-    (['{tmp}/garbage.pt'], 'cannot load'),
+    (['{tmp}/garbage.pt'], 'garbage.pt is not a file that torch.save wrote'),
+    (['{tmp}/truncated.pt'], 'cannot load {tmp}/truncated.pt'),
     (['{tmp}/unsafe.pt'], 'cannot load {tmp}/unsafe.pt safely'),
     (['{tmp}/a_list.pt', '--dataset', 'MNIST'], 'must hold a dict'),
     (['{tmp}/no_data.pt', '--dataset', 'MNIST'], "lacks the key 'data'"),
     (['{tmp}/not_pairs.pt', '--dataset', 'MNIST'], 'must be a pair [images, labels]'),
     (['{tmp}/float_labels.pt', '--dataset', 'MNIST'], 'integer labels'),
     (['{tmp}/no_exps.pt', '--dataset', 'MNIST'], 'holds no experiments'),
-    (['{tmp}/nan.pt', '--dataset', 'MNIST'], 'non-finite'),
+    (['{tmp}/nan.pt', '--dataset', 'MNIST'], 'data[0] holds non-finite pixel values'),
+    (['{tmp}/no_images.pt', '--dataset', 'MNIST'], 'data[0] holds no images'),
     (['{tmp}/rgb.pt', '--dataset', 'MNIST'], 'images are 3x32x32, but MNIST images are 1x28x28'),
     (['{tmp}/labels.pt', '--dataset', 'MNIST'], 'labels go up to 11, but MNIST has 10 classes'),
     (['{tmp}/empty_dir', '--dataset', 'MNIST'], 'holds no class folders'),
@@ -312,6 +314,8 @@ def bad_inputs(tmp_path_factory):
     torch.save({'data': [torch.zeros(2, 1, 28, 28)]}, tmp / 'not_pairs.pt')
     torch.save({'data': [[torch.zeros(2, 1, 28, 28), torch.zeros(2)]]}, tmp / 'float_labels.pt')
     torch.save({'data': []}, tmp / 'no_exps.pt')
+    torch.save({'data': [[torch.zeros(0, 1, 28, 28), torch.zeros(0, dtype=torch.long)]]}, tmp / 'no_images.pt')
+    (tmp / 'truncated.pt').write_bytes((tmp / 'res_DSA_MNIST_ConvNet_2ipc.pt').read_bytes()[:3000])
     torch.save({'data': [[torch.full((2, 1, 28, 28), float('nan')), torch.zeros(2, dtype=torch.long)]]}, tmp / 'nan.pt')
     torch.save({'data': [[torch.zeros(2, 1, 28, 28), torch.tensor([0, 11])]]}, tmp / 'labels.pt')
     (tmp / 'a_file').write_text('x')

@@ -190,21 +190,28 @@ def test_an_image_folder_matched_to_class_names_learns_its_classes(tmp_path):
 
 
 def test_an_image_folder_for_a_users_image_folder_dataset(tmp_path):
-    """--dataset ImageFolder: the real tree is read at the set's size and normalised with its own mean/std."""
+    """--dataset ImageFolder: the real tree (24x24) is read at the set's size (16x16) and normalised with its
+    own mean/std."""
     rng = np.random.default_rng(0)
-    colours = {'blue': [0, 0, 255], 'red': [255, 0, 0]}
+    colours = {'blue': [0, 0, 200], 'red': [200, 0, 0]}
+    train = []
     for split, n in (('train', 6), ('test', 4)):
         for name, colour in colours.items():
             for k in range(n):
-                write_png(tmp_path / 'tree' / split / name / f'{k}.png', np.full((20, 20, 3), colour, np.uint8), 'RGB')
+                image = (np.array(colour) + rng.integers(0, 50, (24, 24, 3))).astype(np.uint8)
+                write_png(tmp_path / 'tree' / split / name / f'{k}.png', image, 'RGB')
+                train += [image] * (split == 'train')
     for name, colour in colours.items():
-        write_png(tmp_path / 'syn' / name / '0.jpg', (np.full((16, 16, 3), colour) * 0.9).astype(np.uint8), 'RGB')
+        write_png(tmp_path / 'syn' / name / '0.jpg', np.full((16, 16, 3), colour, np.uint8), 'RGB')
     p = run('evaluate.py', tmp_path / 'syn', '--dataset', 'ImageFolder', '--data_path', tmp_path / 'tree', *FAST,
             '--models', 'ConvNetD1', '--save_path', tmp_path / 'out')
     assert p.returncode == 0, p.stderr[-2000:]
-    s = report_of(tmp_path / 'out' / 'syn_eval.json')['settings']
+    report = report_of(tmp_path / 'out' / 'syn_eval.json')
+    s = report['settings']
     assert (s['im_size'], s['num_classes'], s['channel']) == ([16, 16], 2, 3)
-    assert s['mean'] == pytest.approx([0.5, 0, 0.5], abs=1e-3)  # half red, half blue
+    assert s['mean'] == pytest.approx((np.stack(train) / 255).mean((0, 1, 2)), abs=0.01)  # of the images at 16x16
+    assert s['sources']['labels'] == 'folder names matched to class names'
+    assert 0 <= report['results']['ConvNetD1']['mean'] <= 1
 
 
 def test_the_random_baseline_draws_as_many_real_images_per_class_as_the_set_has(tmp_path, data):

@@ -1,0 +1,434 @@
+"""Evaluate a synthetic set under the common protocol.
+
+The set is a result file in the papers' format (ours or the papers' released ones) or a folder of images
+<dir>/<class>/*. Each experiment of the file (or the one --exp names) trains --num_eval fresh models of
+every architecture of --eval_mode (or --models) on the set, with the augmentation of the method that made
+it, and tests them on the real test set; --baseline random does the same for random real images.
+
+    python evaluate.py result/res_DM_CIFAR10_ConvNet_10ipc.pt --eval_mode M --num_eval 5
+    python evaluate.py released/res_DSA_CIFAR10_ConvNet_10ipc.pt --models ConvNet AlexNet VGG11 --exp all
+    python evaluate.py my_set/ --dataset CIFAR10 --dsa_strategy color_crop_cutout_flip_scale_rotate
+"""
+import argparse
+import hashlib
+import json
+import math
+import os
+import re
+import sys
+
+import numpy as np
+import torch
+
+from networks import MODELS
+from utils import (CORESETS, DATASETS, EVAL_MODES, FULL_STRATEGY, ArgumentParser, ClassImages, ParamDiffAug, UsageError,
+                   atomic_write, check_strategy, eval_args, evaluate_models, get_dataset, get_eval_pool, load_result,
+                   pick_device, run_script)
+
+DSA_MADE = ['DSA', 'DM', 'CAFE_DSA']  # sets evaluated with DSA augmentation
+DC_MADE = ['DC', 'CAFE', *CORESETS]  # sets evaluated with DC's classic augmentation
+NO_AUG_EPOCHS = {'CAFE': 600, 'CAFE_DSA': 600}  # epochs without augmentation; others 300
+GRAY_MODES = ('1', 'L', 'LA', 'I', 'I;16', 'F')  # PIL modes of one-channel images
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):  # candidate for utils.py
+    """Shows defaults in --help, except None: those flags explain their default in their help."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+def experiment(text):
+    if text == 'all':
+        return text
+    if not re.fullmatch(r'\d+', text):
+        raise argparse.ArgumentTypeError(f'{text!r} is not an experiment number (0, 1, ...) or all')
+    return int(text)
+
+
+def get_parser():
+    p = ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=HelpFormatter,
+                       epilog='A flag wins over the record res_<...>.json that our scripts write beside a result file, '
+                              'and the record over the file name res_<method>_<dataset>_<model>_<ipc>ipc.pt.')
+    p.add_argument('input', help="a result file in the papers' format (res_<method>_<dataset>_<model>_<ipc>ipc.pt) "
+                                 'or a folder of images <dir>/<class>/*')
+    p.add_argument('--dataset', choices=[*DATASETS, 'ImageFolder'],
+                   help='the real dataset (default: from the record res_<...>.json beside the file, else from its name)')
+    p.add_argument('--method', choices=DSA_MADE + DC_MADE,
+                   help=f'the method that made the set, which picks the augmentation: DSA ({FULL_STRATEGY}) for '
+                        f"{', '.join(DSA_MADE)}; DC's classic one for {', '.join(DC_MADE)} (default: from the record, "
+                        'else the file name; when nothing says, DSA augmentation)')
+    p.add_argument('--dsa_strategy', help='evaluate with DSA augmentation of these _-separated transformations (color '
+                                          "crop cutout flip scale rotate), or none for DC's classic augmentation "
+                                          '(default: as the method says)')
+    p.add_argument('--model', choices=list(MODELS), metavar='MODEL',
+                   help='the training model, for --eval_mode S and SS (default: from the record or the file name, '
+                        'else ConvNet)')
+    pool = p.add_mutually_exclusive_group()
+    pool.add_argument('--eval_mode', default='S', choices=EVAL_MODES,
+                      help='S: the training model (BN as its non-BN twin), SS: itself, M/B/W/D/A/P/N: model pools')
+    pool.add_argument('--models', nargs='+', choices=list(MODELS), metavar='MODEL',
+                      help='evaluate on these models instead of an --eval_mode pool: ' + ', '.join(MODELS))
+    p.add_argument('--exp', type=experiment, default='all', help='the experiment of the file to evaluate (0, 1, ...), or all')
+    p.add_argument('--num_eval', type=int, default=20, help='models trained per architecture and experiment')
+    p.add_argument('--epoch_eval_train', type=int,
+                   help='epochs to train an evaluation model (default: 1000 with augmentation, else 300; CAFE 600)')
+    p.add_argument('--lr_net', type=float, default=0.01, help='learning rate of the evaluation models')
+    p.add_argument('--batch_train', type=int, default=256, help='batch size for training the evaluation models')
+    p.add_argument('--baseline', default='none', choices=['none', 'random'],
+                   help='random: also evaluate random real training images, as many of each class as the set has')
+    p.add_argument('--seed', type=int, default=0, help='the same seed gives the same accuracies')
+    p.add_argument('--device', default='auto', help='auto (CUDA when present), cpu, cuda or cuda:<i>')
+    p.add_argument('--data_path', default='data', help='dataset path')
+    p.add_argument('--save_path', help='folder for <input>_eval.json (default: beside the input)')
+    return p
+
+
+def check_numbers(args):  # candidate for utils.py (the number checks of utils.setup, for any script)
+    for k in ('num_eval', 'epoch_eval_train', 'batch_train'):
+        if getattr(args, k) is not None and getattr(args, k) < 1:
+            raise UsageError(f'--{k} must be at least 1, got {getattr(args, k)}')
+    if not args.lr_net > 0 or not math.isfinite(args.lr_net):
+        raise UsageError(f'--lr_net must be a positive number, got {args.lr_net}')
+    if args.seed < 0:
+        raise UsageError(f'--seed must be at least 0, got {args.seed}')
+
+
+def check_writable(folder, what):  # candidate for utils.py (the save-path check of utils.setup)
+    """Make `folder` if needed and make sure a file can be written there, before hours of evaluation."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise UsageError(f'{what} {folder} is a file, not a folder')
+    probe = os.path.join(folder, f'.write_test{os.getpid()}')
+    try:
+        os.makedirs(folder, exist_ok=True)
+        open(probe, 'w').close()
+        os.remove(probe)
+    except OSError as e:
+        raise UsageError(f'cannot write to {what} {folder}: {e.strerror}') from None
+
+
+def seed_of(*keys):  # candidate for utils.py (set_seed's mapping of keys to a seed, for a torch.Generator)
+    ints = [k if isinstance(k, int) else int(hashlib.sha1(str(k).encode()).hexdigest()[:8], 16) for k in keys]
+    return int(np.random.SeedSequence(ints).generate_state(1)[0])
+
+
+# ----------------------------------------------------------------------------------------------------
+# What made the set: the flags, the record beside the file, its name
+# ----------------------------------------------------------------------------------------------------
+
+def read_record(path):
+    """The settings our scripts record beside a result file (res_<...>.json, by utils.summarise), or {}."""
+    record = os.path.splitext(path)[0] + '.json'
+    if not os.path.isfile(record):
+        return {}
+    try:
+        with open(record) as f:
+            protocol = json.load(f)['protocol']
+        if isinstance(protocol, dict):
+            return protocol
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    print(f'warning: ignoring {record}: not a record of our scripts', file=sys.stderr)
+    return {}
+
+
+def parse_name(path):
+    """method, dataset and model of a file named res_<method>_<dataset>_<model>_<ipc>ipc.pt, or {}.
+    Methods and models may hold '_' (CAFE_DSA, ResNet18BN_AP); the dataset is the known name between them."""
+    parts = os.path.splitext(os.path.basename(path))[0].split('_')
+    if len(parts) < 5 or parts[0] != 'res' or not re.fullmatch(r'\d+ipc', parts[-1]):
+        return {}
+    for i in range(2, len(parts) - 2):
+        if parts[i] in DATASETS or parts[i] == 'ImageFolder':
+            return dict(method='_'.join(parts[1:i]), dataset=parts[i], model='_'.join(parts[i + 1:-1]))
+    return {}
+
+
+def resolve(args):
+    """Settle the dataset, the training model and the augmentation from the flags, else the record beside
+    the file, else the file's name; args.sources says where each came from."""
+    is_file = os.path.isfile(args.input)
+    record = read_record(args.input) if is_file else {}
+    sources = [('--{}', vars(args)), ('the record ' + os.path.splitext(args.input)[0] + '.json', record),
+               ('the file name', parse_name(args.input) if is_file else {})]
+
+    def pick(key, default=None):
+        return next(((values[key], src.format(key)) for src, values in sources if values.get(key) is not None),
+                    (default, 'the default'))
+
+    args.sources = {}
+    args.dataset, args.sources['dataset'] = pick('dataset')
+    args.model, args.sources['model'] = pick('model', 'ConvNet')
+    args.method, args.sources['method'] = pick('method')
+    if args.dataset is None:
+        raise UsageError(f'which dataset made {args.input}? give --dataset ({", ".join([*DATASETS, "ImageFolder"])})')
+    if args.dataset not in DATASETS and args.dataset != 'ImageFolder':
+        raise UsageError(f'unknown dataset {args.dataset!r} (from {args.sources["dataset"]}); '
+                         f'choose from {", ".join([*DATASETS, "ImageFolder"])}')
+    if args.models is None and args.eval_mode in ('S', 'SS') and args.model not in MODELS:
+        raise UsageError(f'unknown model {args.model!r} (from {args.sources["model"]}); give --model or --models')
+    if args.dsa_strategy is not None:
+        args.dsa, why = args.dsa_strategy not in ('', 'none', 'None'), 'from --dsa_strategy'
+    elif args.sources['method'] == '--method' or 'dsa' not in record:
+        args.dsa = args.method not in DC_MADE
+        args.dsa_strategy = FULL_STRATEGY if args.dsa else 'none'
+        why = f'as for sets made by {args.method}' if args.method in DSA_MADE + DC_MADE else 'the default for an unknown method'
+    else:
+        args.dsa, args.dsa_strategy = bool(record['dsa']), str(record.get('dsa_strategy') or 'none')
+        why = 'from ' + sources[1][0]
+    check_strategy(args.dsa_strategy)
+    args.sources['augmentation'] = why
+    args.epoch_eval_noaug = int(record.get('epoch_eval_noaug') or NO_AUG_EPOCHS.get(args.method, 300))
+
+
+# ----------------------------------------------------------------------------------------------------
+# The synthetic sets
+# ----------------------------------------------------------------------------------------------------
+
+def check_torch_file(path):  # candidate for utils.py (in load_pt: torch's own message blames weights_only)
+    """A file that torch.save wrote is a zip archive (or, before torch 1.6, a pickle: its first byte 0x80)."""
+    with open(path, 'rb') as f:
+        head = f.read(4)
+    if head != b'PK\x03\x04' and head[:1] != b'\x80':
+        raise UsageError(f'{path} is not a file that torch.save wrote')
+
+
+def read_pt(args):
+    """The experiments [(k, images, labels)] of a result file (those --exp names) and its recorded accuracies."""
+    check_torch_file(args.input)
+    res = load_result(args.input)
+    n = len(res['data'])
+    if n == 0:
+        raise UsageError(f'{args.input} holds no experiments')
+    if args.exp != 'all' and args.exp >= n:
+        raise UsageError(f'--exp {args.exp} is out of range: {args.input} holds {n} experiment(s), 0..{n - 1}')
+    sets = []
+    for k in range(n) if args.exp == 'all' else [args.exp]:
+        images, labels = res['data'][k]
+        if len(images) == 0:
+            raise UsageError(f'{args.input}: data[{k}] holds no images')
+        if not torch.isfinite(images).all():
+            raise UsageError(f'{args.input}: data[{k}] holds non-finite pixel values')
+        sets.append((k, images.float(), labels.long()))
+    recorded = {}  # the accuracies the file holds, as floats (the papers' files keep numpy scalars)
+    accs_all = res.get('accs_all_exps')
+    for m, accs in (accs_all.items() if isinstance(accs_all, dict) else []):
+        try:
+            recorded[str(m)] = summary([float(a) for a in accs])
+        except (TypeError, ValueError):  # not a list of numbers: nothing to compare with
+            pass
+    return sets, recorded
+
+
+def read_image(path, channel, size, dataset, sized):
+    """An image file as uint8 [channel, h, w], of `size` (h, w) unless None."""
+    from PIL import Image
+    try:
+        with Image.open(path) as img:
+            gray = img.mode in GRAY_MODES
+            x = np.asarray(img.convert('RGB'))
+    except Exception:  # not an image, a truncated one, a decompression bomb: one line says which file
+        raise UsageError(f'{path} is not an image that PIL can read') from None
+    if size and x.shape[:2] != tuple(size):
+        raise UsageError(f'{path} is {x.shape[0]}x{x.shape[1]} pixels, but {sized} {size[0]}x{size[1]} '
+                         '(evaluate.py does not resize images)')
+    if channel == 1:
+        if not gray and not ((x[..., 0] == x[..., 1]) & (x[..., 1] == x[..., 2])).all():
+            raise UsageError(f'{path} has colour, but {dataset} images have 1 channel')
+        x = x[..., :1]
+    elif gray:
+        raise UsageError(f'{path} is a one-channel image, but {dataset} images have {channel} channels')
+    return torch.from_numpy(x.copy()).permute(2, 0, 1)
+
+
+def read_folder(args):
+    """The images of <dir>/<class>/* as uint8 [N, C, H, W], the class folders' names and each image's folder."""
+    root, dataset = args.input, args.dataset
+    channel, size = (DATASETS[dataset][0], DATASETS[dataset][1]) if dataset in DATASETS else (3, None)
+    entries = sorted(e for e in os.listdir(root) if not e.startswith('.'))
+    strays = [e for e in entries if not os.path.isdir(os.path.join(root, e))]
+    if strays:
+        raise UsageError(f'{os.path.join(root, strays[0])}: the images go in class folders, {root}/<class>/*')
+    if not entries:
+        raise UsageError(f'{root} holds no class folders ({root}/<class>/* images)')
+    images, folder_of = [], []
+    for i, name in enumerate(entries):
+        folder = os.path.join(root, name)
+        files = sorted(f for f in os.listdir(folder) if not f.startswith('.'))
+        if not files:
+            raise UsageError(f'{folder} holds no images')
+        for f in files:
+            images.append(read_image(os.path.join(folder, f), channel, size, dataset,
+                                     f'{dataset} images are' if dataset in DATASETS else 'the first image is'))
+            size = size or images[0].shape[1:]  # ImageFolder: every image as large as the first
+            folder_of.append(i)
+    return torch.stack(images), entries, torch.tensor(folder_of)
+
+
+def name_key(name):
+    return re.sub(r'[^0-9a-z]', '', name.lower())
+
+
+def folder_labels(folders, class_names, num_classes, args):
+    """The label of each class folder: by name when the folders are named after the dataset's classes
+    (compared without case and punctuation: 'T-shirt_top' is 'T-shirt/top'), else in sorted order
+    (numerical when the names are numbers)."""
+    index = {name_key(c): i for i, c in enumerate(class_names)}
+    known = [name_key(f) in index for f in folders]
+    if all(known) and len({name_key(f) for f in folders}) == len(folders):
+        args.sources['labels'] = 'folder names matched to class names'
+        return [index[name_key(f)] for f in folders]
+    if any(known):
+        unknown = [f for f, k in zip(folders, known) if not k]
+        raise UsageError(f'{args.input}: some class folders are named after {args.dataset} classes but not '
+                         f'{", ".join(unknown) or "all uniquely"}; name them all after classes, or none')
+    if len(folders) != num_classes:
+        raise UsageError(f'{args.input} has {len(folders)} class folders, but {args.dataset} has {num_classes} classes')
+    args.sources['labels'] = 'class folders in sorted order'
+    order = sorted(folders, key=lambda f: (int(f), f) if all(g.isdigit() for g in folders) else (0, f))
+    return [order.index(f) for f in folders]
+
+
+def check_fit(images, labels, where, args):
+    shape, expected = tuple(images.shape[1:]), (args.channel, *args.im_size)
+    if shape != expected:
+        raise UsageError(f'{where}: images are {"x".join(map(str, shape))}, but {args.dataset} images are '
+                         f'{"x".join(map(str, expected))}')
+    if labels.max() >= args.num_classes:
+        raise UsageError(f'{where}: labels go up to {labels.max().item()}, but {args.dataset} has {args.num_classes} classes')
+
+
+def random_real(real, counts, generator):
+    """counts[c] random real training images of each class c, drawn without replacement: (indices, labels)."""
+    picks = []
+    for c, n in enumerate(counts):
+        pool = real.indices_class[c]
+        if n > len(pool):
+            raise UsageError(f'--baseline random needs {n} real images of class {c}, the training set has {len(pool)}')
+        picks.append(pool[torch.randperm(len(pool), generator=generator)[:n].to(pool.device)])
+    return torch.cat(picks), torch.arange(len(counts)).repeat_interleave(torch.tensor(counts))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Evaluation and its report
+# ----------------------------------------------------------------------------------------------------
+
+def summary(accs, **extra):
+    return dict(mean=float(np.mean(accs)), std=float(np.std(accs)), n=len(accs), accs=accs, **extra)
+
+
+def summarise_exps(per_exp, **extra):
+    """The summary of {experiment: [accuracies]}, with the accuracies of each experiment."""
+    return summary([a for accs in per_exp.values() for a in accs], per_exp=per_exp, **extra)
+
+
+def augmentation(a):
+    """The augmentation of the evaluation settings `a` (from utils.eval_args), in words."""
+    if a.dsa:
+        return 'DSA ' + a.dsa_strategy
+    return 'none' if a.dc_aug_param['strategy'] == 'none' else 'DC ' + a.dc_aug_param['strategy']
+
+
+def table(report):
+    """Mean +- std (n) per model: the set's, the baseline's, and the accuracies the file recorded."""
+    columns = [('synthetic set', report['results'])]
+    if report['baseline']:
+        columns.append(('random real images', report['baseline']['results']))
+    if report['recorded']:
+        columns.append(('recorded in the file', report['recorded']))
+    cell = lambda r: '%.2f ± %.2f %% (n=%d)' % (100 * r['mean'], 100 * r['std'], r['n']) if r else '-'
+    rows = [['model', 'augmentation', 'epochs'] + [name for name, _ in columns]]
+    for m, r in report['results'].items():
+        rows.append([m, r['augmentation'], str(r['epochs'])] + [cell(results.get(m)) for _, results in columns])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return '\n'.join('  '.join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
+
+
+def output_path(args):
+    path = os.path.abspath(args.input)
+    stem = os.path.splitext(os.path.basename(path))[0] if os.path.isfile(path) else os.path.basename(path)
+    return os.path.join(args.save_path or os.path.dirname(path), stem + '_eval.json')
+
+
+def write_json(path, report):
+    def write(tmp):
+        with open(tmp, 'w') as f:
+            json.dump(report, f, indent=1)
+    atomic_write(path, write)
+
+
+def load(args):
+    """The experiments to evaluate [(k, images, labels)], normalised; the accuracies the file recorded; the real
+    training set and test loader. Fills in args: the settings (see resolve) and the dataset's constants."""
+    sets, recorded = read_pt(args) if os.path.isfile(args.input) else (None, {})
+    resolve(args)
+    if sets is None:
+        if args.exp not in ('all', 0):
+            raise UsageError(f'--exp {args.exp} is out of range: a folder is one experiment, 0')
+        raw, folders, folder_of = read_folder(args)
+    im_size = tuple((raw if sets is None else sets[0][1]).shape[2:]) if args.dataset == 'ImageFolder' else None
+    (args.channel, args.im_size, args.num_classes, class_names, args.mean, args.std, dst_train, _,
+     testloader) = get_dataset(args.dataset, args.data_path, im_size, args.device)  # ImageFolder: at the set's size
+    if sets is None:
+        labels = torch.tensor(folder_labels(folders, class_names, args.num_classes, args))[folder_of]
+        mean, std = torch.tensor(args.mean).view(1, -1, 1, 1), torch.tensor(args.std).view(1, -1, 1, 1)
+        sets = [(0, (raw.float() / 255 - mean) / std, labels)]
+    for k, images, labels in sets:
+        check_fit(images, labels, f'{args.input} experiment {k}' if os.path.isfile(args.input) else args.input, args)
+    return sets, recorded, dst_train, testloader
+
+
+def main():
+    args = get_parser().parse_args()
+    check_numbers(args)
+    args.device = pick_device(args.device)
+    if args.dsa_strategy is not None:
+        check_strategy(args.dsa_strategy)
+    if not os.path.exists(args.input):
+        raise UsageError(f'{args.input} does not exist')
+    out = output_path(args)
+    check_writable(os.path.dirname(out), '--save_path' if args.save_path else 'the output folder')
+    sets, recorded, dst_train, testloader = load(args)
+    args.dsa_param = ParamDiffAug()
+    counts = [torch.bincount(labels, minlength=args.num_classes).tolist() for _, _, labels in sets]
+    args.ipc = max(max(c) for c in counts)
+    model_pool = args.models or get_eval_pool(args.eval_mode, args.model, args.model)
+    args.eval_mode = None if args.models else args.eval_mode
+    baselines = {}  # the random real images of each experiment, drawn before hours of evaluation
+    if args.baseline == 'random':
+        real = ClassImages(dst_train, args.num_classes)
+        for (k, _, _), n in zip(sets, counts):
+            baselines[k] = random_real(real, n, torch.Generator().manual_seed(seed_of(args.seed, 'random', k)))
+
+    made = f'made by {args.method} (from {args.sources["method"]})' if args.method else 'made by an unnamed method'
+    print(f'{args.input}: {len(sets)} experiment(s) of {len(sets[0][1])} images; dataset {args.dataset} '
+          f'(from {args.sources["dataset"]}), {made}, training model {args.model} (from {args.sources["model"]})'
+          + (f'; labels: {args.sources["labels"]}' if 'labels' in args.sources else ''))
+    per_model = {m: eval_args(args, m) for m in model_pool}
+    for m, a in per_model.items():
+        print(f'evaluating on {m}: augmentation {augmentation(a)} ({args.sources["augmentation"]}), '
+              f'{a.epoch_eval_train} epochs, {args.num_eval} model(s) per experiment')
+
+    settings = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None), list, tuple, dict))}
+    accs, base_accs = {m: {} for m in model_pool}, {m: {} for m in model_pool}
+    for k, images, labels in sets:
+        for m, a in evaluate_models(images, labels, model_pool, args, testloader, (k,)).items():
+            accs[m][str(k)] = a
+        if baselines:
+            idx, base_labels = baselines[k]
+            for m, a in evaluate_models(dst_train.images[idx], base_labels, model_pool, args, testloader, ('random', k)).items():
+                base_accs[m][str(k)] = a
+        report = dict(
+            settings=dict(settings, models=model_pool),
+            results={m: summarise_exps(accs[m], epochs=per_model[m].epoch_eval_train,
+                                       augmentation=augmentation(per_model[m])) for m in model_pool},
+            baseline=dict(kind='random', results={m: summarise_exps(base_accs[m]) for m in model_pool},
+                          indices={str(j): idx.tolist() for j, (idx, _) in baselines.items()}) if baselines else None,
+            recorded=recorded, finished=k == sets[-1][0])
+        write_json(out, report)  # after every experiment: a long run keeps what it has done
+    print('\n' + table(report))
+    print(f'\nwritten to {out}')
+
+
+if __name__ == '__main__':
+    run_script(main)

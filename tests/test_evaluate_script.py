@@ -1,0 +1,367 @@
+"""evaluate.py: any synthetic set (a papers'-format .pt, ours with its record, an image folder) under the
+common protocol; the random baseline; determinism; one-line errors for bad input."""
+import argparse
+import json
+import os
+import re
+import runpy
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import evaluate
+from helpers import ROOT, idx_bytes, needs_fashion, run, write_mnist
+from utils import FULL_STRATEGY, get_dataset, summarise
+
+FAST = ['--epoch_eval_train', 2, '--num_eval', 1]
+FASHION_FOLDERS = ['T-shirt_top', 'trouser', 'Pullover', 'dress', 'Coat', 'sandal', 'Shirt', 'sneaker', 'Bag', 'ankle boot']
+
+
+def papers_file(path, n_exp=2, ipc=2, shape=(1, 28, 28), num_classes=10, accs=True):
+    """A result file in the papers' format; the recorded accuracies are numpy scalars, as in theirs."""
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(num_classes).repeat_interleave(ipc)
+    data = [[torch.randn(len(labels), *shape, generator=g), labels] for _ in range(n_exp)]
+    torch.save({'data': data, 'accs_all_exps': {'ConvNet': [np.float64(0.5 + 0.1 * k) for k in range(n_exp)]} if accs else {}},
+               path)
+    return data
+
+
+def report_of(path):
+    return json.loads(open(path).read())
+
+
+def patterns(labels, rng):
+    """1x28x28 uint8 images: class c is a bright 7x7 square in cell c of a 4x4 grid, on dark noise."""
+    x = rng.integers(0, 60, (len(labels), 28, 28))
+    for i, c in enumerate(labels):
+        r, s = divmod(int(c), 4)
+        x[i, 7 * r:7 * r + 7, 7 * s:7 * s + 7] = 255
+    return x.astype(np.uint8)
+
+
+def write_patterns(root, name, n_train=40, n_test=40):
+    """A dataset in the MNIST layout whose classes are told apart by the place of a square."""
+    raw = root / name / 'raw'
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for split, n in (('train', n_train), ('t10k', n_test)):
+        labels = np.arange(n) % 10
+        (raw / f'{split}-images-idx3-ubyte').write_bytes(idx_bytes(patterns(labels, rng)))
+        (raw / f'{split}-labels-idx1-ubyte').write_bytes(idx_bytes(labels))
+
+
+def write_png(path, array, mode):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array, mode).save(path)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Where the settings come from
+# ----------------------------------------------------------------------------------------------------
+
+def test_the_file_name_gives_method_dataset_and_model_even_with_underscores():
+    assert evaluate.parse_name('released/res_DSA_CIFAR10_ConvNet_10ipc.pt') == \
+        dict(method='DSA', dataset='CIFAR10', model='ConvNet')
+    assert evaluate.parse_name('res_CAFE_DSA_FashionMNIST_ResNet18BN_AP_1ipc.pt') == \
+        dict(method='CAFE_DSA', dataset='FashionMNIST', model='ResNet18BN_AP')
+    assert evaluate.parse_name('res_DM_CIFAR11_ConvNet_10ipc.pt') == {}  # no known dataset in it
+    assert evaluate.parse_name('syn.pt') == {} and evaluate.parse_name('res_DM_MNIST_ConvNet.pt') == {}
+
+
+@pytest.mark.parametrize('name,flags,dsa,strategy,noaug', [
+    ('res_DSA_MNIST_ConvNet_1ipc.pt', [], True, FULL_STRATEGY, 300),
+    ('res_DM_MNIST_ConvNet_1ipc.pt', [], True, FULL_STRATEGY, 300),
+    ('res_CAFE_DSA_MNIST_ConvNet_1ipc.pt', [], True, FULL_STRATEGY, 600),
+    ('res_DC_MNIST_ConvNet_1ipc.pt', [], False, 'none', 300),
+    ('res_CAFE_MNIST_ConvNet_1ipc.pt', [], False, 'none', 600),
+    ('res_herding_MNIST_ConvNet_1ipc.pt', [], False, 'none', 300),
+    ('res_MTT_MNIST_ConvNet_1ipc.pt', [], True, FULL_STRATEGY, 300),  # an unknown method: the default, DSA
+    ('syn.pt', ['--dataset', 'MNIST'], True, FULL_STRATEGY, 300),  # nothing says: the default
+    ('syn.pt', ['--dataset', 'MNIST', '--method', 'DC'], False, 'none', 300),
+    ('res_DC_MNIST_ConvNet_1ipc.pt', ['--dsa_strategy', 'crop_flip'], True, 'crop_flip', 300),
+    ('res_DM_MNIST_ConvNet_1ipc.pt', ['--dsa_strategy', 'none'], False, 'none', 300),
+    ('res_DM_MNIST_ConvNet_1ipc.pt', ['--method', 'CAFE'], False, 'none', 600),  # a flag wins over the name
+])
+def test_the_augmentation_follows_the_method_that_made_the_set(tmp_path, name, flags, dsa, strategy, noaug):
+    (tmp_path / name).write_bytes(b'')
+    args = evaluate.get_parser().parse_args([str(tmp_path / name), *flags])
+    evaluate.resolve(args)
+    assert (args.dataset, args.dsa, args.dsa_strategy, args.epoch_eval_noaug) == ('MNIST', dsa, strategy, noaug)
+
+
+def test_folder_labels_by_name_or_in_sorted_order():
+    args = argparse.Namespace(input='set', dataset='X', sources={})
+    names = ['T-shirt/top', 'Trouser', 'Pullover']
+    assert evaluate.folder_labels(['pullover', 'T-shirt_top', 'TROUSER'], names, 3, args) == [2, 0, 1]
+    assert evaluate.folder_labels(['trouser'], names, 3, args) == [1]  # some classes only: still by name
+    assert evaluate.folder_labels(['b', 'c', 'a'], names, 3, args) == [1, 2, 0]
+    assert evaluate.folder_labels([str(c) for c in (0, 1, 10, 2, 3, 4, 5, 6, 7, 8, 9)], [f'n{c}' for c in range(11)], 11,
+                                  args) == [0, 1, 10, 2, 3, 4, 5, 6, 7, 8, 9]  # numbers in numerical order
+
+
+# ----------------------------------------------------------------------------------------------------
+# End to end on small fixtures
+# ----------------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def data(tmp_path):
+    write_mnist(tmp_path / 'data', n_train=100, n_test=20)
+    return tmp_path / 'data'
+
+
+def train_losses(stdout):
+    """The final training loss of every evaluation model, as evaluate_synset logs it."""
+    return re.findall(r'train loss = ([0-9.]+)', stdout)
+
+
+def test_a_papers_file_with_numpy_scalars_every_experiment_and_the_same_seed(tmp_path, data):
+    path = tmp_path / 'res_DSA_MNIST_ConvNet_2ipc.pt'
+    papers_file(path)
+    p = run('evaluate.py', path, *FAST, '--data_path', data)
+    assert p.returncode == 0, p.stderr[-2000:]
+    report = report_of(tmp_path / 'res_DSA_MNIST_ConvNet_2ipc_eval.json')
+    assert report['finished'] and report['baseline'] is None
+    s = report['settings']
+    assert (s['dataset'], s['method'], s['model'], s['models'], s['dsa'], s['dsa_strategy']) == \
+        ('MNIST', 'DSA', 'ConvNet', ['ConvNet'], True, FULL_STRATEGY)
+    assert s['sources']['dataset'] == 'the file name'
+    r = report['results']['ConvNet']
+    assert r['n'] == 2 and list(r['per_exp']) == ['0', '1'] and all(len(a) == 1 for a in r['per_exp'].values())
+    assert r['accs'] == r['per_exp']['0'] + r['per_exp']['1'] and all(0 <= a <= 1 for a in r['accs'])
+    assert r['mean'] == pytest.approx(np.mean(r['accs'])) and r['std'] == pytest.approx(np.std(r['accs']))
+    assert (r['epochs'], r['augmentation']) == (2, 'DSA ' + FULL_STRATEGY)
+    assert report['recorded']['ConvNet'] == pytest.approx(dict(mean=0.55, std=0.05, n=2, accs=[0.5, 0.6]))
+    assert 'augmentation DSA color_crop_cutout_flip_scale_rotate' in p.stdout
+    assert 'ConvNet' in p.stdout.splitlines()[-3] and '(n=2)' in p.stdout and '55.00 ± 5.00 %' in p.stdout
+    losses = train_losses(p.stdout)
+    assert len(losses) == 2
+
+    # the same seed gives the same models (the same accuracies); another seed other models; one
+    # experiment alone gets that experiment's accuracies
+    p = run('evaluate.py', path, *FAST, '--data_path', data, '--save_path', tmp_path / 'again')
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert report_of(tmp_path / 'again' / 'res_DSA_MNIST_ConvNet_2ipc_eval.json')['results'] == report['results']
+    assert train_losses(p.stdout) == losses
+    p = run('evaluate.py', path, *FAST, '--data_path', data, '--save_path', tmp_path / 'one', '--exp', 1, '--seed', 1)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert train_losses(p.stdout)[0] != losses[1]
+    p = run('evaluate.py', path, *FAST, '--data_path', data, '--save_path', tmp_path / 'one', '--exp', 1)
+    assert p.returncode == 0, p.stderr[-2000:]
+    one = report_of(tmp_path / 'one' / 'res_DSA_MNIST_ConvNet_2ipc_eval.json')['results']['ConvNet']
+    assert one['per_exp'] == {'1': r['per_exp']['1']} and one['n'] == 1 and train_losses(p.stdout) == losses[1:]
+
+
+def test_our_result_file_takes_its_settings_from_the_record_beside_it(tmp_path, data):
+    """A record as utils.summarise writes it; the file name (renamed) says nothing."""
+    made = argparse.Namespace(method='DM', dataset='MNIST', model='ConvNetD1', ipc=2, num_exp=1, save_path=str(tmp_path),
+                              dsa=True, dsa_strategy='crop', epoch_eval_noaug=300, Iteration=3, im_size=(28, 28))
+    summarise(made, {'ConvNetD1': [0.25]})
+    papers_file(tmp_path / 'res_DM_MNIST_ConvNetD1_2ipc.pt', n_exp=1)
+    for ext in ('pt', 'json'):
+        os.rename(tmp_path / f'res_DM_MNIST_ConvNetD1_2ipc.{ext}', tmp_path / f'res_mine.{ext}')
+    p = run('evaluate.py', tmp_path / 'res_mine.pt', *FAST, '--data_path', data)
+    assert p.returncode == 0, p.stderr[-2000:]
+    report = report_of(tmp_path / 'res_mine_eval.json')
+    assert list(report['results']) == ['ConvNetD1']  # eval mode S: the training model of the record
+    assert report['results']['ConvNetD1']['augmentation'] == 'DSA crop'
+    assert (report['settings']['dataset'], report['settings']['method']) == ('MNIST', 'DM')
+    assert f'(from the record {tmp_path / "res_mine.json"})' in p.stdout
+
+
+def test_an_image_folder_matched_to_class_names_learns_its_classes(tmp_path):
+    """The set's folders are named after Fashion-MNIST's classes in another order than sorted; a model
+    trained on it classifies the test images correctly only when the labels follow the names."""
+    write_patterns(tmp_path / 'data', 'FashionMNIST')
+    rng = np.random.default_rng(1)
+    for c, folder in enumerate(FASHION_FOLDERS):
+        for k, image in enumerate(patterns([c, c], rng)):
+            write_png(tmp_path / 'my_set' / folder / f'{k}.png', image, 'L')
+    p = run('evaluate.py', tmp_path / 'my_set', '--dataset', 'FashionMNIST', '--data_path', tmp_path / 'data',
+            '--num_eval', 1, '--epoch_eval_train', 40, '--models', 'ConvNetD1', '--lr_net', 0.05, '--dsa_strategy', 'none')
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert 'folder names matched to class names' in p.stdout
+    report = report_of(tmp_path / 'my_set_eval.json')
+    assert report['results']['ConvNetD1']['mean'] > 0.9  # sorted order would get at most 3 of 10 classes right
+    assert report['settings']['ipc'] == 2 and report['results']['ConvNetD1']['augmentation'] == 'none'
+
+
+def test_an_image_folder_for_a_users_image_folder_dataset(tmp_path):
+    """--dataset ImageFolder: the real tree (24x24) is read at the set's size (16x16) and normalised with its
+    own mean/std."""
+    rng = np.random.default_rng(0)
+    colours = {'blue': [0, 0, 200], 'red': [200, 0, 0]}
+    train = []
+    for split, n in (('train', 6), ('test', 4)):
+        for name, colour in colours.items():
+            for k in range(n):
+                image = (np.array(colour) + rng.integers(0, 50, (24, 24, 3))).astype(np.uint8)
+                write_png(tmp_path / 'tree' / split / name / f'{k}.png', image, 'RGB')
+                train += [image] * (split == 'train')
+    for name, colour in colours.items():
+        write_png(tmp_path / 'syn' / name / '0.jpg', np.full((16, 16, 3), colour, np.uint8), 'RGB')
+    p = run('evaluate.py', tmp_path / 'syn', '--dataset', 'ImageFolder', '--data_path', tmp_path / 'tree', *FAST,
+            '--models', 'ConvNetD1', '--save_path', tmp_path / 'out')
+    assert p.returncode == 0, p.stderr[-2000:]
+    report = report_of(tmp_path / 'out' / 'syn_eval.json')
+    s = report['settings']
+    assert (s['im_size'], s['num_classes'], s['channel']) == ([16, 16], 2, 3)
+    assert s['mean'] == pytest.approx((np.stack(train) / 255).mean((0, 1, 2)), abs=0.01)  # of the images at 16x16
+    assert s['sources']['labels'] == 'folder names matched to class names'
+    assert 0 <= report['results']['ConvNetD1']['mean'] <= 1
+
+
+def test_the_random_baseline_draws_as_many_real_images_per_class_as_the_set_has(tmp_path, data):
+    labels = torch.tensor([0, 0, 0] + [c for c in range(1, 10) for _ in range(2)])  # class 0 has 3 images
+    torch.save({'data': [[torch.randn(len(labels), 1, 28, 28), labels]] * 2, 'accs_all_exps': {}}, tmp_path / 'set.pt')
+    p = run('evaluate.py', tmp_path / 'set.pt', '--dataset', 'MNIST', '--baseline', 'random', *FAST, '--data_path', data)
+    assert p.returncode == 0, p.stderr[-2000:]
+    report = report_of(tmp_path / 'set_eval.json')
+    assert report['baseline']['kind'] == 'random' and report['baseline']['results']['ConvNet']['n'] == 2
+    assert 'random real images' in p.stdout
+    real_labels = get_dataset('MNIST', str(data))[6].labels
+    indices = report['baseline']['indices']
+    for k in ('0', '1'):
+        assert len(set(indices[k])) == len(indices[k])  # without replacement
+        assert torch.bincount(real_labels[indices[k]], minlength=10).tolist() == [3] + [2] * 9
+    assert indices['0'] != indices['1']  # a fresh draw per experiment
+
+
+@needs_fashion
+def test_random_real_images_of_fashion_mnist_are_clearly_above_chance(tmp_path):
+    dst_train = get_dataset('FashionMNIST', str(tmp_path / 'data'))[6]
+    g = torch.Generator().manual_seed(0)
+    idx = torch.cat([torch.nonzero(dst_train.labels == c).flatten()[torch.randperm(6000, generator=g)[:10]]
+                     for c in range(10)])
+    torch.save({'data': [[dst_train.images[idx], dst_train.labels[idx]]], 'accs_all_exps': {}},
+               tmp_path / 'res_random_FashionMNIST_ConvNet_10ipc.pt')
+    p = run('evaluate.py', tmp_path / 'res_random_FashionMNIST_ConvNet_10ipc.pt', '--epoch_eval_train', 20, '--num_eval', 1,
+            '--baseline', 'random', '--data_path', tmp_path / 'data')
+    assert p.returncode == 0, p.stderr[-2000:]
+    report = report_of(tmp_path / 'res_random_FashionMNIST_ConvNet_10ipc_eval.json')
+    assert report['results']['ConvNet']['augmentation'] == 'none'  # a coreset: DC's augmentation, none here
+    assert report['results']['ConvNet']['mean'] > 0.5 and report['baseline']['results']['ConvNet']['mean'] > 0.5
+
+
+# ----------------------------------------------------------------------------------------------------
+# Bad input: one line on stderr, exit status 2
+# ----------------------------------------------------------------------------------------------------
+
+GOOD = '{tmp}/res_DSA_MNIST_ConvNet_2ipc.pt'
+BAD = [  # (arguments, a part of the expected message)
+    (['{tmp}/nope.pt'], 'does not exist'),
+    (['{tmp}/garbage.pt'], 'garbage.pt is not a file that torch.save wrote'),
+    (['{tmp}/truncated.pt'], 'cannot load {tmp}/truncated.pt'),
+    (['{tmp}/unsafe.pt'], 'cannot load {tmp}/unsafe.pt safely'),
+    (['{tmp}/a_list.pt', '--dataset', 'MNIST'], 'must hold a dict'),
+    (['{tmp}/no_data.pt', '--dataset', 'MNIST'], "lacks the key 'data'"),
+    (['{tmp}/not_pairs.pt', '--dataset', 'MNIST'], 'must be a pair [images, labels]'),
+    (['{tmp}/float_labels.pt', '--dataset', 'MNIST'], 'integer labels'),
+    (['{tmp}/no_exps.pt', '--dataset', 'MNIST'], 'holds no experiments'),
+    (['{tmp}/nan.pt', '--dataset', 'MNIST'], 'data[0] holds non-finite pixel values'),
+    (['{tmp}/no_images.pt', '--dataset', 'MNIST'], 'data[0] holds no images'),
+    (['{tmp}/rgb.pt', '--dataset', 'MNIST'], 'images are 3x32x32, but MNIST images are 1x28x28'),
+    (['{tmp}/labels.pt', '--dataset', 'MNIST'], 'labels go up to 11, but MNIST has 10 classes'),
+    (['{tmp}/empty_dir', '--dataset', 'MNIST'], 'holds no class folders'),
+    (['{tmp}/empty_class', '--dataset', 'MNIST'], 'empty_class/3 holds no images'),
+    (['{tmp}/not_images', '--dataset', 'MNIST'], 'notes.txt is not an image'),
+    (['{tmp}/stray', '--dataset', 'MNIST'], 'the images go in class folders'),
+    (['{tmp}/large', '--dataset', 'MNIST'], 'is 32x32 pixels, but MNIST images are 28x28'),
+    (['{tmp}/colour', '--dataset', 'MNIST'], 'has colour, but MNIST images have 1 channel'),
+    (['{tmp}/gray', '--dataset', 'SVHN'], 'is a one-channel image, but SVHN images have 3 channels'),
+    (['{tmp}/eleven', '--dataset', 'MNIST'], 'has 11 class folders, but MNIST has 10 classes'),
+    (['{tmp}/nine_named', '--dataset', 'MNIST'], 'named after MNIST classes but not nine'),
+    (['{tmp}/colour', '--dataset', 'MNIST', '--exp', '1'], 'a folder is one experiment'),
+    ([GOOD, '--models', 'ConvNet', 'ConvNetX'], "invalid choice: 'ConvNetX'"),
+    ([GOOD, '--exp', '2'], '--exp 2 is out of range'),
+    ([GOOD, '--exp', '-1'], 'not an experiment number'),
+    ([GOOD, '--exp', 'last'], 'not an experiment number'),
+    ([GOOD, '--dataset', 'CIFAR11'], "invalid choice: 'CIFAR11'"),
+    (['{tmp}/plain.pt'], 'which dataset made'),
+    (['{tmp}/res_odd.pt'], "unknown dataset 'CIFAR11' (from the record"),
+    (['{tmp}/res_DM_MNIST_ConvNetX_2ipc.pt'], "unknown model 'ConvNetX' (from the file name)"),
+    ([GOOD, '--num_eval', '0'], '--num_eval must be at least 1'),
+    ([GOOD, '--num_eval', 'two'], 'invalid int'),
+    ([GOOD, '--epoch_eval_train', '0'], '--epoch_eval_train must be at least 1'),
+    ([GOOD, '--batch_train', '0'], '--batch_train must be at least 1'),
+    ([GOOD, '--lr_net', '-1'], '--lr_net must be a positive number'),
+    ([GOOD, '--lr_net', 'nan'], '--lr_net must be a positive number'),
+    ([GOOD, '--seed', '-1'], '--seed must be at least 0'),
+    ([GOOD, '--dsa_strategy', 'color_blur'], "unknown augmentation 'blur'"),
+    ([GOOD, '--method', 'KIP'], "invalid choice: 'KIP'"),
+    ([GOOD, '--eval_mode', 'Q'], "invalid choice: 'Q'"),
+    ([GOOD, '--eval_mode', 'M', '--models', 'MLP'], 'not allowed with argument'),
+    ([GOOD, '--baseline', 'herding'], "invalid choice: 'herding'"),
+    (['{tmp}/big.pt', '--dataset', 'MNIST', '--baseline', 'random'], 'needs 11 real images of class 0'),
+    ([GOOD, '--save_path', '{tmp}/a_file'], 'is a file, not a folder'),
+    ([GOOD, '--save_path', '/proc/forbidden'], 'cannot write to --save_path'),
+    ([GOOD, '--device', 'tpu'], 'unknown device'),
+    ([GOOD, '--no_such_flag'], 'unrecognized arguments'),
+]
+
+
+@pytest.fixture(scope='module')
+def bad_inputs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp('bad')
+    write_mnist(tmp / 'data', n_train=100, n_test=10)
+    papers_file(tmp / 'res_DSA_MNIST_ConvNet_2ipc.pt')
+    papers_file(tmp / 'plain.pt', n_exp=1)
+    papers_file(tmp / 'res_DM_MNIST_ConvNetX_2ipc.pt', n_exp=1)
+    papers_file(tmp / 'res_odd.pt', n_exp=1)
+    (tmp / 'res_odd.json').write_text(json.dumps({'results': {}, 'protocol': {'dataset': 'CIFAR11', 'method': 'DM'}}))
+    papers_file(tmp / 'rgb.pt', n_exp=1, shape=(3, 32, 32))
+    papers_file(tmp / 'big.pt', n_exp=1, ipc=11)
+    (tmp / 'garbage.pt').write_text('not a torch file')
+    torch.save({'data': [], 'settings': argparse.Namespace(a=1)}, tmp / 'unsafe.pt')  # needs pickled code
+    torch.save([1, 2], tmp / 'a_list.pt')
+    torch.save({'accs_all_exps': {}}, tmp / 'no_data.pt')
+    torch.save({'data': [torch.zeros(2, 1, 28, 28)]}, tmp / 'not_pairs.pt')
+    torch.save({'data': [[torch.zeros(2, 1, 28, 28), torch.zeros(2)]]}, tmp / 'float_labels.pt')
+    torch.save({'data': []}, tmp / 'no_exps.pt')
+    torch.save({'data': [[torch.zeros(0, 1, 28, 28), torch.zeros(0, dtype=torch.long)]]}, tmp / 'no_images.pt')
+    (tmp / 'truncated.pt').write_bytes((tmp / 'res_DSA_MNIST_ConvNet_2ipc.pt').read_bytes()[:3000])
+    torch.save({'data': [[torch.full((2, 1, 28, 28), float('nan')), torch.zeros(2, dtype=torch.long)]]}, tmp / 'nan.pt')
+    torch.save({'data': [[torch.zeros(2, 1, 28, 28), torch.tensor([0, 11])]]}, tmp / 'labels.pt')
+    (tmp / 'a_file').write_text('x')
+    (tmp / 'empty_dir').mkdir()
+    gray, rgb = np.zeros((28, 28), np.uint8), np.zeros((28, 28, 3), np.uint8)
+    for c in range(10):
+        for folder in ('empty_class', 'not_images', 'nine_named', 'stray', 'large'):
+            write_png(tmp / folder / ('nine' if folder == 'nine_named' and c == 9 else str(c)) / '0.png',
+                      np.zeros((32, 32), np.uint8) if folder == 'large' else gray, 'L')
+        write_png(tmp / 'colour' / str(c) / '0.png', rgb + np.array([0, 0, 200], np.uint8) * (c == 4), 'RGB')
+        write_png(tmp / 'gray' / str(c) / '0.png', np.zeros((32, 32), np.uint8), 'L')
+    for f in (tmp / 'empty_class' / '3').iterdir():
+        f.unlink()
+    (tmp / 'not_images' / '5' / 'notes.txt').write_text('not an image')
+    for name in 'abcdefghijk':  # not class names: in sorted order, one too many
+        write_png(tmp / 'eleven' / name / '0.png', gray, 'L')
+    (tmp / 'stray' / 'readme.txt').write_text('x')
+    return tmp
+
+
+def arguments(tmp, args):
+    args = [a.replace('{tmp}', str(tmp)) for a in args]
+    return args if '--data_path' in args else args + ['--data_path', str(tmp / 'data')]
+
+
+@pytest.mark.parametrize('args,expected', BAD, ids=[' '.join(a).replace('{tmp}/', '') for a, _ in BAD])
+def test_bad_input(bad_inputs, capsys, monkeypatch, args, expected):
+    """Runs evaluate.py's entry point in this process (as `python evaluate.py ...` would)."""
+    monkeypatch.setattr(sys, 'argv', ['evaluate.py', *arguments(bad_inputs, args)])
+    with pytest.raises(SystemExit) as e:
+        runpy.run_path(os.path.join(ROOT, 'evaluate.py'), run_name='__main__')
+    out = capsys.readouterr()
+    assert e.value.code == 2, out.err
+    assert len(out.err.strip().splitlines()) == 1 and 'Traceback' not in out.err, out.err
+    assert expected.replace('{tmp}', str(bad_inputs)) in out.err, out.err
+    assert not list(bad_inputs.rglob('*_eval.json'))  # nothing written
+
+
+@pytest.mark.parametrize('args', [['{tmp}/nope.pt'], ['{tmp}/not_images', '--dataset', 'MNIST'], ['{tmp}/unsafe.pt']])
+def test_bad_input_in_a_real_process(bad_inputs, args):
+    p = run('evaluate.py', *arguments(bad_inputs, args), timeout=120)
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and 'Traceback' not in p.stderr, p.stderr

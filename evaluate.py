@@ -10,32 +10,24 @@ it, and tests them on the real test set; --baseline random does the same for ran
     python evaluate.py my_set/ --dataset CIFAR10 --dsa_strategy color_crop_cutout_flip_scale_rotate
 """
 import argparse
-import hashlib
 import json
-import math
 import os
 import re
+import struct
 import sys
 
 import numpy as np
 import torch
 
 from networks import MODELS
-from utils import (CORESETS, DATASETS, EVAL_MODES, FULL_STRATEGY, ArgumentParser, ClassImages, ParamDiffAug, UsageError,
-                   atomic_write, check_strategy, eval_args, evaluate_models, get_dataset, get_eval_pool, load_result,
-                   pick_device, run_script)
+from utils import (CORESETS, DATASETS, EVAL_MODES, NO_STRATEGY, STRATEGY_RULE, ArgumentParser, ClassImages, ParamDiffAug,
+                   UsageError, atomic_json, check_numbers, check_strategy, default_strategy, eval_args, evaluate_models,
+                   generator, get_dataset, get_eval_pool, load_result, pick_device, run_script, writable_folder)
 
 DSA_MADE = ['DSA', 'DM', 'CAFE_DSA']  # sets evaluated with DSA augmentation
 DC_MADE = ['DC', 'CAFE', *CORESETS]  # sets evaluated with DC's classic augmentation
 NO_AUG_EPOCHS = {'CAFE': 600, 'CAFE_DSA': 600}  # epochs without augmentation; others 300
 GRAY_MODES = ('1', 'L', 'LA', 'I', 'I;16', 'F')  # PIL modes of one-channel images
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):  # candidate for utils.py
-    """Shows defaults in --help, except None: those flags explain their default in their help."""
-
-    def _get_help_string(self, action):
-        return action.help if action.default is None else super()._get_help_string(action)
 
 
 def experiment(text):
@@ -47,7 +39,7 @@ def experiment(text):
 
 
 def get_parser():
-    p = ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=HelpFormatter,
+    p = ArgumentParser(description=__doc__.split('\n\n')[0],
                        epilog='A flag wins over the record res_<...>.json that our scripts write beside a result file, '
                               'and the record over the file name res_<method>_<dataset>_<model>_<ipc>ipc.pt.')
     p.add_argument('input', help="a result file in the papers' format (res_<method>_<dataset>_<model>_<ipc>ipc.pt) "
@@ -55,7 +47,7 @@ def get_parser():
     p.add_argument('--dataset', choices=[*DATASETS, 'ImageFolder'],
                    help='the real dataset (default: from the record res_<...>.json beside the file, else from its name)')
     p.add_argument('--method', choices=DSA_MADE + DC_MADE,
-                   help=f'the method that made the set, which picks the augmentation: DSA ({FULL_STRATEGY}) for '
+                   help=f'the method that made the set, which picks the augmentation: DSA ({STRATEGY_RULE}) for '
                         f"{', '.join(DSA_MADE)}; DC's classic one for {', '.join(DC_MADE)} (default: from the record, "
                         'else the file name; when nothing says, DSA augmentation)')
     p.add_argument('--dsa_strategy', help='evaluate with DSA augmentation of these _-separated transformations (color '
@@ -84,40 +76,14 @@ def get_parser():
     return p
 
 
-def check_numbers(args):  # candidate for utils.py (the number checks of utils.setup, for any script)
-    for k in ('num_eval', 'epoch_eval_train', 'batch_train'):
-        if getattr(args, k) is not None and getattr(args, k) < 1:
-            raise UsageError(f'--{k} must be at least 1, got {getattr(args, k)}')
-    if not args.lr_net > 0 or not math.isfinite(args.lr_net):
-        raise UsageError(f'--lr_net must be a positive number, got {args.lr_net}')
-    if args.seed < 0:
-        raise UsageError(f'--seed must be at least 0, got {args.seed}')
-
-
-def check_writable(folder, what):  # candidate for utils.py (the save-path check of utils.setup)
-    """Make `folder` if needed and make sure a file can be written there, before hours of evaluation."""
-    if os.path.exists(folder) and not os.path.isdir(folder):
-        raise UsageError(f'{what} {folder} is a file, not a folder')
-    probe = os.path.join(folder, f'.write_test{os.getpid()}')
-    try:
-        os.makedirs(folder, exist_ok=True)
-        open(probe, 'w').close()
-        os.remove(probe)
-    except OSError as e:
-        raise UsageError(f'cannot write to {what} {folder}: {e.strerror}') from None
-
-
-def seed_of(*keys):  # candidate for utils.py (set_seed's mapping of keys to a seed, for a torch.Generator)
-    ints = [k if isinstance(k, int) else int(hashlib.sha1(str(k).encode()).hexdigest()[:8], 16) for k in keys]
-    return int(np.random.SeedSequence(ints).generate_state(1)[0])
-
-
 # ----------------------------------------------------------------------------------------------------
 # What made the set: the flags, the record beside the file, its name
 # ----------------------------------------------------------------------------------------------------
 
-def read_record(path):
-    """The settings our scripts record beside a result file (res_<...>.json, by utils.summarise), or {}."""
+def read_record(path, settings=None):
+    """The settings our scripts record in a result file (`settings`) or beside it (res_<...>.json), or {}."""
+    if isinstance(settings, dict):
+        return settings
     record = os.path.splitext(path)[0] + '.json'
     if not os.path.isfile(record):
         return {}
@@ -144,12 +110,13 @@ def parse_name(path):
     return {}
 
 
-def resolve(args):
-    """Settle the dataset, the training model and the augmentation from the flags, else the record beside
-    the file, else the file's name; args.sources says where each came from."""
+def resolve(args, settings=None):
+    """Settle the dataset, the training model and the augmentation from the flags, else the record in or
+    beside the file, else the file's name; args.sources says where each came from."""
     is_file = os.path.isfile(args.input)
-    record = read_record(args.input) if is_file else {}
-    sources = [('--{}', vars(args)), ('the record ' + os.path.splitext(args.input)[0] + '.json', record),
+    record = read_record(args.input, settings) if is_file else {}
+    where = 'the record in ' + args.input if settings else 'the record ' + os.path.splitext(args.input)[0] + '.json'
+    sources = [('--{}', vars(args)), (where, record),
                ('the file name', parse_name(args.input) if is_file else {})]
 
     def pick(key, default=None):
@@ -168,10 +135,10 @@ def resolve(args):
     if args.models is None and args.eval_mode in ('S', 'SS') and args.model not in MODELS:
         raise UsageError(f'unknown model {args.model!r} (from {args.sources["model"]}); give --model or --models')
     if args.dsa_strategy is not None:
-        args.dsa, why = args.dsa_strategy not in ('', 'none', 'None'), 'from --dsa_strategy'
+        args.dsa, why = args.dsa_strategy not in NO_STRATEGY, 'from --dsa_strategy'
     elif args.sources['method'] == '--method' or 'dsa' not in record:
         args.dsa = args.method not in DC_MADE
-        args.dsa_strategy = FULL_STRATEGY if args.dsa else 'none'
+        args.dsa_strategy = default_strategy(args.dataset) if args.dsa else 'none'
         why = f'as for sets made by {args.method}' if args.method in DSA_MADE + DC_MADE else 'the default for an unknown method'
     else:
         args.dsa, args.dsa_strategy = bool(record['dsa']), str(record.get('dsa_strategy') or 'none')
@@ -194,7 +161,8 @@ def check_torch_file(path):  # candidate for utils.py (in load_pt: torch's own m
 
 
 def read_pt(args):
-    """The experiments [(k, images, labels)] of a result file (those --exp names) and its recorded accuracies."""
+    """The experiments [(k, images, labels)] of a result file (those --exp names), its recorded accuracies
+    and the settings recorded in it (ours), if any."""
     check_torch_file(args.input)
     res = load_result(args.input)
     n = len(res['data'])
@@ -217,7 +185,7 @@ def read_pt(args):
             recorded[str(m)] = summary([float(a) for a in accs])
         except (TypeError, ValueError):  # not a list of numbers: nothing to compare with
             pass
-    return sets, recorded
+    return sets, recorded, res.get('settings')
 
 
 def read_image(path, channel, size, dataset, sized):
@@ -227,7 +195,8 @@ def read_image(path, channel, size, dataset, sized):
         with Image.open(path) as img:
             gray = img.mode in GRAY_MODES
             x = np.asarray(img.convert('RGB'))
-    except Exception:  # not an image, a truncated one, a decompression bomb: one line says which file
+    except (OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError):  # not an image,
+        # a truncated one, a decompression bomb: one line says which file
         raise UsageError(f'{path} is not an image that PIL can read') from None
     if size and x.shape[:2] != tuple(size):
         raise UsageError(f'{path} is {x.shape[0]}x{x.shape[1]} pixels, but {sized} {size[0]}x{size[1]} '
@@ -350,18 +319,11 @@ def output_path(args):
     return os.path.join(args.save_path or os.path.dirname(path), stem + '_eval.json')
 
 
-def write_json(path, report):
-    def write(tmp):
-        with open(tmp, 'w') as f:
-            json.dump(report, f, indent=1)
-    atomic_write(path, write)
-
-
 def load(args):
     """The experiments to evaluate [(k, images, labels)], normalised; the accuracies the file recorded; the real
     training set and test loader. Fills in args: the settings (see resolve) and the dataset's constants."""
-    sets, recorded = read_pt(args) if os.path.isfile(args.input) else (None, {})
-    resolve(args)
+    sets, recorded, settings = read_pt(args) if os.path.isfile(args.input) else (None, {}, None)
+    resolve(args, settings)
     if sets is None:
         if args.exp not in ('all', 0):
             raise UsageError(f'--exp {args.exp} is out of range: a folder is one experiment, 0')
@@ -387,7 +349,7 @@ def main():
     if not os.path.exists(args.input):
         raise UsageError(f'{args.input} does not exist')
     out = output_path(args)
-    check_writable(os.path.dirname(out), '--save_path' if args.save_path else 'the output folder')
+    writable_folder(os.path.dirname(out), '--save_path' if args.save_path else 'the output folder')
     sets, recorded, dst_train, testloader = load(args)
     args.dsa_param = ParamDiffAug()
     counts = [torch.bincount(labels, minlength=args.num_classes).tolist() for _, _, labels in sets]
@@ -398,7 +360,7 @@ def main():
     if args.baseline == 'random':
         real = ClassImages(dst_train, args.num_classes)
         for (k, _, _), n in zip(sets, counts):
-            baselines[k] = random_real(real, n, torch.Generator().manual_seed(seed_of(args.seed, 'random', k)))
+            baselines[k] = random_real(real, n, generator(args.seed, 'random', k))
 
     made = f'made by {args.method} (from {args.sources["method"]})' if args.method else 'made by an unnamed method'
     print(f'{args.input}: {len(sets)} experiment(s) of {len(sets[0][1])} images; dataset {args.dataset} '
@@ -425,7 +387,7 @@ def main():
             baseline=dict(kind='random', results={m: summarise_exps(base_accs[m]) for m in model_pool},
                           indices={str(j): idx.tolist() for j, (idx, _) in baselines.items()}) if baselines else None,
             recorded=recorded, finished=k == sets[-1][0])
-        write_json(out, report)  # after every experiment: a long run keeps what it has done
+        atomic_json(report, out)  # after every experiment: a long run keeps what it has done
     print('\n' + table(report))
     print(f'\nwritten to {out}')
 

@@ -1380,8 +1380,8 @@ POSITIVE = ['ipc', 'num_exp', 'num_eval', 'batch_real', 'batch_train', 'epoch_ev
 NON_NEGATIVE = ['Iteration', 'seed']
 
 
-def setup(args):
-    """Check the arguments and prepare the run: device, save path, augmentation parameters."""
+def check_numbers(args):
+    """Whole numbers in their ranges, learning rates positive and finite (any flags a script has)."""
     for k in POSITIVE:
         if getattr(args, k, None) is not None and getattr(args, k) < 1:
             raise UsageError(f'--{k} must be at least 1, got {getattr(args, k)}')
@@ -1389,10 +1389,28 @@ def setup(args):
         if getattr(args, k, None) is not None and getattr(args, k) < 0:
             raise UsageError(f'--{k} must be at least 0, got {getattr(args, k)}')
     for k in ('lr_img', 'lr_net'):
-        if getattr(args, k) is None:
-            continue
-        if not getattr(args, k) > 0 or not math.isfinite(getattr(args, k)):
+        if getattr(args, k, None) is not None and not (getattr(args, k) > 0 and math.isfinite(getattr(args, k))):
             raise UsageError(f'--{k} must be a positive number, got {getattr(args, k)}')
+
+
+def writable_folder(folder, what='--save_path'):
+    """Make `folder` if needed and make sure a file can be written there (before hours of work); clean the
+    temporaries that a killed run of ours left in it."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise UsageError(f'{what} {folder} is a file, not a folder')
+    probe = os.path.join(folder, f'.write_test{os.getpid()}')
+    try:
+        os.makedirs(folder, exist_ok=True)
+        open(probe, 'w').close()
+        os.remove(probe)
+    except OSError as e:
+        raise UsageError(f'cannot write to {what} {folder}: {e.strerror}') from None
+    remove_stale_temporaries(folder)
+
+
+def setup(args):
+    """Check the arguments and prepare the run: device, save path, augmentation parameters."""
+    check_numbers(args)
     if args.im_size is not None:
         if args.dataset != 'ImageFolder':
             h, w = DATASETS[args.dataset][1]
@@ -1405,20 +1423,11 @@ def setup(args):
         raise UsageError(f'--eval_mode {args.eval_mode} compares ConvNet variants; it needs a ConvNet --model, not {args.model}')
     args.device = pick_device(args.device)
     args.dsa_param = ParamDiffAug()
-    if os.path.exists(args.save_path) and not os.path.isdir(args.save_path):
-        raise UsageError(f'--save_path {args.save_path} is a file, not a folder')
-    try:
-        os.makedirs(args.save_path, exist_ok=True)
-        with open(os.path.join(args.save_path, f'.write_test{os.getpid()}'), 'w'):
-            pass
-        os.remove(os.path.join(args.save_path, f'.write_test{os.getpid()}'))
-    except OSError as e:
-        raise UsageError(f'cannot write to --save_path {args.save_path}: {e.strerror}') from None
     if args.resume not in ('none', 'auto') and not os.path.isfile(args.resume):
         raise UsageError(f'--resume {args.resume}: no such checkpoint file (use auto to pick the newest)')
     if args.resume != 'none' and args.overwrite:
         raise UsageError('--resume continues a run and --overwrite replaces it: give one of them')
-    remove_stale_temporaries(args.save_path)
+    writable_folder(args.save_path)
     return args
 
 

@@ -14,7 +14,7 @@ from PIL import Image
 
 import evaluate
 from helpers import ROOT, idx_bytes, needs_fashion, run, write_mnist
-from utils import FULL_STRATEGY, get_dataset, summarise
+from utils import default_strategy, get_dataset, summarise
 
 FAST = ['--epoch_eval_train', 2, '--num_eval', 1]
 FASHION_FOLDERS = ['T-shirt_top', 'trouser', 'Pullover', 'dress', 'Coat', 'sandal', 'Shirt', 'sneaker', 'Bag', 'ankle boot']
@@ -72,15 +72,18 @@ def test_the_file_name_gives_method_dataset_and_model_even_with_underscores():
     assert evaluate.parse_name('syn.pt') == {} and evaluate.parse_name('res_DM_MNIST_ConvNet.pt') == {}
 
 
+DIGITS_STRATEGY = default_strategy('MNIST')  # the DSA paper's strategy for MNIST: no flip
+
+
 @pytest.mark.parametrize('name,flags,dsa,strategy,noaug', [
-    ('res_DSA_MNIST_ConvNet_1ipc.pt', [], True, FULL_STRATEGY, 300),
-    ('res_DM_MNIST_ConvNet_1ipc.pt', [], True, FULL_STRATEGY, 300),
-    ('res_CAFE_DSA_MNIST_ConvNet_1ipc.pt', [], True, FULL_STRATEGY, 600),
+    ('res_DSA_MNIST_ConvNet_1ipc.pt', [], True, DIGITS_STRATEGY, 300),
+    ('res_DM_MNIST_ConvNet_1ipc.pt', [], True, DIGITS_STRATEGY, 300),
+    ('res_CAFE_DSA_MNIST_ConvNet_1ipc.pt', [], True, DIGITS_STRATEGY, 600),
     ('res_DC_MNIST_ConvNet_1ipc.pt', [], False, 'none', 300),
     ('res_CAFE_MNIST_ConvNet_1ipc.pt', [], False, 'none', 600),
     ('res_herding_MNIST_ConvNet_1ipc.pt', [], False, 'none', 300),
-    ('res_MTT_MNIST_ConvNet_1ipc.pt', [], True, FULL_STRATEGY, 300),  # an unknown method: the default, DSA
-    ('syn.pt', ['--dataset', 'MNIST'], True, FULL_STRATEGY, 300),  # nothing says: the default
+    ('res_MTT_MNIST_ConvNet_1ipc.pt', [], True, DIGITS_STRATEGY, 300),  # an unknown method: the default, DSA
+    ('syn.pt', ['--dataset', 'MNIST'], True, DIGITS_STRATEGY, 300),  # nothing says: the default
     ('syn.pt', ['--dataset', 'MNIST', '--method', 'DC'], False, 'none', 300),
     ('res_DC_MNIST_ConvNet_1ipc.pt', ['--dsa_strategy', 'crop_flip'], True, 'crop_flip', 300),
     ('res_DM_MNIST_ConvNet_1ipc.pt', ['--dsa_strategy', 'none'], False, 'none', 300),
@@ -127,15 +130,15 @@ def test_a_papers_file_with_numpy_scalars_every_experiment_and_the_same_seed(tmp
     assert report['finished'] and report['baseline'] is None
     s = report['settings']
     assert (s['dataset'], s['method'], s['model'], s['models'], s['dsa'], s['dsa_strategy']) == \
-        ('MNIST', 'DSA', 'ConvNet', ['ConvNet'], True, FULL_STRATEGY)
+        ('MNIST', 'DSA', 'ConvNet', ['ConvNet'], True, DIGITS_STRATEGY)
     assert s['sources']['dataset'] == 'the file name'
     r = report['results']['ConvNet']
     assert r['n'] == 2 and list(r['per_exp']) == ['0', '1'] and all(len(a) == 1 for a in r['per_exp'].values())
     assert r['accs'] == r['per_exp']['0'] + r['per_exp']['1'] and all(0 <= a <= 1 for a in r['accs'])
     assert r['mean'] == pytest.approx(np.mean(r['accs'])) and r['std'] == pytest.approx(np.std(r['accs']))
-    assert (r['epochs'], r['augmentation']) == (2, 'DSA ' + FULL_STRATEGY)
+    assert (r['epochs'], r['augmentation']) == (2, 'DSA ' + DIGITS_STRATEGY)
     assert report['recorded']['ConvNet'] == pytest.approx(dict(mean=0.55, std=0.05, n=2, accs=[0.5, 0.6]))
-    assert 'augmentation DSA color_crop_cutout_flip_scale_rotate' in p.stdout
+    assert 'augmentation DSA color_crop_cutout_scale_rotate' in p.stdout  # MNIST: no flip
     assert 'ConvNet' in p.stdout.splitlines()[-3] and '(n=2)' in p.stdout and '55.00 ± 5.00 %' in p.stdout
     losses = train_losses(p.stdout)
     assert len(losses) == 2

@@ -156,7 +156,7 @@ def test_dc_summary_lists_every_model_of_the_pool(tmp_path):
 
 
 FAST = ['--dataset', 'FashionMNIST', '--ipc', 2, '--Iteration', 2, '--num_exp', 1, '--num_eval', 1,
-        '--epoch_eval_train', 2, '--batch_real', 32, '--eval_mode', 'SS']
+        '--epoch_eval_train', 60, '--batch_real', 32, '--eval_mode', 'SS', '--init', 'real']
 
 
 @needs_fashion
@@ -168,5 +168,6 @@ def test_end_to_end_on_real_fashion_mnist(tmp_path, method):
     assert images.shape == (20, 1, 28, 28) and torch.isfinite(images).all()
     assert labels.tolist() == [c for c in range(10) for _ in range(2)]
     assert (tmp_path / f'vis_{method}_FashionMNIST_ConvNet_2ipc_exp0_iter2.png').exists()
+    assert load_result(tmp_path / f'res_{method}_FashionMNIST_ConvNet_2ipc.pt')['accs_all_exps']['ConvNet'][0] > 0.35
     if method == 'DSA':
         assert "'dsa_strategy': 'color_crop_cutout_flip_scale_rotate'" in p.stdout  # the DSA paper's default

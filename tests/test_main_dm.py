@@ -5,8 +5,8 @@ import torch
 from helpers import needs_fashion, run
 from utils import load_pt
 
-FAST = ['--dataset', 'FashionMNIST', '--num_exp', 1, '--epoch_eval_train', 2, '--batch_real', 32, '--ipc', 2,
-        '--Iteration', 3, '--eval_mode', 'SS']
+FAST = ['--dataset', 'FashionMNIST', '--num_exp', 1, '--epoch_eval_train', 60, '--batch_real', 32, '--ipc', 2,
+        '--Iteration', 3]
 
 
 @needs_fashion
@@ -19,7 +19,7 @@ def test_dm_end_to_end_on_real_fashion_mnist(tmp_path):
     assert images.shape == (20, 1, 28, 28) and images.dtype == torch.float32 and torch.isfinite(images).all()
     assert labels.tolist() == [c for c in range(10) for _ in range(2)]
     accs = saved['accs_all_exps']['ConvNet']
-    assert len(accs) == 1 and 0.0 <= accs[0] <= 1.0
+    assert len(accs) == 1 and accs[0] > 0.35  # chance: 0.1
     summary = json.loads((res / 'res_DM_FashionMNIST_ConvNet_2ipc.json').read_text())
     assert summary['results']['ConvNet']['n'] == 1 and summary['protocol']['Iteration'] == 3
     assert (res / 'vis_DM_FashionMNIST_ConvNet_2ipc_exp0_iter0.png').exists()

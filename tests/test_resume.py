@@ -222,26 +222,32 @@ def test_a_stop_during_evaluation_cuts_it_short_and_resume_redoes_it(data, tmp_p
 ])
 def test_every_method_resumes_bit_identically_after_a_crash(data, tmp_path, monkeypatch, script, flags):
     module = __import__(script)
-    args = ['--dataset', 'MNIST', '--ipc', '2', '--Iteration', '4', '--num_exp', '1', '--num_eval', '1',
+    args = ['--dataset', 'MNIST', '--ipc', '2', '--Iteration', '4', '--num_exp', '2', '--num_eval', '1',
             '--epoch_eval_train', '1', '--batch_real', '4', '--checkpoint_every', '1', '--data_path', str(data), *flags]
 
     def run_main(save_path, *extra):
         monkeypatch.setattr(sys, 'argv', [script, *args, '--save_path', str(save_path), *extra])
         module.main()
-        return glob.glob(str(save_path / 'res_*.pt'))[0]
+        return load_result(glob.glob(str(save_path / 'res_*.pt'))[0])
 
-    whole = load_result(run_main(tmp_path / 'whole'))['data'][0][0]
+    whole = run_main(tmp_path / 'whole')
     step = module.train_iteration
+    calls = []
 
-    def crash_at_3(it, *a):
-        if it == 3:
+    def crash_in_the_second_experiment(it, *a):
+        calls.append(it)
+        if len(calls) == 4 + 3 + 1:  # iteration 3 of experiment 1
             raise RuntimeError('crash')
         return step(it, *a)
 
-    monkeypatch.setattr(module, 'train_iteration', crash_at_3)
+    monkeypatch.setattr(module, 'train_iteration', crash_in_the_second_experiment)
     with pytest.raises(RuntimeError, match='crash'):
         run_main(tmp_path / 'cut')
     calls = []
     monkeypatch.setattr(module, 'train_iteration', lambda it, *a: calls.append(it) or step(it, *a))
-    resumed = load_result(run_main(tmp_path / 'cut', '--resume', 'auto'))['data'][0][0]
-    assert calls == [3] and torch.equal(resumed, whole)  # only the iteration that crashed is done again
+    resumed = run_main(tmp_path / 'cut', '--resume', 'auto')
+    assert calls == [3]  # only the iteration that crashed is done again
+    assert len(resumed['data']) == len(whole['data']) == 2
+    for (a, la), (b, lb) in zip(resumed['data'], whole['data']):
+        assert torch.equal(a, b) and torch.equal(la, lb)  # every experiment, bit for bit
+    assert resumed['accs_all_exps'] == whole['accs_all_exps']

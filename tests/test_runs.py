@@ -14,7 +14,7 @@ import torch
 
 import utils
 from helpers import ROOT, run, write_mnist
-from utils import Interrupted, UsageError, load_pt, load_result
+from utils import Interrupted, load_pt, load_result
 
 DM = ['--dataset', 'MNIST', '--ipc', 1, '--num_exp', 1, '--num_eval', 1, '--epoch_eval_train', 1, '--batch_real', 4,
       '--eval_mode', 'SS', '--Iteration', 2]

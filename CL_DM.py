@@ -21,9 +21,10 @@ from tqdm import trange
 
 from main import train_iteration as dsa_iteration
 from main_DM import train_iteration as dm_iteration
+import utils
 from utils import (STRATEGY_RULE, Diverged, SynSet, UsageError, atomic_json, atomic_save, differences,
-                   evaluate_models, exclusive, get_loops, get_parser, load_real, load_result, refuse, run_script,
-                   select_coreset, set_dsa, set_seed, setup, signature, tensor_loader)
+                   evaluate_models, exclusive, gather_objects, get_loops, get_parser, load_real, load_result, on_main,
+                   refuse, run_script, select_coreset, set_dsa, set_seed, setup, signature, tensor_loader)
 
 MEMORY_NAMES = {'herding': 'cl_herding', 'DSA': 'cl_res_DSA', 'DM': 'cl_DM'}  # the papers' file names
 CONDENSE = {'DSA': dsa_iteration, 'DM': dm_iteration}
@@ -88,22 +89,34 @@ def load_memories(path, record, steps, args):
 
 
 def memories(seed, steps, real, args, record):
-    """The memory of every step for one seed: loaded when saved (here, or released by the papers),
-    otherwise built and saved in --save_path after every step."""
-    if args.method == 'random':
-        return [build_memory(classes, real, args, (args.seed, seed, k, args.method)) for k, classes in enumerate(steps)]
-    ours = os.path.join(args.save_path, memory_name(args, seed))
-    released = os.path.join(args.data_path, 'metasets', 'cl_data', memory_name(args, seed))
+    """The memory of every step for one seed, a step at a time: (the memories so far, whether the newest
+    was built just now). Loaded when saved (here, or released by the papers), otherwise built."""
     data, from_papers = [], 0
-    for path in (ours, released):
-        if os.path.isfile(path):
-            data, from_papers = load_memories(path, record, steps, args)
-            print(f'seed {seed}: using the memories of {min(len(data), len(steps))} steps in {path}')
-            break
-    for k in range(len(data), len(steps)):
-        data.append(build_memory(steps[k], real, args, (args.seed, seed, k, args.method)))
-        atomic_save({'data': data, 'settings': dict(record, released_steps=from_papers)}, ours)  # after every step
-    return data[:len(steps)]
+    if args.method != 'random':
+        for path in (os.path.join(args.save_path, memory_name(args, seed)),
+                     os.path.join(args.data_path, 'metasets', 'cl_data', memory_name(args, seed))):
+            if os.path.isfile(path):
+                data, from_papers = load_memories(path, record, steps, args)
+                print(f'seed {seed}: using the memories of {min(len(data), len(steps))} steps in {path}')
+                break
+    record['released_steps'] = from_papers
+    for k in range(len(steps)):
+        built = k >= len(data)
+        if built:
+            data.append(build_memory(steps[k], real, args, (args.seed, seed, k, args.method)))
+        yield data[:k + 1], built and args.method != 'random'
+
+
+def save_memories(built, args):
+    """Rank 0 saves the memories that the processes have just built (each process one seed's)."""
+    for seed, data, record in filter(None, built):
+        atomic_save({'data': data, 'settings': record}, os.path.join(args.save_path, memory_name(args, seed)))
+
+
+def class_order(seed, args):
+    np.random.seed(seed)  # the papers' class order
+    order = np.random.permutation(args.num_classes).tolist()
+    return order, [part.tolist() for part in np.array_split(order, args.steps)]
 
 
 def parser():
@@ -149,28 +162,33 @@ def main():
     summary_path = os.path.join(args.save_path, name + '.json')
     sig = {k: v for k, v in signature(args).items() if k != 'seeds'}  # more seeds may be added later
     with exclusive(os.path.join(args.save_path, f'.lock_{name}'), summary_path):
-        done = finished_seeds(summary_path, sig, args)
-        for seed in range(args.seeds):
-            np.random.seed(seed)  # the papers' class order
-            class_order = np.random.permutation(args.num_classes).tolist()
-            steps = [part.tolist() for part in np.array_split(class_order, args.steps)]
-            if str(seed) in done:
-                print(f'seed {seed}: evaluated already (in {summary_path})')
-                continue
-            print(f'seed {seed}: class order {class_order}')
-            data = memories(seed, steps, real, args, memory_record(args, seed, class_order))
+        done = on_main(finished_seeds, summary_path, sig, args)
+        for seed in sorted(map(int, done)):
+            print(f'seed {seed}: evaluated already (in {summary_path})')
+        todo = [seed for seed in range(args.seeds) if str(seed) not in done]
+        for first in range(0, len(todo), utils.WORLD):  # under torchrun each process takes one seed of a round
+            seed = todo[first + utils.RANK] if first + utils.RANK < len(todo) else None
+            if seed is not None:
+                order, steps = class_order(seed, args)
+                print(f'seed {seed}: class order {order}')
+                record = memory_record(args, seed, order)
+                stream = memories(seed, steps, real, args, record)
             accs = []
             for step in range(args.steps):
+                data, built = next(stream) if seed is not None else (None, False)
+                on_main(save_memories, gather_objects((seed, data, record) if built else None), args)
+                if seed is None:
+                    continue
                 seen = torch.tensor(sum(steps[:step + 1], []), device=test.labels.device)
-                images = torch.cat([d[0] for d in data[:step + 1]]).to(args.device)
-                labels = torch.cat([d[1] for d in data[:step + 1]]).to(args.device)
+                images = torch.cat([d[0] for d in data]).to(args.device)
+                labels = torch.cat([d[1] for d in data]).to(args.device)
                 mask = torch.isin(test.labels, seen)
                 loader = tensor_loader(test.images[mask], test.labels[mask], 256)
                 print(f'seed {seed} step {step}: {len(labels)} memory images of {len(seen)} classes, {int(mask.sum())} test images')
-                accs.append(evaluate_models(images, labels, [args.model], args, loader, seed_keys=(seed, step))[args.model])
-            done[str(seed)] = accs
-            write_table(done, steps, sig, args, summary_path)
-    table = write_table(done, steps, sig, args, summary_path)
+                accs.append(evaluate_models(images, labels, [args.model], args, loader, (seed, step), split=False)[args.model])
+            done.update({str(s): a for s, a in gather_objects((seed, accs)) if s is not None})
+            on_main(write_table, done, sig, args, summary_path)
+    table = on_main(write_table, done, sig, args, summary_path)
     print(f'\n{args.steps}-step learning, {args.method}: mean +- std over {args.seeds} seeds x {args.num_eval} models')
     for row in table:
         print('step %d (%3d classes): %.2f%% +- %.2f%%' % (row['step'], row['classes'], row['mean'] * 100, row['std'] * 100))
@@ -195,11 +213,12 @@ def finished_seeds(summary_path, sig, args):
     return {s: a for s, a in summary.get('per_seed', {}).items() if int(s) < args.seeds}
 
 
-def write_table(done, steps, sig, args, summary_path):
+def write_table(done, sig, args, summary_path):
     """Per-step mean +- std over the finished seeds x models, written with every seed's accuracies."""
     results = np.array([[a for s in sorted(done, key=int) for a in done[s][k]] for k in range(args.steps)])
-    table = [dict(step=k, classes=len(sum(steps[:k + 1], [])), mean=float(r.mean()), std=float(r.std()),
-                  accs=r.tolist()) for k, r in enumerate(results)]
+    sizes = np.cumsum([len(part) for part in np.array_split(range(args.num_classes), args.steps)]).tolist()
+    table = [dict(step=k, classes=sizes[k], mean=float(r.mean()), std=float(r.std()), accs=r.tolist())
+             for k, r in enumerate(results)]
     atomic_json(dict(method=args.method, seeds=len(done), steps=table, per_seed=done, signature=sig), summary_path)
     return table
 

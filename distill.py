@@ -11,48 +11,57 @@ from collections import deque
 import torch
 import torch.nn.functional as F
 
-from utils import (STRATEGY_RULE, UsageError, accuracy, condense, get_network, get_parser, has_batchnorm, run_epoch, run_script,
-                   set_dsa, setup, siamese_augment, tensor_loader)
+from utils import (STRATEGY_RULE, UsageError, all_reduce, broadcast_shards, condense, correct, exact_sum, get_network,
+                   get_parser, has_batchnorm, run_epoch, run_script, set_dsa, setup, shard, siamese_augment, tensor_loader)
 
 
-def class_means(x, shape):
-    """Per-class means of features x [C*n, ...] ordered by class, shape = (C, n): [C, ...]."""
-    return x.unflatten(0, shape).mean(1)
-
-
-def real_features(net, img_real):
-    """For real images [C, n, ...] (constants): the per-class mean of every stage of `net` and the
-    embeddings [C*n, d], without autograd; one class at a time (a BatchNorm net: all as one batch)."""
-    groups = [img_real] if has_batchnorm(net) else img_real.split(1)
-    means, embeddings = [], []
-    with torch.no_grad():
-        for x in groups:
-            stages, _ = net.stages(x.flatten(0, 1))
-            means.append([class_means(s, x.shape[:2]) for s in stages])
-            embeddings.append(stages[-1].flatten(1))
-    return [torch.cat(m) for m in zip(*means)], torch.cat(embeddings)
+def features(net, images, grad):
+    """For images [K, n, ...] of K classes: the per-class mean of every stage of `net` ([K, ...] each) and
+    the final embeddings [K, n, d]. A BatchNorm net (in train mode) sees all K classes as one batch; other
+    nets one class at a time, so a class's features do not depend on which others are computed with it."""
+    with torch.set_grad_enabled(grad):
+        groups = [images] if has_batchnorm(net) else images.split(1)
+        per_group = [net.stages(x.flatten(0, 1))[0] for x in groups]
+        stages = [torch.cat([g[k].unflatten(0, x.shape[:2]) for g, x in zip(per_group, groups)]) for k in range(len(net.taps))]
+    return [s.mean(1) for s in stages], stages[-1].flatten(2)
 
 
 def cafe_losses(net, img_real, img_syn, args):
-    """img_real [C, n, ...], img_syn [C, ipc, ...]. Returns the three terms of CAFE's loss: the weighted
-    layer-wise alignment of per-class mean features, the final-layer alignment of the class centres,
-    and the discrimination loss (cross-entropy, summed, of real embeddings classified by their inner
-    products with the synthetic centres)."""
-    real_means, real_embeddings = real_features(net, img_real)
-    syn_stages, _ = net.stages(img_syn.flatten(0, 1))
-    syn_means = [class_means(s, img_syn.shape[:2]) for s in syn_stages]
+    """img_real [K, n, ...] and img_syn [K, ipc, ...] of K classes. Returns CAFE's alignment loss (the
+    weighted squared differences of the per-class mean features at every stage), its final-layer
+    alignment of the class centres, the synthetic class centres [K, d] and the real embeddings [K, n, d]."""
+    real_means, real_embeddings = features(net, img_real, grad=False)
+    syn_means, _ = features(net, img_syn, grad=True)
     alignment = sum(w * (r - s).square().sum() for w, r, s in zip(args.layer_weights, real_means, syn_means))
     real_centres, syn_centres = real_means[-1].flatten(1), syn_means[-1].flatten(1)
-    logits = real_embeddings @ syn_centres.t()
-    labels = torch.arange(len(img_real), device=logits.device).repeat_interleave(img_real.shape[1])
-    return alignment, (syn_centres - real_centres).square().sum(), F.cross_entropy(logits, labels, reduction='sum')
+    return alignment, (syn_centres - real_centres).square().sum(), syn_centres, real_embeddings
+
+
+def discrimination(real_embeddings, classes, centres):
+    """Real embeddings [K, n, d] of `classes`, classified by their inner products with the class centres
+    [C, d] of the whole synthetic set: the summed cross-entropy, and for each class its gradient with
+    respect to the centres, (softmax - one-hot)^T @ embeddings [C, d] (the centres' gradient is the sum
+    over all classes: see utils.exact_sum)."""
+    value, grads = 0.0, []
+    for c, e in zip(classes, real_embeddings):
+        log_p = torch.log_softmax(e @ centres.t(), dim=1)
+        value -= log_p[:, c].sum().item()
+        p = log_p.exp()
+        p[:, c] -= 1
+        grads.append(p.t() @ e)
+    return value, grads
 
 
 def query_accuracy(net, real, args):
-    """The network's accuracy on a fresh draw of --query real images per class."""
-    images = [real.get_images(c, args.query) for c in range(args.num_classes)]
-    labels = torch.cat([torch.full((len(x),), c, device=args.device) for c, x in enumerate(images)])
-    return accuracy(net, torch.cat(images), labels).item()
+    """The network's accuracy on a fresh draw of --query real images per class (each process draws its
+    share of the classes, from streams of their own; the correct answers are summed)."""
+    classes = shard(args.num_classes)
+    images = [real.get_images(c, args.query, 'query') for c in classes]
+    labels = torch.cat([torch.full((len(x),), c, device=args.device) for c, x in zip(classes, images)])
+    counts = torch.stack([correct(net, torch.cat(images), labels).double(), torch.tensor(len(labels), dtype=torch.float64,
+                                                                                       device=args.device)])
+    right, total = all_reduce(counts).tolist()
+    return right / total
 
 
 def dynamic_loops(outer_step, inner_step, query, args):
@@ -86,22 +95,29 @@ def train_iteration(it, syn, real, args):
 
     def outer_step():
         n = min([args.batch_real, *map(len, real.indices_class)])  # as many real images of every class
-        img_real = [real.get_images(c, n) for c in range(args.num_classes)]
-        img_syn = [syn.of_class(c) for c in range(args.num_classes)]
+        classes = syn.classes  # (under torchrun: this process's share)
+        pairs = [(real.get_images(c, n), syn.of_class(c)) for c in classes]
         if args.dsa:  # the same transformation for the real and the synthetic batch of a class
-            img_real, img_syn = zip(*[siamese_augment(pair, args, real.rng(c)) for c, pair in enumerate(zip(img_real, img_syn))])
+            pairs = [siamese_augment(pair, args, real.rng(c)) for c, pair in zip(classes, pairs)]
+        img_real, img_syn = map(torch.stack, zip(*pairs))
         net.requires_grad_(False)  # only the synthetic images learn here
-        alignment, centres, discrimination = cafe_losses(net, torch.stack(img_real), torch.stack(img_syn), args)
-        loss = alignment + centres + args.inner_weight * discrimination
+        alignment, centre_loss, centres, real_embeddings = cafe_losses(net, img_real, img_syn, args)
+        all_centres = torch.zeros(args.num_classes, centres.shape[1], device=args.device)
+        all_centres[classes] = centres.detach()
+        broadcast_shards(all_centres, args.num_classes)  # every class's centre, for the classification
+        value, grads = discrimination(real_embeddings, classes, all_centres)
+        centre_grads = exact_sum(grads, all_centres, across=syn.sharded)  # summed over every class, exactly
+        loss = alignment + centre_loss + args.inner_weight * (centres * centre_grads[classes]).sum()  # its gradient
         syn.step(loss)
+        syn.sync()  # every process trains the network on the whole set and classifies with every centre
         net.requires_grad_(True)
-        losses.append(loss.detach())
+        losses.append(alignment.item() + centre_loss.item() + args.inner_weight * value)
 
     def inner_step():
         run_epoch('train', syn_loader, net, optimizer_net, F.cross_entropy, args, aug=args.dsa)
 
     n_outer, n_inner = dynamic_loops(outer_step, inner_step, lambda: query_accuracy(net, real, args), args)
-    return {'loss': torch.stack(losses).mean().item() / args.num_classes, 'outer': n_outer, 'inner': n_inner}
+    return {'loss': sum(losses) / len(losses) / args.num_classes, 'outer': n_outer, 'inner': n_inner}
 
 
 PUBLIC_WEIGHTS = ['first', 'second', 'third', 'fourth']  # the public code's names, from the deepest stage
@@ -151,7 +167,7 @@ def main():
         raise UsageError('the layer weights, --inner_weight, --lambda_1 and --lambda_2 must not be negative')
     args.layer_weights = weights
     args.milestones = [round(f * args.Iteration) for f in (0.6, 0.8, 0.9)]  # 1200, 1600, 1800 of 2000
-    condense(args, train_iteration, eval_interval=100)
+    condense(args, train_iteration, eval_interval=100, joint_batchnorm=True)
 
 
 if __name__ == '__main__':

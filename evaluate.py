@@ -22,7 +22,8 @@ import torch
 from networks import MODELS
 from utils import (CORESETS, DATASETS, EVAL_MODES, NO_STRATEGY, STRATEGY_RULE, ArgumentParser, ClassImages, ParamDiffAug,
                    UsageError, atomic_json, check_numbers, check_strategy, default_strategy, eval_args, evaluate_models,
-                   generator, get_dataset, get_eval_pool, load_result, pick_device, run_script, writable_folder)
+                   generator, get_dataset, get_eval_pool, init_distributed, load_result, on_main, pick_device, run_script,
+                   writable_folder)
 
 DSA_MADE = ['DSA', 'DM', 'CAFE_DSA']  # sets evaluated with DSA augmentation
 DC_MADE = ['DC', 'CAFE', *CORESETS]  # sets evaluated with DC's classic augmentation
@@ -343,13 +344,13 @@ def load(args):
 def main():
     args = get_parser().parse_args()
     check_numbers(args)
-    args.device = pick_device(args.device)
+    args.device = init_distributed(pick_device(args.device))  # under torchrun the models are shared out
     if args.dsa_strategy is not None:
         check_strategy(args.dsa_strategy)
     if not os.path.exists(args.input):
         raise UsageError(f'{args.input} does not exist')
     out = output_path(args)
-    writable_folder(os.path.dirname(out), '--save_path' if args.save_path else 'the output folder')
+    on_main(writable_folder, os.path.dirname(out), '--save_path' if args.save_path else 'the output folder')
     sets, recorded, dst_train, testloader = load(args)
     args.dsa_param = ParamDiffAug()
     counts = [torch.bincount(labels, minlength=args.num_classes).tolist() for _, _, labels in sets]
@@ -387,7 +388,7 @@ def main():
             baseline=dict(kind='random', results={m: summarise_exps(base_accs[m]) for m in model_pool},
                           indices={str(j): idx.tolist() for j, (idx, _) in baselines.items()}) if baselines else None,
             recorded=recorded, finished=k == sets[-1][0])
-        atomic_json(report, out)  # after every experiment: a long run keeps what it has done
+        on_main(atomic_json, report, out)  # after every experiment: a long run keeps what it has done
     print('\n' + table(report))
     print(f'\nwritten to {out}')
 

@@ -20,8 +20,8 @@ def freeze_batchnorm(net, real, args):
     """Measure the BatchNorm statistics on 16 real images per class, then freeze them (eval mode): a
     synthetic batch, e.g. one image, is too small to estimate them."""
     net.train()
-    with torch.no_grad():
-        net(torch.cat([real.get_images(c, BN_IMAGES_PER_CLASS) for c in range(args.num_classes)]))
+    with torch.no_grad():  # (every process draws the same images: from streams of their own)
+        net(torch.cat([real.get_images(c, BN_IMAGES_PER_CLASS, 'batchnorm') for c in range(args.num_classes)]))
     for m in batchnorm_layers(net):
         m.eval()
 
@@ -35,7 +35,7 @@ def train_iteration(it, syn, real, args):
         if has_batchnorm(net):
             freeze_batchnorm(net, real, args)
         loss = 0
-        for c in range(args.num_classes):
+        for c in syn.classes:  # (under torchrun: this process's share)
             img_real, img_syn = real.get_images(c, args.batch_real), syn.of_class(c)
             if args.dsa:  # the same transformation for the real and the synthetic batch of a class
                 img_real, img_syn = siamese_augment([img_real, img_syn], args, real.rng(c))
@@ -46,6 +46,7 @@ def train_iteration(it, syn, real, args):
         loss_sum += loss.detach()
         if ol == args.outer_loop - 1:
             break
+        syn.sync()  # every process trains the network on the whole set
         for il in range(args.inner_loop):  # train the network on the current synthetic set
             run_epoch('train', syn_loader, net, optimizer_net, torch.nn.functional.cross_entropy, args, aug=args.dsa)
     return loss_sum.item() / (args.num_classes * args.outer_loop)

@@ -11,23 +11,25 @@ from utils import STRATEGY_RULE, condense, embed, get_network, get_parser, has_b
 def train_iteration(it, syn, real, args):
     net = get_network(args.model, args.channel, args.num_classes, args.im_size, args.device)
     net.train().requires_grad_(False)
+    classes = syn.classes  # (under torchrun: this process's share)
     joint = has_batchnorm(net)  # BatchNorm: all classes go through the network as one batch, so that
     n = min([args.batch_real, *map(len, real.indices_class)]) if joint else args.batch_real  # equally many each
-    real_means, real_all, syn_all = [], [], []
-    for c in range(args.num_classes):
+    real_means, real_all, syn_means = [], [], []
+    for c in classes:
         img_real, img_syn = real.get_images(c, n), syn.of_class(c)
         if args.dsa:  # the same transformation for the real and the synthetic batch of a class
             img_real, img_syn = siamese_augment([img_real, img_syn], args, real.rng(c))
         if joint:
             real_all.append(img_real)
+            syn_means.append(img_syn)
         else:
             real_means.append(embed(net, img_real, amp=args.amp, compiled=args.compile).mean(0))
-        syn_all.append(img_syn)
+            syn_means.append(net.embed(img_syn).mean(0))
     if joint:
-        real_means = embed(net, torch.cat(real_all), None, args.amp, args.compile).unflatten(0, (args.num_classes, n)).mean(1)
+        real_means = embed(net, torch.cat(real_all), None, args.amp, args.compile).unflatten(0, (len(classes), n)).mean(1)
+        syn_means = net.embed(torch.cat(syn_means)).unflatten(0, (len(classes), args.ipc)).mean(1)
     else:
-        real_means = torch.stack(real_means)
-    syn_means = net.embed(torch.cat(syn_all)).unflatten(0, (args.num_classes, args.ipc)).mean(1)
+        real_means, syn_means = torch.stack(real_means), torch.stack(syn_means)
     loss = torch.sum((real_means - syn_means) ** 2)
     syn.step(loss)
     return loss.item() / args.num_classes
@@ -50,7 +52,7 @@ def main():
     if args.lr_img is None:
         args.lr_img = default_lr_img(args.dataset, args.ipc)
     set_dsa(args, augments=True)
-    condense(args, train_iteration, eval_interval=2000)
+    condense(args, train_iteration, eval_interval=2000, joint_batchnorm=True)
 
 
 if __name__ == '__main__':

@@ -483,13 +483,14 @@ class ClassImages:
         (or the process) in which they are handled."""
         self.keys, self.streams = keys, {}
 
-    def rng(self, c):
-        """Class c's random stream since start() (torch's global generator before any start())."""
+    def rng(self, c, stream='class'):
+        """Class c's random stream since start() (torch's global generator before any start()); other
+        `stream` names give the class further streams of its own (e.g. for draws every process makes)."""
         if self.keys is None:
             return None
-        if c not in self.streams:
-            self.streams[c] = generator(*self.keys, 'class', c)
-        return self.streams[c]
+        if (c, stream) not in self.streams:
+            self.streams[c, stream] = generator(*self.keys, stream, c)
+        return self.streams[c, stream]
 
     def subset(self, classes):
         """The same images seen as a dataset of `classes` only, relabelled 0..len(classes)-1 (no copy)."""
@@ -498,11 +499,11 @@ class ClassImages:
         sub.keys, sub.streams = None, {}
         return sub
 
-    def get_images(self, c, n):
+    def get_images(self, c, n, stream='class'):
         """n random images of class c, drawn from its stream without replacement (all of them if the class
         has fewer)."""
         idx = self.indices_class[c]
-        return self.images[idx[torch.randperm(len(idx), generator=self.rng(c))[:n].to(idx.device)]]
+        return self.images[idx[torch.randperm(len(idx), generator=self.rng(c, stream))[:n].to(idx.device)]]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -929,33 +930,41 @@ def eval_args(args, model_eval):
     return a
 
 
-def evaluate_models(images, labels, model_pool, args, testloader, seed_keys=()):
+def evaluate_models(images, labels, model_pool, args, testloader, seed_keys=(), split=True):
     """Evaluate a synthetic set on num_eval fresh models of every architecture in model_pool.
     Every model trains on a random stream of its own, seeded by (--seed, seed_keys, architecture, number),
-    so evaluating never changes the condensation and each accuracy is the same wherever it is computed."""
-    accs = {}
+    so evaluating never changes the condensation and each accuracy is the same wherever it is computed:
+    under torchrun (`split`) the models are shared out among the processes and their accuracies gathered."""
+    jobs = [(m, k) for m in model_pool for k in range(args.num_eval)]
+    rank, world = (RANK, WORLD) if split else (0, 1)
+    mine = {}
     devices = [torch.device(args.device)] if torch.device(args.device).type == 'cuda' else []
     with torch.random.fork_rng(devices=devices):
-        for model_eval in model_pool:
-            a = eval_args(args, model_eval)
-            accs[model_eval] = []
-            for it_eval in range(args.num_eval):
+        for j, (model_eval, it_eval) in enumerate(jobs):
+            if j % world == rank:
                 set_seed(args.seed, *seed_keys, 'eval', model_eval, it_eval)
                 net = get_network(model_eval, args.channel, args.num_classes, args.im_size, args.device)
-                accs[model_eval].append(evaluate_synset(it_eval, net, images.detach(), labels, testloader, a)[2])
-            tqdm.write('Evaluate %d random %s, mean = %.4f std = %.4f' % (
-                args.num_eval, model_eval, np.mean(accs[model_eval]), np.std(accs[model_eval])))
+                mine[j] = evaluate_synset(it_eval, net, images.detach(), labels, testloader, eval_args(args, model_eval))[2]
+    done = {j: acc for part in (gather_objects(mine) if split else [mine]) for j, acc in part.items()}
+    accs = {m: [done[j] for j, (model_eval, _) in enumerate(jobs) if model_eval == m] for m in model_pool}
+    for m in model_pool:
+        tqdm.write('Evaluate %d random %s, mean = %.4f std = %.4f' % (args.num_eval, m, np.mean(accs[m]), np.std(accs[m])))
     return accs
 
 
 @torch.no_grad()
-def accuracy(net, images, labels, chunk=256):
-    """Fraction of `images` that `net` (in eval mode) classifies as `labels`, as a device tensor."""
+def correct(net, images, labels, chunk=256):
+    """How many of `images` `net` (in eval mode) classifies as `labels`, as a device tensor."""
     mode = net.training
     net.eval()
-    correct = sum((net(x).argmax(1) == y).sum() for x, y in zip(images.split(chunk), labels.split(chunk)))
+    right = sum((net(x).argmax(1) == y).sum() for x, y in zip(images.split(chunk), labels.split(chunk)))
     net.train(mode)
-    return correct / len(labels)
+    return right
+
+
+def accuracy(net, images, labels, chunk=256):
+    """Fraction of `images` that `net` (in eval mode) classifies as `labels`, as a device tensor."""
+    return correct(net, images, labels, chunk) / len(labels)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1263,6 +1272,113 @@ def summarise(args, accs_all_exps):
 
 
 # ----------------------------------------------------------------------------------------------------
+# Many processes (torchrun)
+# ----------------------------------------------------------------------------------------------------
+
+RANK, WORLD = 0, 1  # this process's rank and the number of processes (0 and 1 when started plainly)
+DIST_TIMEOUT = 900  # seconds a collective waits for the other processes before the job fails
+
+
+def init_distributed(device):
+    """Started by torchrun (RANK and WORLD_SIZE in the environment), join the process group: NCCL on CUDA
+    with one device per local rank, gloo on the CPU; only rank 0 prints logs and progress bars. Returns the
+    device to use. Started plainly, nothing changes."""
+    global RANK, WORLD
+    if 'RANK' not in os.environ or 'WORLD_SIZE' not in os.environ:
+        return device
+    import datetime
+    import torch.distributed as dist
+    if torch.device(device).type == 'cuda':
+        device = f'cuda:{int(os.environ.get("LOCAL_RANK", 0))}'
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group('nccl' if device.startswith('cuda') else 'gloo',
+                                timeout=datetime.timedelta(seconds=DIST_TIMEOUT))
+    RANK, WORLD = dist.get_rank(), dist.get_world_size()
+    if RANK:
+        sys.stdout = open(os.devnull, 'w')
+        tqdm.__init__ = functools.partialmethod(tqdm.__init__, disable=True)
+    return device
+
+
+def shard(n):
+    """This process's contiguous share of range(n): all of it in a single process."""
+    return range(n * RANK // WORLD, n * (RANK + 1) // WORLD)
+
+
+def broadcast_shards(t, n):
+    """t holds n equal groups of rows (e.g. the synthetic images of n classes), each process the up-to-date
+    rows of its shard(n): afterwards every process holds every group's rows, bit for bit."""
+    if WORLD == 1:
+        return
+    rows = len(t) // n
+    with torch.no_grad():
+        for r in range(WORLD):
+            lo, hi = n * r // WORLD * rows, n * (r + 1) // WORLD * rows
+            if hi > lo:
+                torch.distributed.broadcast(t.detach()[lo:hi], src=r)
+
+
+def all_reduce(t):
+    """The sum of tensor t over all processes (in place; t itself in a single process)."""
+    if WORLD > 1:
+        torch.distributed.all_reduce(t)
+    return t
+
+
+def exact_sum(parts, like, across=True):
+    """The sum of a list of float32 tensors shaped like `like`, over all processes (`across`; else this
+    process's only), computed exactly in 64-bit fixed point: it does not depend on how the terms are
+    grouped in processes, so any number of processes gives the same float32 result, bit for bit."""
+    reduce, reduce_max = (all_reduce, all_reduce_max) if across else (lambda t: t, lambda t: t)
+    stats = torch.tensor([max([float(p.abs().max()) for p in parts] + [0.0]), len(parts)], dtype=torch.float64,
+                         device=like.device)
+    top = reduce_max(stats[:1].clone()).item()
+    count = reduce(stats[1:].clone()).item()
+    if top == 0:
+        return torch.zeros_like(like)
+    scale = 2.0 ** (61 - math.ceil(math.log2(top * count)))  # every term and the sum fit in 62 bits
+    total = torch.zeros(like.shape, dtype=torch.int64, device=like.device)
+    for p in parts:
+        total += (p.double() * scale).round().long()
+    return (reduce(total).double() / scale).float()
+
+
+def all_reduce_max(t):
+    if WORLD > 1:
+        torch.distributed.all_reduce(t, torch.distributed.ReduceOp.MAX)
+    return t
+
+
+def gather_objects(obj):
+    """[obj of rank 0, obj of rank 1, ...]: every process's picklable object, on every process."""
+    if WORLD == 1:
+        return [obj]
+    out = [None] * WORLD
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def on_main(fn, *args):
+    """fn(*args) on rank 0 only (checking and writing files); its result, or the usage error it raised, on
+    every process (whose own copy of the error prints nothing: rank 0 says it)."""
+    if WORLD == 1:
+        return fn(*args)
+    out = [None]
+    if RANK == 0:
+        try:
+            out[0] = (fn(*args), None)
+        except StopRun as e:
+            out[0] = (None, e)
+    torch.distributed.broadcast_object_list(out, src=0)
+    result, error = out[0]
+    if error is not None:
+        error.quiet = RANK > 0
+        raise error
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------
 # Command line and the experiment loop
 # ----------------------------------------------------------------------------------------------------
 
@@ -1421,13 +1537,13 @@ def setup(args):
     check_strategy(args.dsa_strategy)
     if args.eval_mode in 'WDAPN' and not args.model.startswith('ConvNet'):
         raise UsageError(f'--eval_mode {args.eval_mode} compares ConvNet variants; it needs a ConvNet --model, not {args.model}')
-    args.device = pick_device(args.device)
+    args.device = init_distributed(pick_device(args.device))
     args.dsa_param = ParamDiffAug()
     if args.resume not in ('none', 'auto') and not os.path.isfile(args.resume):
         raise UsageError(f'--resume {args.resume}: no such checkpoint file (use auto to pick the newest)')
     if args.resume != 'none' and args.overwrite:
         raise UsageError('--resume continues a run and --overwrite replaces it: give one of them')
-    writable_folder(args.save_path)
+    on_main(writable_folder, args.save_path)
     return args
 
 
@@ -1446,11 +1562,14 @@ def load_real(args):
 
 class SynSet:
     """The synthetic set: num_classes x ipc images (labels [0]*ipc + [1]*ipc + ...) and their optimiser.
-    Initialised by --init (noise, or random real images of each class), or with the given `images`."""
+    Initialised by --init (noise, or random real images of each class), or with the given `images`.
+    `classes`: those this process moves (default: all); under torchrun each process moves its share, and
+    sync() gives every process the others' up-to-date images."""
 
-    def __init__(self, real, args, images=None):
+    def __init__(self, real, args, images=None, classes=None):
         C, ipc = args.num_classes, args.ipc
-        self.ipc = ipc
+        self.ipc, self.num_classes = ipc, C
+        self.classes = list(range(C) if classes is None else classes)
         if images is not None:
             self.images = images.detach().clone().to(args.device)
         elif args.init == 'real':
@@ -1464,11 +1583,27 @@ class SynSet:
     def of_class(self, c):
         return self.images[c * self.ipc:(c + 1) * self.ipc]
 
+    def of_classes(self):
+        """The rows of this process's classes."""
+        return slice(self.classes[0] * self.ipc, (self.classes[-1] + 1) * self.ipc)
+
     def step(self, loss):
         """One optimiser step of the images on loss."""
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
+
+    @property
+    def sharded(self):
+        return len(self.classes) < self.num_classes
+
+    def sync(self, momentum=False):
+        """Every process's classes' images (and momentum) to every process: where the method needs the whole
+        set (training a network on it, evaluating it, saving it)."""
+        if self.sharded:
+            broadcast_shards(self.images, self.num_classes)
+            if momentum and self.optimizer.state:
+                broadcast_shards(self.optimizer.state[self.images]['momentum_buffer'], self.num_classes)
 
     def state(self):
         """A copy of the images and the optimiser's state (to return to with restore)."""
@@ -1509,19 +1644,23 @@ class Checkpoints:
         self.since += 1
 
     def due(self):
+        """Time for a checkpoint (by rank 0's clock: every process must agree; see condense)."""
         if self.args.checkpoint_every:
             return self.since >= self.args.checkpoint_every
-        return time.monotonic() - self.last_time >= 60 * self.MINUTES
+        return RANK == 0 and time.monotonic() - self.last_time >= 60 * self.MINUTES
 
     def save(self, exp, it, syn, accs, accs_all_exps, data_save, evaluated=True):
-        """The state at the start of iteration `it` of experiment `exp` (evaluated or not yet)."""
+        """The state at the start of iteration `it` of experiment `exp` (evaluated or not yet): every
+        process's classes, written by rank 0 (all processes call this)."""
+        syn.sync(momentum=True)
         path = f'{self.prefix}{exp * (self.args.Iteration + 1) + it:010d}.pt'
-        atomic_save(dict(signature=self.signature, exp=exp, it=it, images=syn.images.detach().cpu(),
-                         optimizer=syn.optimizer.state_dict(), accs=accs, evaluated=evaluated,
-                         accs_all_exps=accs_all_exps, data=data_save), path)
-        for p in [p for p in self.paths() if p != path][1:]:  # keep the one before it too
-            with contextlib.suppress(OSError):
-                os.remove(p)
+        if RANK == 0:
+            atomic_save(dict(signature=self.signature, exp=exp, it=it, images=syn.images.detach().cpu(),
+                             optimizer=syn.optimizer.state_dict(), accs=accs, evaluated=evaluated,
+                             accs_all_exps=accs_all_exps, data=data_save, processes=WORLD), path)
+            for p in [p for p in self.paths() if p != path][1:]:  # keep the one before it too
+                with contextlib.suppress(OSError):
+                    os.remove(p)
         self.last_path, self.last_time, self.since = path, time.monotonic(), 0
 
     def read(self, path):
@@ -1546,6 +1685,9 @@ class Checkpoints:
                                  'rerun its command line, or start afresh with --overwrite')
             if state['images'].shape[0] != self.args.num_classes * self.args.ipc:
                 raise UsageError(f'{path} holds {state["images"].shape[0]} images, not {self.args.num_classes * self.args.ipc}')
+            if state.get('processes', 1) != WORLD:  # every process's classes are in it: any number may go on
+                print(f'note: {path} was saved by {state.get("processes", 1)} process(es), this run has {WORLD}; '
+                      'it continues from it (the synthetic set does not depend on the number of processes)')
             self.last_path = path
             return state
         return None
@@ -1559,6 +1701,8 @@ def exclusive(path, what):
     try:
         import fcntl
     except ImportError:  # no advisory locks on this platform
+        fcntl = None
+    if fcntl is None or RANK > 0:  # (under torchrun rank 0 writes, and holds the lock)
         yield
         return
     with open(path, 'a') as f:
@@ -1642,7 +1786,7 @@ def stop_signals():
             signal.signal(s, h)
 
 
-def condense(args, train_iteration, eval_interval, init_images=None):
+def condense(args, train_iteration, eval_interval, init_images=None, joint_batchnorm=False):
     """The experiment loop of a condensation method.
 
     For each experiment: a fresh synthetic set (from `init_images(real, args)` when given, else as
@@ -1654,16 +1798,25 @@ def condense(args, train_iteration, eval_interval, init_images=None):
     final synthetic sets and accuracies are saved after every experiment in the papers' format.
     Checkpoints (see Checkpoints) let an interrupted run continue with --resume, giving the same
     synthetic sets as an uninterrupted one.
+
+    Under torchrun each process moves the synthetic images of its share of the classes (syn.classes) and
+    returns its share of the loss; `joint_batchnorm`: the method puts all classes through a BatchNorm
+    model as one batch, so with such a model every process does every class (the same work).
     """
     real, testloader = load_real(args)
     model_pool = get_eval_pool(args.eval_mode, args.model, args.model)
     eval_its = eval_iterations(args, eval_interval)
+    if WORLD > args.num_classes:
+        raise UsageError(f'{WORLD} processes for {args.num_classes} classes: use at most one process per class')
+    joint = joint_batchnorm and has_batchnorm(get_network(args.model, args.channel, 2, args.im_size, 'cpu'))
     print('Hyper-parameters:', {k: v for k, v in settings(args).items() if k != 'class_names'})
-    print('Evaluation model pool:', model_pool, 'at iterations', eval_its)
+    print('Evaluation model pool:', model_pool, 'at iterations', eval_its,
+          *([f'| {WORLD} processes, each condensing {"every class (BatchNorm)" if joint else "its share of the classes"}']
+            if WORLD > 1 else []))
     checkpoints = Checkpoints(args, signature(args))
     with stop_signals(), exclusive(os.path.join(args.save_path, f'.lock_{run_name(args)}'), result_path(args)):
-        claim(args, signature(args), checkpoints)
-        state = checkpoints.load(args.resume) if args.resume != 'none' else None
+        on_main(claim, args, signature(args), checkpoints)
+        state = on_main(checkpoints.load, args.resume) if args.resume != 'none' else None
         accs_all_exps = state['accs_all_exps'] if state else {m: [] for m in model_pool}
         data_save = state['data'] if state else []
         if state:
@@ -1674,23 +1827,26 @@ def condense(args, train_iteration, eval_interval, init_images=None):
             resumed = state is not None and exp == state['exp']
             set_seed(args.seed, exp)
             real.start(args.seed, exp, 'init')
-            syn = SynSet(real, args, init_images(real, args) if init_images and not resumed else None)
+            syn = SynSet(real, args, init_images(real, args) if init_images and not resumed else None,
+                         classes=None if joint else shard(args.num_classes))
             start, accs = 0, None
             if resumed:
                 syn.restore((state['images'], state['optimizer']))
                 start, accs = state['it'], state['accs']
             bar = tqdm(range(start, args.Iteration + 1), desc=f'exp {exp}', dynamic_ncols=True, initial=start,
                        total=args.Iteration + 1)
+            due = False
             for it in bar:
                 evaluated = it not in eval_its or (resumed and it == start and state.get('evaluated', True))
                 before = None
                 try:
                     if not evaluated:
+                        syn.sync()
                         accs = evaluate_models(syn.images, syn.labels, model_pool, args, testloader, (exp, it))
-                        save_vis(syn.images, args, exp, it)
+                        on_main(save_vis, syn.images, args, exp, it)
                         evaluated = True
                         checkpoints.save(exp, it, syn, accs, accs_all_exps, data_save)
-                    elif checkpoints.due():
+                    elif due:
                         checkpoints.save(exp, it, syn, accs, accs_all_exps, data_save)
                     if it == args.Iteration:
                         break
@@ -1699,6 +1855,9 @@ def condense(args, train_iteration, eval_interval, init_images=None):
                     real.start(args.seed, exp, it)
                     stats = train_iteration(it, syn, real, args)
                 except Interrupted as stop:  # abandon this iteration: save the state it started from
+                    if WORLD > 1:  # (the processes stop wherever they are: no collective to save with)
+                        raise Interrupted(f'{stop} at iteration {it} of experiment {exp}; the last checkpoint is '
+                                          f'{checkpoints.last_path}; continue with --resume auto', stop.code - 128) from None
                     if before is not None:
                         syn.restore(before)
                     checkpoints.save(exp, it, syn, accs, accs_all_exps, data_save, evaluated=evaluated)
@@ -1706,30 +1865,59 @@ def condense(args, train_iteration, eval_interval, init_images=None):
                                       'continue with --resume auto', stop.code - 128) from None
                 checkpoints.tick()
                 stats = stats if isinstance(stats, dict) else {'loss': stats}
-                if not math.isfinite(stats['loss']) or not torch.isfinite(syn.images).all():
+                finite = math.isfinite(stats['loss']) and bool(torch.isfinite(syn.images[syn.of_classes()]).all())
+                if WORLD > 1:  # one collective per iteration: the loss, a non-finite image anywhere, rank 0's clock
+                    shared = all_reduce(torch.tensor([stats['loss'] if syn.sharded else stats['loss'] / WORLD,
+                                                      not finite, checkpoints.due()], dtype=torch.float64,
+                                                     device=args.device)).tolist()
+                    stats['loss'], finite, due = shared[0], shared[1] == 0, shared[2] > 0
+                else:
+                    due = checkpoints.due()
+                if not finite:
                     raise Diverged(f'the loss or the synthetic images became non-finite at iteration {it} of experiment '
                                    f'{exp} (try a smaller --lr_img); last good checkpoint: {checkpoints.last_path}')
                 bar.set_postfix({k: f'{v:.4f}' if k == 'loss' else v for k, v in stats.items()})
             bar.close()
+            syn.sync()
             for m in model_pool:
                 accs_all_exps[m] += accs[m]
             data_save.append([syn.images.detach().cpu(), syn.labels.cpu()])
-            atomic_save({'data': data_save, 'accs_all_exps': accs_all_exps, 'settings': settings(args)}, result_path(args))
-        return summarise(args, accs_all_exps)
+            if RANK == 0:
+                atomic_save({'data': data_save, 'accs_all_exps': accs_all_exps, 'settings': settings(args)},
+                            result_path(args))
+        return on_main(summarise, args, accs_all_exps)
 
 
 def run_script(main):
     """Run a script's main(): bad input, divergence and stop signals end with one line on stderr and their
-    exit status (2, 3, 128 + signal number), without a traceback; what was saved is kept."""
+    exit status (2, 3, 128 + signal number), without a traceback; what was saved is kept. Under torchrun
+    rank 0 says it (the others stop with the same status), and a process that fails or stops makes the
+    whole job stop (torchrun stops the others; a collective that waits too long fails)."""
+    say = int(os.environ.get('RANK', 0)) == 0
     try:
         with stop_signals():
             main()
     except StopRun as e:
-        print(f'error: {e}', file=sys.stderr)
+        if say:
+            print(f'error: {e}', file=sys.stderr)
         sys.exit(e.code)
     except Interrupted as e:
-        print(f'error: {e}' + ('' if 'resume' in str(e) else '; what was saved is kept'), file=sys.stderr)
+        if say:
+            print(f'error: {e}' + ('' if 'resume' in str(e) else '; what was saved is kept')
+                  + (' (torchrun stops every process when one fails or is stopped)' if WORLD > 1 else ''), file=sys.stderr)
         sys.exit(e.code)
     except KeyboardInterrupt:
-        print('error: interrupted; what was saved is kept', file=sys.stderr)
+        if say:
+            print('error: interrupted; what was saved is kept', file=sys.stderr)
         sys.exit(130)
+    except RuntimeError as e:  # a collective failed: another process died, stopped or timed out
+        if WORLD == 1:
+            raise
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        print(f'error: process {RANK}: the job stopped: another process failed, stopped or timed out ({first[:200]})',
+              file=sys.stderr)
+        sys.exit(1)
+    finally:
+        if WORLD > 1 and torch.distributed.is_initialized():
+            with contextlib.suppress(RuntimeError):
+                torch.distributed.destroy_process_group()

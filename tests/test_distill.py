@@ -5,8 +5,10 @@ import math
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import distill
+import utils
 from helpers import needs_fashion, run
 from utils import ParamDiffAug, get_network, load_result
 
@@ -23,18 +25,35 @@ def test_losses_equal_a_hand_computation():
     real = torch.tensor([[[1., 2.], [3., 4.]], [[0., 1.], [1., 1.]]]).view(2, 2, 1, 1, 2)  # 2 classes x 2 images
     syn = torch.tensor([[2., 2.], [0., 0.]]).view(2, 1, 1, 1, 2)  # 1 image per class
     args = argparse.Namespace(layer_weights=[0.5, 3.0])
-    alignment, centres, discrimination = distill.cafe_losses(Toy(), real, syn, args)
+    alignment, centre_loss, centres, embeddings = distill.cafe_losses(Toy(), real, syn, args)
     # class means of the real images: (2, 3) and (0.5, 1); stage 1 doubles them, stage 2 sums them
     stage1 = (4 - 4) ** 2 + (6 - 4) ** 2 + (1 - 0) ** 2 + (2 - 0) ** 2
     stage2 = (5 - 4) ** 2 + (1.5 - 0) ** 2
     assert alignment.item() == pytest.approx(0.5 * stage1 + 3.0 * stage2)
-    assert centres.item() == pytest.approx(stage2)  # the final stage is the embedding
+    assert centre_loss.item() == pytest.approx(stage2)  # the final stage is the embedding
+    assert centres.flatten().tolist() == [4, 0] and embeddings.flatten().tolist() == [3, 7, 1, 2]
     # real embeddings 3, 7 (class 0) and 1, 2 (class 1) against synthetic centres 4 and 0
     ce = 0
     for e, label in [(3, 0), (7, 0), (1, 1), (2, 1)]:
         logits = [e * 4, e * 0]
         ce += -logits[label] + math.log(sum(math.exp(v) for v in logits))
-    assert discrimination.item() == pytest.approx(ce, rel=1e-5)
+    value, grads = distill.discrimination(embeddings, [0, 1], centres.detach())
+    assert value == pytest.approx(ce, rel=1e-5)
+
+
+def test_the_discrimination_gradient_is_the_cross_entropys_summed_over_classes():
+    torch.manual_seed(0)
+    embeddings, centres = torch.randn(3, 5, 4), torch.randn(3, 4, requires_grad=True)
+    logits = embeddings.flatten(0, 1) @ centres.t()
+    ce = F.cross_entropy(logits, torch.arange(3).repeat_interleave(5), reduction='sum')
+    (expected,) = torch.autograd.grad(ce, centres)
+    value, grads = distill.discrimination(embeddings, [0, 1, 2], centres.detach())
+    assert value == pytest.approx(ce.item(), rel=1e-5)
+    assert torch.allclose(utils.exact_sum(grads, centres), expected, atol=1e-5)
+    # exact: the same sum whichever way the terms are grouped (as in processes)
+    assert torch.equal(utils.exact_sum(grads, centres), utils.exact_sum(grads[::-1], centres))
+    assert torch.equal(utils.exact_sum([sum(grads[:2], torch.zeros(3, 4)) * 0 + grads[0], grads[1], grads[2]], centres),
+                       utils.exact_sum(grads, centres))
 
 
 def test_gradients_reach_the_synthetic_images_from_every_term():
@@ -42,7 +61,10 @@ def test_gradients_reach_the_synthetic_images_from_every_term():
     net = get_network('ConvNetW32', 1, 3, (12, 12), 'cpu').requires_grad_(False)
     real, syn = torch.randn(3, 8, 1, 12, 12), torch.randn(3, 2, 1, 12, 12, requires_grad=True)
     args = argparse.Namespace(layer_weights=distill.default_layer_weights(len(net.taps)))
-    for term in distill.cafe_losses(net, real, syn, args):
+    alignment, centre_loss, centres, embeddings = distill.cafe_losses(net, real, syn, args)
+    _, grads = distill.discrimination(embeddings, [0, 1, 2], centres.detach())
+    surrogate = (centres * utils.exact_sum(grads, centres)).sum()  # its gradient: the discrimination's
+    for term in (alignment, centre_loss, surrogate):
         (g,) = torch.autograd.grad(term, syn, retain_graph=True)
         assert torch.isfinite(g).all() and g.abs().sum() > 0
 

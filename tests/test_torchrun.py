@@ -1,0 +1,126 @@
+"""Under torchrun (2 processes, gloo on the CPU): the same synthetic sets and accuracies as one process, bit
+for bit; evaluation and continual learning shared out; resume; a killed process ends the job."""
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from helpers import ROOT, write_mnist
+from utils import load_result
+
+ONE_THREAD = {**os.environ, 'OMP_NUM_THREADS': '1'}  # the same number of threads per process in both runs
+TINY = ['--dataset', 'MNIST', '--ipc', 2, '--num_exp', 1, '--num_eval', 3, '--epoch_eval_train', 2, '--batch_real', 8]
+
+
+@pytest.fixture(scope='module')
+def data(tmp_path_factory):
+    path = tmp_path_factory.mktemp('data')
+    write_mnist(path, n_train=100, n_test=40)
+    return path
+
+
+def plain(script, *args, timeout=600):
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT, env=ONE_THREAD)
+
+
+def torchrun_command(script, *args, nproc=2):
+    return [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', str(nproc),
+            os.path.join(ROOT, script), *map(str, args)]
+
+
+def torchrun(script, *args, nproc=2, timeout=600):
+    return subprocess.run(torchrun_command(script, *args, nproc=nproc), capture_output=True, text=True, timeout=timeout,
+                          cwd=ROOT, env=ONE_THREAD)
+
+
+def result(save_path):
+    return load_result(glob.glob(os.path.join(save_path, 'res_*.pt'))[0])
+
+
+def same(a, b):
+    assert len(a['data']) == len(b['data'])
+    for (x, lx), (y, ly) in zip(a['data'], b['data']):
+        assert torch.equal(x, y) and torch.equal(lx, ly)
+    assert a['accs_all_exps'] == b['accs_all_exps']  # evaluation shared out: the same accuracies
+
+
+@pytest.mark.parametrize('script,flags', [
+    ('main_DM.py', ['--Iteration', 3]),
+    ('main_DM.py', ['--Iteration', 2, '--model', 'ConvNetBN']),  # BatchNorm: every process does every class
+    ('main.py', ['--method', 'DC', '--Iteration', 2, '--ipc', 3]),  # (3 outer steps: images exchanged between)
+    ('main.py', ['--method', 'DSA', '--Iteration', 2]),
+    ('main.py', ['--method', 'DC', '--Iteration', 1, '--model', 'ConvNetBN']),  # BatchNorm frozen: classes shared
+    ('distill.py', ['--Iteration', 2, '--query', 3, '--window', 2, '--max_outer', 3, '--max_inner', 2, '--eval_mode', 'SS']),
+    ('distill.py', ['--method', 'DSA', '--Iteration', 1, '--query', 3, '--window', 2, '--max_outer', 2, '--max_inner', 2]),
+])
+def test_two_processes_give_the_single_process_result_bit_for_bit(data, tmp_path, script, flags):
+    args = [*TINY, *flags, '--data_path', data]
+    p = plain(script, *args, '--save_path', tmp_path / 'one')
+    assert p.returncode == 0, p.stderr[-3000:]
+    p = torchrun(script, *args, '--save_path', tmp_path / 'two')
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    assert '2 processes' in p.stdout and p.stdout.count('Final Results') == 1  # rank 0 speaks
+    same(result(tmp_path / 'one'), result(tmp_path / 'two'))
+    assert sorted(os.listdir(tmp_path / 'one')) == sorted(os.listdir(tmp_path / 'two'))  # written once, by rank 0
+
+
+def test_evaluate_py_shares_its_models_out(data, tmp_path):
+    torch.save({'data': [[torch.randn(20, 1, 28, 28), torch.arange(10).repeat_interleave(2)]]}, tmp_path / 'set.pt')
+    flags = ['--dataset', 'MNIST', '--num_eval', 3, '--epoch_eval_train', 2, '--data_path', data]
+    assert plain('evaluate.py', tmp_path / 'set.pt', *flags, '--save_path', tmp_path / 'one').returncode == 0
+    p = torchrun('evaluate.py', tmp_path / 'set.pt', *flags, '--save_path', tmp_path / 'two')
+    assert p.returncode == 0, p.stderr[-3000:]
+    one, two = (json.loads((tmp_path / d / 'set_eval.json').read_text())['results'] for d in ('one', 'two'))
+    assert one == two
+
+
+def test_continual_learning_shares_its_seeds_out(data, tmp_path):
+    flags = ['--dataset', 'MNIST', '--steps', 2, '--ipc', 2, '--num_eval', 1, '--epoch_eval_train', 2, '--seeds', 3,
+             '--method', 'DM', '--Iteration', 2, '--batch_real', 8, '--data_path', data]
+    assert plain('CL_DM.py', *flags, '--save_path', tmp_path / 'one').returncode == 0
+    p = torchrun('CL_DM.py', *flags, '--save_path', tmp_path / 'two')
+    assert p.returncode == 0, p.stderr[-3000:]
+    name = 'cl_DM_MNIST_ConvNet_2ipc_2steps'
+    one, two = (json.loads((tmp_path / d / f'{name}.json').read_text()) for d in ('one', 'two'))
+    assert one['per_seed'] == two['per_seed'] and one['steps'] == two['steps']
+    for seed in range(3):  # every seed's memories, written by rank 0
+        a, b = (torch.load(tmp_path / d / f'cl_DM_MNIST_ConvNet_2ipc_2steps_seed{seed}.pt') for d in ('one', 'two'))
+        assert all(torch.equal(x[0], y[0]) for x, y in zip(a['data'], b['data']))
+
+
+def test_resume_under_two_processes(data, tmp_path):
+    args = [*TINY, '--Iteration', 30, '--checkpoint_every', 1, '--data_path', data]
+    p = plain('main_DM.py', *args, '--save_path', tmp_path / 'whole')
+    assert p.returncode == 0, p.stderr[-3000:]
+    cut = tmp_path / 'cut'
+    job = subprocess.Popen(torchrun_command('main_DM.py', *args, '--save_path', cut), stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, cwd=ROOT, env=ONE_THREAD, start_new_session=True)
+    while job.poll() is None and len(glob.glob(str(cut / 'checkpoint_*.pt'))) < 2:
+        time.sleep(0.05)
+    os.killpg(job.pid, signal.SIGKILL)  # the whole job, at once
+    job.wait()
+    p = torchrun('main_DM.py', *args, '--save_path', cut, '--resume', 'auto')
+    assert p.returncode == 0 and 'resuming from' in p.stdout, p.stderr[-3000:]
+    same(result(tmp_path / 'whole'), result(cut))
+
+
+def test_a_killed_process_ends_the_job_with_an_error_soon(data, tmp_path):
+    job = subprocess.Popen(torchrun_command('main_DM.py', *TINY, '--Iteration', 100000, '--data_path', data,
+                                            '--save_path', tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True, cwd=ROOT, env=ONE_THREAD)
+    while job.poll() is None and not glob.glob(str(tmp_path / 'checkpoint_*.pt')):  # past the first evaluation
+        time.sleep(0.1)
+    workers = subprocess.run(['pgrep', '-P', str(job.pid)], capture_output=True, text=True).stdout.split()
+    assert len(workers) == 2
+    os.kill(int(workers[1]), signal.SIGKILL)
+    t = time.time()
+    out, err = job.communicate(timeout=120)
+    assert job.returncode != 0 and time.time() - t < 60
+    assert 'error:' in err

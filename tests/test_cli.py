@@ -80,7 +80,7 @@ BAD = [  # (script, arguments, a part of the expected message)
     ('main.py', ['--dataset', 'CIFAR10', '--im_size', '28'], '--im_size is for --dataset ImageFolder'),
     ('main_DM.py', ['--resume', 'auto', '--overwrite'], 'give one of them'),
     ('main_DM.py', ['--lr_net', 'inf'], '--lr_net must be'),
-    ('main_DM.py', ['--dataset', 'MNIST', '--data_path', '{tmp}/complete', '--resume', '{tmp}/a_file'], 'cannot load'),
+    ('main_DM.py', ['--dataset', 'MNIST', '--data_path', '{tmp}/complete', '--ipc', '1', '--resume', '{tmp}/a_file'], 'cannot load'),
     ('CL_DM.py', ['--method', 'herding', '--Iteration', '5'], '--Iteration does not apply to --method herding'),
     ('CL_DM.py', ['--method', 'random', '--batch_real', '5'], '--batch_real does not apply'),
     ('CL_DM.py', ['--method', 'DM', '--coreset_epochs', '3'], '--coreset_epochs is for --method herding'),

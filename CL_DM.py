@@ -22,7 +22,7 @@ from tqdm import trange
 from main import train_iteration as dsa_iteration
 from main_DM import train_iteration as dm_iteration
 import utils
-from utils import (STRATEGY_RULE, Diverged, SynSet, UsageError, atomic_json, atomic_save, differences,
+from utils import (STRATEGY_RULE, Diverged, SynSet, UsageError, atomic_json, atomic_save, autocast, differences,
                    evaluate_models, exclusive, gather_objects, get_loops, get_parser, load_real, load_result, on_main,
                    refuse, run_script, select_coreset, set_dsa, set_seed, setup, signature, tensor_loader)
 
@@ -31,8 +31,8 @@ CONDENSE = {'DSA': dsa_iteration, 'DM': dm_iteration}
 DEFAULTS = {'DSA': (1000, 0.1, 'noise'), 'DM': (20000, 1.0, 'real')}  # the methods' own Iteration, lr_img, init
 SHAPED_BY = {  # besides method, dataset and its data, model, ipc, steps, class order and --seed
     'random': [],
-    'herding': ['coreset_epochs', 'lr_net', 'batch_train'],
-    'DSA': ['Iteration', 'lr_img', 'init', 'batch_real', 'dsa_strategy', 'dis_metric', 'lr_net', 'batch_train'],
+    'herding': ['coreset_epochs', 'lr_net', 'batch_train', 'amp'],
+    'DSA': ['Iteration', 'lr_img', 'init', 'batch_real', 'dsa_strategy', 'dis_metric', 'lr_net', 'batch_train', 'amp'],
     'DM': ['Iteration', 'lr_img', 'init', 'batch_real', 'dsa_strategy', 'amp'],
 }
 
@@ -61,7 +61,8 @@ def build_memory(classes, real, args, keys):
         for it in trange(args.Iteration, desc=f'{args.method} on classes {classes}', leave=False, dynamic_ncols=True):
             set_seed(*keys, it)
             sub.start(*keys, it)
-            CONDENSE[args.method](it, syn, sub, a)
+            with autocast(args):
+                CONDENSE[args.method](it, syn, sub, a)
         images = syn.images.detach()
         if not torch.isfinite(images).all():
             raise Diverged(f'the {args.method} memory of classes {classes} became non-finite (try a smaller --lr_img)')
@@ -138,14 +139,14 @@ def check(args):
     if not args.dsa:
         raise UsageError('continual learning trains with DSA augmentation: --dsa_strategy must name transformations')
     if args.method in ('random', 'herding'):
-        refuse(args, ['Iteration', 'lr_img', 'init', 'batch_real', 'dis_metric', 'amp', 'compile'],
+        refuse(args, ['Iteration', 'lr_img', 'init', 'batch_real', 'dis_metric', 'compile'],
                f'does not apply to --method {args.method}: its memories are real images, not optimised')
     if args.method != 'herding':
         refuse(args, ['coreset_epochs'], f'is for --method herding, not {args.method}')
     if args.method != 'DSA':
         refuse(args, ['dis_metric'], f'is for --method DSA (gradient matching), not {args.method}')
     if args.method != 'DM':
-        refuse(args, ['amp', 'compile'], f'is for --method DM, not {args.method}')
+        refuse(args, ['compile'], f'is for --method DM, not {args.method}')
     for k, v in zip(['Iteration', 'lr_img', 'init'], DEFAULTS.get(args.method, (0, 0.1, 'real'))):
         setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
     args.outer_loop, args.inner_loop = get_loops(args.ipc)

@@ -22,7 +22,8 @@ def features(net, images, grad):
     with torch.set_grad_enabled(grad):
         groups = [images] if has_batchnorm(net) else images.split(1)
         per_group = [net.stages(x.flatten(0, 1))[0] for x in groups]
-        stages = [torch.cat([g[k].unflatten(0, x.shape[:2]) for g, x in zip(per_group, groups)]) for k in range(len(net.taps))]
+        stages = [torch.cat([g[k].unflatten(0, x.shape[:2]) for g, x in zip(per_group, groups)]).float()  # (--amp: as float32)
+                  for k in range(len(net.taps))]
     return [s.mean(1) for s in stages], stages[-1].flatten(2)
 
 
@@ -130,7 +131,7 @@ def default_layer_weights(n_stages):
 
 
 def parser():
-    parser = get_parser('CAFE: dataset condensation by aligning features', methods=['DC', 'DSA'], omit=['amp', 'compile'],
+    parser = get_parser('CAFE: dataset condensation by aligning features', methods=['DC', 'DSA'], omit=['compile'],
                         Iteration=2000, lr_img=0.1, init='noise', num_exp=1, num_eval=20, epoch_eval_noaug=600,
                         unused={'dis_metric': 'does not apply to CAFE: it aligns features, not gradients'},
                         rules={'dsa_strategy': f'default: None; with --method DSA {STRATEGY_RULE}'})

@@ -59,7 +59,7 @@ def coreset_images(real, args):
 
 def parser():
     p = get_parser('DC/DSA: dataset condensation with gradient matching', methods=['DC', 'DSA', *CORESETS],
-                   omit=['compile', 'amp'], Iteration=1000, lr_img=0.1, init='noise', num_exp=5, num_eval=20,
+                   omit=['compile'], Iteration=1000, lr_img=0.1, init='noise', num_exp=5, num_eval=20,
                    rules={'dsa_strategy': f'default: None; with --method DSA {STRATEGY_RULE}'})
     p.add_argument('--coreset_epochs', type=int, default=10,
                    help='herding/kcenter/forgetting: epochs of training the network on the real data')

@@ -23,11 +23,11 @@ def train_iteration(it, syn, real, args):
             real_all.append(img_real)
             syn_means.append(img_syn)
         else:
-            real_means.append(embed(net, img_real, amp=args.amp, compiled=args.compile).mean(0))
-            syn_means.append(net.embed(img_syn).mean(0))
+            real_means.append(embed(net, img_real, compiled=args.compile).mean(0))
+            syn_means.append(net.embed(img_syn).float().mean(0))
     if joint:
-        real_means = embed(net, torch.cat(real_all), None, args.amp, args.compile).unflatten(0, (len(classes), n)).mean(1)
-        syn_means = net.embed(torch.cat(syn_means)).unflatten(0, (len(classes), args.ipc)).mean(1)
+        real_means = embed(net, torch.cat(real_all), None, compiled=args.compile).unflatten(0, (len(classes), n)).mean(1)
+        syn_means = net.embed(torch.cat(syn_means)).float().unflatten(0, (len(classes), args.ipc)).mean(1)
     else:
         real_means, syn_means = torch.stack(real_means), torch.stack(syn_means)
     loss = torch.sum((real_means - syn_means) ** 2)

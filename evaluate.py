@@ -71,6 +71,8 @@ def get_parser():
     p.add_argument('--baseline', default='none', choices=['none', 'random'],
                    help='random: also evaluate random real training images, as many of each class as the set has')
     p.add_argument('--seed', type=int, default=0, help='the same seed gives the same accuracies')
+    p.add_argument('--eval_together', action='store_true', help='train the models of an architecture (up to 10, without '
+                   'BatchNorm) as one batched computation (torch.func.vmap): for GPUs; slower on the CPU')
     p.add_argument('--amp', action='store_true', help='bfloat16 autocast for training and testing the models '
                                                       "(off: the papers' float32 protocol)")
     p.add_argument('--device', default='auto', help='auto (CUDA when present), cpu, cuda or cuda:<i>')

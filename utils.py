@@ -989,24 +989,38 @@ def eval_args(args, model_eval):
     return a
 
 
+EVAL_GROUP = 10  # --eval_together: at most this many models of an architecture in one batched computation
+
+
 def evaluate_models(images, labels, model_pool, args, testloader, seed_keys=(), split=True):
     """Evaluate a synthetic set on num_eval fresh models of every architecture in model_pool.
     Every model trains on a random stream of its own, seeded by (--seed, seed_keys, architecture, number),
     so evaluating never changes the condensation and each accuracy is the same wherever it is computed:
     under torchrun (`split`) the models are shared out among the processes and their accuracies gathered."""
-    jobs = [(m, k) for m in model_pool for k in range(args.num_eval)]
+    jobs = []  # (architecture, the numbers of its models, trained together?): BatchNorm models alone
+    for m in model_pool:
+        numbers = list(range(args.num_eval))
+        if getattr(args, 'eval_together', False) and not has_batchnorm(get_network(m, args.channel, 2, args.im_size, 'cpu')):
+            jobs += [(m, numbers[i:i + EVAL_GROUP], True) for i in range(0, len(numbers), EVAL_GROUP)]
+        else:
+            jobs += [(m, [k], False) for k in numbers]
     rank, world = (RANK, WORLD) if split else (0, 1)
     mine = {}
     devices = [torch.device(args.device)] if torch.device(args.device).type == 'cuda' else []
-    with torch.random.fork_rng(devices=devices):
-        for j, (model_eval, it_eval) in enumerate(jobs):
-            if j % world == rank:
-                set_seed(args.seed, *seed_keys, 'eval', model_eval, it_eval)
+    with torch.random.fork_rng(devices=devices), autocast(args):
+        for j, (model_eval, numbers, together) in enumerate(jobs):
+            if j % world != rank:
+                continue
+            a = eval_args(args, model_eval)
+            if together:
+                keys = [(args.seed, *seed_keys, 'eval', model_eval, k) for k in numbers]
+                mine[j] = train_together(model_eval, keys, images, labels, testloader, a)
+            else:
+                set_seed(args.seed, *seed_keys, 'eval', model_eval, numbers[0])
                 net = get_network(model_eval, args.channel, args.num_classes, args.im_size, args.device)
-                with autocast(args):
-                    mine[j] = evaluate_synset(it_eval, net, images.detach(), labels, testloader, eval_args(args, model_eval))[2]
-    done = {j: acc for part in (gather_objects(mine) if split else [mine]) for j, acc in part.items()}
-    accs = {m: [done[j] for j, (model_eval, _) in enumerate(jobs) if model_eval == m] for m in model_pool}
+                mine[j] = [evaluate_synset(numbers[0], net, images.detach(), labels, testloader, a)[2]]
+    done = {j: accs for part in (gather_objects(mine) if split else [mine]) for j, accs in part.items()}
+    accs = {m: [a for j, (model_eval, _, _) in enumerate(jobs) if model_eval == m for a in done[j]] for m in model_pool}
     for m in model_pool:
         tqdm.write('Evaluate %d random %s, mean = %.4f std = %.4f' % (args.num_eval, m, np.mean(accs[m]), np.std(accs[m])))
     return accs
@@ -1318,17 +1332,25 @@ def differences(theirs, ours):
     return ', '.join(said[:4] + ['...'] * (len(said) > 4))
 
 
-def summarise(args, accs_all_exps):
-    """Print the final mean +- std per evaluation model and write them, with the run's settings, as the
-    JSON record beside the .pt."""
+def record_history(args, history):
+    """The accuracies of every evaluation so far, in the run's record (res_<...>.json)."""
+    path = result_path(args, 'json')
+    with open(path) as f:
+        record = json.load(f)
+    atomic_json(dict(record, history=history), path)
+
+
+def summarise(args, accs_all_exps, history=()):
+    """Print the final mean +- std per evaluation model and write them, with the run's settings and the
+    accuracies of every evaluation, as the JSON record beside the .pt."""
     print('\n==================== Final Results ====================\n')
     summary = {}
     for key, accs in accs_all_exps.items():
         print('Run %d experiments, train on %s, evaluate %d random %s, mean  = %.2f%%  std = %.2f%%'
               % (args.num_exp, args.model, len(accs), key, np.mean(accs) * 100, np.std(accs) * 100))
         summary[key] = dict(mean=float(np.mean(accs)), std=float(np.std(accs)), n=len(accs), accs=list(map(float, accs)))
-    atomic_json(dict(status='finished', results=summary, protocol=settings(args), signature=signature(args)),
-                result_path(args, 'json'))
+    atomic_json(dict(status='finished', results=summary, protocol=settings(args), signature=signature(args),
+                     history=list(history)), result_path(args, 'json'))
     return summary
 
 
@@ -1544,6 +1566,9 @@ def get_parser(description, methods=None, omit=(), unused=None, rules=None, **de
     add('--amp', action='store_true',
         help='bfloat16 autocast for condensation and evaluation (training and testing); the synthetic images, '
              'their gradients, optimiser states and losses stay float32 (off: the papers\' float32 protocol)')
+    add('--eval_together', action='store_true',
+        help='train the evaluation models of an architecture (up to 10, without BatchNorm) as one batched computation '
+             '(torch.func.vmap): for GPUs, which many small models leave idle; slower on the CPU (see README)')
     add('--compile', action='store_true',
         help='torch.compile those forward passes (compiling takes a few seconds to a minute, once)')
     add('--resume', type=str, default='none',
@@ -1715,14 +1740,14 @@ class Checkpoints:
             return self.since >= self.args.checkpoint_every
         return RANK == 0 and time.monotonic() - self.last_time >= 60 * self.MINUTES
 
-    def save(self, exp, it, syn, accs, accs_all_exps, data_save, evaluated=True):
+    def save(self, exp, it, syn, accs, accs_all_exps, data_save, history, evaluated=True):
         """The state at the start of iteration `it` of experiment `exp` (evaluated or not yet): every
         process's classes, written by rank 0 (all processes call this)."""
         syn.sync(momentum=True)
         path = f'{self.prefix}{exp * (self.args.Iteration + 1) + it:010d}.pt'
         if RANK == 0:
             atomic_save(dict(signature=self.signature, exp=exp, it=it, images=syn.images.detach().cpu(),
-                             optimizer=syn.optimizer.state_dict(), accs=accs, evaluated=evaluated,
+                             optimizer=syn.optimizer.state_dict(), accs=accs, evaluated=evaluated, history=history,
                              accs_all_exps=accs_all_exps, data=data_save, processes=WORLD), path)
             for p in [p for p in self.paths() if p != path][1:]:  # keep the one before it too
                 with contextlib.suppress(OSError):
@@ -1885,6 +1910,7 @@ def condense(args, train_iteration, eval_interval, init_images=None, joint_batch
         state = on_main(checkpoints.load, args.resume) if args.resume != 'none' else None
         accs_all_exps = state['accs_all_exps'] if state else {m: [] for m in model_pool}
         data_save = state['data'] if state else []
+        history = state.get('history', []) if state else []  # the accuracies at every evaluation
         if state:
             print(f'resuming from {checkpoints.last_path}: experiment {state["exp"]}, iteration {state["it"]}')
         elif args.resume == 'auto':
@@ -1909,11 +1935,13 @@ def condense(args, train_iteration, eval_interval, init_images=None, joint_batch
                     if not evaluated:
                         syn.sync()
                         accs = evaluate_models(syn.images, syn.labels, model_pool, args, testloader, (exp, it))
+                        history.append(dict(exp=exp, it=it, accs=accs))
                         on_main(save_vis, syn.images, args, exp, it)
+                        on_main(record_history, args, history)
                         evaluated = True
-                        checkpoints.save(exp, it, syn, accs, accs_all_exps, data_save)
+                        checkpoints.save(exp, it, syn, accs, accs_all_exps, data_save, history)
                     elif due:
-                        checkpoints.save(exp, it, syn, accs, accs_all_exps, data_save)
+                        checkpoints.save(exp, it, syn, accs, accs_all_exps, data_save, history)
                     if it == args.Iteration:
                         break
                     before = syn.state()
@@ -1927,7 +1955,7 @@ def condense(args, train_iteration, eval_interval, init_images=None, joint_batch
                                           f'{checkpoints.last_path}; continue with --resume auto', stop.code - 128) from None
                     if before is not None:
                         syn.restore(before)
-                    checkpoints.save(exp, it, syn, accs, accs_all_exps, data_save, evaluated=evaluated)
+                    checkpoints.save(exp, it, syn, accs, accs_all_exps, data_save, history, evaluated=evaluated)
                     raise Interrupted(f'{stop} at iteration {it} of experiment {exp}; checkpoint {checkpoints.last_path}; '
                                       'continue with --resume auto', stop.code - 128) from None
                 checkpoints.tick()
@@ -1952,7 +1980,7 @@ def condense(args, train_iteration, eval_interval, init_images=None, joint_batch
             if RANK == 0:
                 atomic_save({'data': data_save, 'accs_all_exps': accs_all_exps, 'settings': settings(args)},
                             result_path(args))
-        return on_main(summarise, args, accs_all_exps)
+        return on_main(summarise, args, accs_all_exps, history)
 
 
 def run_script(main):

@@ -54,3 +54,24 @@ def test_eval_pools():
     assert get_eval_pool('M', 'ConvNet', 'ConvNet') == ['MLP', 'ConvNet', 'LeNet', 'AlexNet', 'VGG11', 'ResNet18']
     assert get_eval_pool('N', 'ConvNet', 'ConvNet')[1] == 'ConvNetBN'
     assert len(get_eval_pool('A', 'ConvNet', 'ConvNet')) == 4
+
+
+def test_models_trained_together_learn_each_on_its_own_stream():
+    import utils
+    x, y = separable(5, 0)
+    xt, yt = separable(20, 1)
+    a = args(epoch_eval_train=40, num_eval=3, seed=0, channel=1, num_classes=10, im_size=(12, 12), dataset='X',
+             epoch_eval_noaug=300, eval_together=True, model='ConvNetW32', ipc=5)
+    loader = tensor_loader(xt, yt, 256)
+    together = utils.evaluate_models(x, y, ['ConvNetW32'], a, loader)['ConvNetW32']
+    assert len(together) == 3 and min(together) > 0.8
+    assert utils.evaluate_models(x, y, ['ConvNetW32'], a, loader)['ConvNetW32'] == together  # seeded
+    keys = [(0, 'eval', 'ConvNetW32', k) for k in range(2)]
+    inits = []
+    for k in keys:  # each model starts from its own initialisation, as when trained alone
+        utils.set_seed(*k)
+        inits.append(get_network('ConvNetW32', 1, 10, (12, 12), 'cpu').classifier.weight)
+    assert not torch.equal(*inits)
+    a.num_eval = 1
+    bn = utils.evaluate_models(x, y, ['ConvNetBN'], a, loader)['ConvNetBN']  # BatchNorm: one at a time
+    assert len(bn) == 1 and 0 <= bn[0] <= 1

@@ -1,0 +1,111 @@
+"""Evaluation and CAFE speed, in float32 and with --amp, as ratios measured in one run.
+
+    python bench/speed.py eval        # evaluation models one at a time vs trained together (--eval_together)
+    python bench/speed.py cafe        # a CAFE iteration at fixed numbers of outer and inner steps
+    python bench/speed.py eval cafe --datasets FashionMNIST
+
+eval: seconds per evaluation model (ConvNet, DSA augmentation, --epochs epochs and a test pass on the whole
+test set) for synthetic sets of ipc 1, 10 and 50, num_eval 5 and 20, trained one at a time or together.
+cafe: one CAFE iteration (ipc 1) with the dynamic loops held at --outer outer steps and --inner inner
+epochs after each (lambda_1 0 and lambda_2 1 never stop them early), so float32 and bfloat16 do the same
+work; reported with the number of queries and the seconds per query. Every row also gives this
+machine's float32 and bfloat16 matrix rates, measured just before it.
+"""
+import argparse
+import json
+import os
+import sys
+import tarfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import distill  # noqa: E402
+import utils  # noqa: E402
+from papers import matrix_rates  # noqa: E402
+
+
+def setup(dataset, ipc, a, *flags, script=None):
+    parser = script.parser() if script else utils.get_parser('bench', method='DSA', init='real')
+    args = utils.setup(parser.parse_args(['--dataset', dataset, '--ipc', str(ipc), '--data_path', a.data_path,
+                                          '--save_path', '/tmp/bench_out', *flags]))
+    utils.set_dsa(args, augments=args.method == 'DSA')
+    real, testloader = utils.load_real(args)
+    utils.set_seed(0)
+    real.start(0, 'init')
+    return args, real, testloader, utils.SynSet(real, args)
+
+
+def evaluation(dataset, a):
+    for ipc in (1, 10, 50):
+        for amp in (False, True):
+            args, real, testloader, syn = setup(dataset, ipc, a, *(['--amp'] if amp else []))
+            args.epoch_eval_train = a.epochs
+            per_model = {}
+            for num_eval, together in [(2, False), (5, True), (20, True)]:
+                args.num_eval, args.eval_together = num_eval, together
+                rates = matrix_rates()
+                t = time.perf_counter()
+                utils.evaluate_models(syn.images, syn.labels, ['ConvNet'], args, testloader)
+                per_model[num_eval if together else 'alone'] = (time.perf_counter() - t) / num_eval
+            for num_eval in (5, 20):
+                print(json.dumps(dict(dataset=dataset, what=f'evaluation, ipc {ipc}, num_eval {num_eval}', amp=amp,
+                                      epochs=a.epochs, seconds_per_model_alone=round(per_model['alone'], 2),
+                                      seconds_per_model_together=round(per_model[num_eval], 2),
+                                      speedup=round(per_model['alone'] / per_model[num_eval], 2),
+                                      fp32_GFLOPs=round(rates['float32'], 1), bf16_GFLOPs=round(rates['bfloat16'], 1))),
+                      flush=True)
+
+
+def cafe(dataset, a):
+    base = None
+    for amp in (False, True):
+        args, real, _, syn = setup(dataset, 1, a, '--lambda_1', '0', '--lambda_2', '1', '--max_outer', str(a.outer),
+                                   '--max_inner', str(a.inner), *(['--amp'] if amp else []), script=distill)
+        args.layer_weights = distill.default_layer_weights(4)
+        args.milestones = [10 ** 9]
+        queries = []
+        query = distill.query_accuracy
+
+        def counted(*x):
+            t = time.perf_counter()
+            out = query(*x)
+            queries.append(time.perf_counter() - t)
+            return out
+
+        distill.query_accuracy = counted
+        rates = matrix_rates()
+        t = time.perf_counter()
+        with utils.autocast(args):
+            stats = distill.train_iteration(0, syn, real, args)
+        seconds = time.perf_counter() - t
+        distill.query_accuracy = query
+        base = base or seconds
+        print(json.dumps(dict(dataset=dataset, what='CAFE iteration, ipc 1', amp=amp, outer=stats['outer'],
+                              inner=stats['inner'], seconds=round(seconds, 2), speedup=round(base / seconds, 2),
+                              queries=len(queries), seconds_per_query=round(sum(queries) / len(queries), 3),
+                              share_of_queries=round(sum(queries) / seconds, 2), fp32_GFLOPs=round(rates['float32'], 1),
+                              bf16_GFLOPs=round(rates['bfloat16'], 1))), flush=True)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    p.add_argument('parts', nargs='+', choices=['eval', 'cafe'])
+    p.add_argument('--datasets', nargs='+', default=['FashionMNIST', 'CIFAR10'], choices=['FashionMNIST', 'CIFAR10'])
+    p.add_argument('--cifar10', default=os.path.join(ROOT, '..', 'shared', 'datasets', 'cifar10.tar'))
+    p.add_argument('--data_path', default='/tmp/bench_data')
+    p.add_argument('--epochs', type=int, default=20, help='evaluation: training epochs per model')
+    p.add_argument('--outer', type=int, default=10, help='CAFE: outer steps')
+    p.add_argument('--inner', type=int, default=5, help='CAFE: inner epochs after each outer step but the last')
+    a = p.parse_args()
+    if 'CIFAR10' in a.datasets and not os.path.isdir(os.path.join(a.data_path, 'CIFAR10', 'train')):
+        with tarfile.open(a.cifar10) as tar:
+            tar.extractall(os.path.join(a.data_path, 'CIFAR10'))
+    for dataset in a.datasets:
+        for part in a.parts:
+            {'eval': evaluation, 'cafe': cafe}[part](dataset, a)
+
+
+if __name__ == '__main__':
+    main()

@@ -84,7 +84,7 @@ BAD = [  # (script, arguments, a part of the expected message)
     ('CL_DM.py', ['--method', 'herding', '--Iteration', '5'], '--Iteration does not apply to --method herding'),
     ('CL_DM.py', ['--method', 'random', '--batch_real', '5'], '--batch_real does not apply'),
     ('CL_DM.py', ['--method', 'DM', '--coreset_epochs', '3'], '--coreset_epochs is for --method herding'),
-    ('CL_DM.py', ['--method', 'random', '--compile'], '--compile is for --method DM'),
+    ('CL_DM.py', ['--method', 'DSA', '--compile'], '--compile is for --method DM'),
     ('CL_DM.py', ['--method', 'DM', '--dis_metric', 'cos'], '--dis_metric is for --method DSA'),
     ('CL_DM.py', ['--overwrite', '--resume', 'auto'], 'unrecognized arguments: --resume'),
 ]

@@ -1,0 +1,123 @@
+"""The figures of docs/results.md, made from the runs' own files, so anyone can redo them.
+
+    python docs/figures.py RUN_FOLDER [RUN_FOLDER ...] --out docs/img
+
+For every run folder (a --save_path): its synthetic images at the last evaluation (the run's own
+vis_*.png, copied, shrunk when large) as docs/img/<run>.png, and a summary docs/img/runs.json of each
+run's record (accuracies at every evaluation, the final mean +- std, the settings). With matplotlib
+installed (optional, for this script only), also docs/img/curves.png: accuracy against iterations for
+every run that was evaluated more than once. A run of an older version without the history in its record
+is read from its log (`--logs`, the run's stdout saved as <folder>.out).
+"""
+import argparse
+import glob
+import json
+import os
+import re
+
+from PIL import Image
+
+MAX_SIDE = 640  # pixels: grids larger than this are shrunk
+
+
+def record(folder, logs):
+    """The run's record (res_*.json), with its history (from the record, else parsed from its log)."""
+    paths = glob.glob(os.path.join(folder, 'res_*.json'))
+    if not paths:
+        return None
+    with open(paths[0]) as f:
+        rec = json.load(f)
+    if not rec.get('history') and logs:
+        log = os.path.join(logs, os.path.basename(os.path.normpath(folder)) + '.out')
+        if os.path.exists(log):
+            rec['history'] = parse_log(open(log).read())
+    rec['name'] = os.path.basename(paths[0])[4:-5]
+    return rec
+
+
+def parse_log(text):
+    """[{exp, it, accs: {model: [mean]}}] from a run's stdout: the evaluation iterations it printed and each
+    evaluation's 'Evaluate N random MODEL, mean = x std = y' lines."""
+    its = json.loads(re.search(r'at iterations (\[[0-9, ]*\])', text).group(1))
+    means = re.findall(r'Evaluate \d+ random (\S+), mean = ([0-9.]+) std = ([0-9.]+)', text)
+    models = list(dict.fromkeys(m for m, _, _ in means))
+    history = []
+    for k in range(len(means) // len(models)):
+        chunk = means[k * len(models):(k + 1) * len(models)]
+        history.append(dict(exp=k // len(its), it=its[k % len(its)], mean={m: float(x) for m, x, _ in chunk},
+                            std={m: float(s) for m, _, s in chunk}))
+    return history
+
+
+def point(entry, model):
+    """(mean, std) of one evaluation."""
+    if 'accs' in entry:
+        accs = entry['accs'][model]
+        mean = sum(accs) / len(accs)
+        return mean, (sum((a - mean) ** 2 for a in accs) / len(accs)) ** 0.5
+    return entry['mean'][model], entry['std'][model]
+
+
+def grid(folder, out, name):
+    """The run's images at its last evaluation, shrunk to at most MAX_SIDE pixels a side."""
+    vis = sorted(glob.glob(os.path.join(folder, 'vis_*.png')), key=lambda p: [int(n) for n in re.findall(r'\d+', p)[-2:]])
+    if not vis:
+        return None
+    img = Image.open(vis[-1])
+    img.thumbnail((MAX_SIDE, MAX_SIDE), Image.NEAREST)
+    img.save(os.path.join(out, name + '.png'), optimize=True)
+    return name + '.png'
+
+
+def curves(records, out):
+    try:
+        import matplotlib
+        matplotlib.use('Agg')
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print('matplotlib is not installed: no curves.png (pip install matplotlib)')
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for rec in records:
+        hist = [h for h in rec.get('history', []) if h['exp'] == 0]
+        if len(hist) < 2:
+            continue
+        model = rec['protocol']['model'] if rec['protocol']['model'] in (hist[0].get('accs') or hist[0]['mean']) \
+            else next(iter(hist[0].get('accs') or hist[0]['mean']))
+        pts = [(h['it'], *point(h, model)) for h in hist]
+        its, means, stds = zip(*pts)
+        ax.errorbar(its, [100 * m for m in means], yerr=[100 * s for s in stds], marker='o', capsize=3, label=rec['name'])
+    ax.set_xlabel('iteration')
+    ax.set_ylabel('test accuracy (%)')
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, 'curves.png'), dpi=120)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    p.add_argument('runs', nargs='+', help='run folders (--save_path of each run)')
+    p.add_argument('--out', default=os.path.join(os.path.dirname(os.path.abspath(__file__)), 'img'))
+    p.add_argument('--logs', help='a folder of the runs\' stdout, <run folder name>.out (for older records)')
+    a = p.parse_args()
+    os.makedirs(a.out, exist_ok=True)
+    records = []
+    for folder in a.runs:
+        rec = record(folder, a.logs)
+        if rec is None:
+            print(f'{folder}: no record (res_*.json): skipped')
+            continue
+        rec['grid'] = grid(folder, a.out, os.path.basename(os.path.normpath(folder)))
+        records.append(rec)
+    with open(os.path.join(a.out, 'runs.json'), 'w') as f:
+        json.dump([{k: r.get(k) for k in ('name', 'status', 'results', 'history', 'grid')} |
+                   {'protocol': {k: r['protocol'].get(k) for k in ('method', 'dataset', 'model', 'ipc', 'Iteration',
+                                                                   'num_eval', 'num_exp', 'eval_mode', 'dsa_strategy',
+                                                                   'epoch_eval_train', 'seed', 'amp')}}
+                   for r in records], f, indent=1)
+    curves(records, a.out)
+
+
+if __name__ == '__main__':
+    main()

@@ -154,8 +154,6 @@ def parser():
 def main():
     args = setup(parser().parse_args())
     set_dsa(args, augments=args.method == 'DSA')
-    if args.method == 'DSA' and not args.dsa:
-        raise UsageError('--method DSA needs a --dsa_strategy; --method DC aligns without augmentation')
     args.method = {'DC': 'CAFE', 'DSA': 'CAFE_DSA'}[args.method]  # names the outputs apart from main.py's
     n_stages = len(get_network(args.model, 3, 10, (32, 32), 'cpu').taps)  # the same for every input shape
     weights = args.layer_weights or default_layer_weights(n_stages)

@@ -9,7 +9,7 @@ epochs on the synthetic set.
 """
 import torch
 
-from utils import (CORESETS, STRATEGY_RULE, UsageError, batchnorm_layers, class_gradients, condense, get_loops, get_network, get_parser,
+from utils import (CORESETS, STRATEGY_RULE, batchnorm_layers, class_gradients, condense, get_loops, get_network, get_parser,
                    has_batchnorm, match_loss, refuse, run_epoch, run_script, select_coreset, set_dsa, setup, siamese_augment,
                    tensor_loader)
 
@@ -69,8 +69,6 @@ def parser():
 def main():
     args = setup(parser().parse_args())
     set_dsa(args, augments=args.method == 'DSA')
-    if args.method == 'DSA' and not args.dsa:
-        raise UsageError('--method DSA needs a --dsa_strategy; --method DC matches without augmentation')
     if args.method in CORESETS:  # real images, selected once: nothing to iterate
         refuse(args, ['Iteration', 'init', 'lr_img', 'batch_real', 'dis_metric', 'checkpoint_every'],
                f'does not apply to --method {args.method}: a coreset is selected from real images, not optimised')

@@ -746,6 +746,8 @@ def set_dsa(args, augments):
     args.dsa = args.dsa_strategy not in NO_STRATEGY
     if args.method == 'DC' and args.dsa:
         raise UsageError('--dsa_strategy goes with --method DSA; DC matches and evaluates without it')
+    if args.method == 'DSA' and not args.dsa:
+        raise UsageError('--method DSA needs a --dsa_strategy; --method DC works without augmentation')
 
 
 def check_strategy(strategy):

@@ -71,3 +71,13 @@ def write_cifar(root, name='CIFAR10', n=4, seed=0, protocol=pickle.DEFAULT_PROTO
         (d / f).write_bytes(pickle.dumps(batch, protocol))
     (d / meta).write_bytes(pickle.dumps({names: [f'c{k}' for k in range(num_classes)]}, protocol))
     return d
+
+
+def tiny(num_classes=3, per_class=8, channel=1, size=12, seed=0):
+    """Real images of a few classes, class c around the value c (small, separable), held as ClassImages."""
+    import torch
+    from utils import ClassImages, TensorDataset
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(num_classes).repeat_interleave(per_class)
+    images = torch.randn(len(labels), channel, size, size, generator=g) + labels.view(-1, 1, 1, 1)
+    return ClassImages(TensorDataset(images, labels), num_classes)

@@ -9,14 +9,8 @@ import distill
 import main
 import main_DM
 import utils
-from utils import ClassImages, ParamDiffAug, SynSet, TensorDataset, autocast, tensor_loader
-
-
-def tiny(num_classes=3, per_class=12, channel=1, size=12, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    labels = torch.arange(num_classes).repeat_interleave(per_class)
-    images = torch.randn(len(labels), channel, size, size, generator=g) + labels.view(-1, 1, 1, 1)
-    return ClassImages(TensorDataset(images, labels), num_classes)
+from helpers import tiny
+from utils import ParamDiffAug, SynSet, autocast, tensor_loader
 
 
 def namespace(**kw):
@@ -31,7 +25,7 @@ def namespace(**kw):
 
 @pytest.mark.parametrize('module', [main_DM, main, distill], ids=['DM', 'DSA', 'CAFE'])
 def test_an_iteration_under_amp_keeps_images_gradients_optimiser_and_loss_in_float32(module, monkeypatch):
-    real, args = tiny(), namespace()
+    real, args = tiny(per_class=12), namespace()
     syn = SynSet(real, args)
     before = syn.images.detach().clone()
     seen = []

@@ -9,8 +9,8 @@ import torch
 
 import main
 import utils
-from helpers import needs_fashion, run, write_mnist
-from utils import (EVAL_POOLS, ClassImages, ParamDiffAug, SynSet, TensorDataset, class_gradients, get_eval_pool,
+from helpers import needs_fashion, run, tiny, write_mnist
+from utils import (EVAL_POOLS, ParamDiffAug, SynSet, class_gradients, get_eval_pool,
                    get_loops, get_network, load_result, match_loss, tensor_loader)
 
 # gradients of a conv weight (2 output units), a linear weight (1 unit) and a bias
@@ -54,13 +54,6 @@ def test_chunked_real_gradients_equal_the_whole_batch():
     whole = torch.autograd.grad(torch.nn.functional.cross_entropy(net(x), torch.full((37,), 2)), list(net.parameters()))
     for a, b in zip(class_gradients(net, x, 2, chunk=8), whole):
         assert torch.allclose(a, b, atol=1e-6)
-
-
-def tiny(num_classes=3, per_class=8, channel=1, size=12, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    labels = torch.arange(num_classes).repeat_interleave(per_class)
-    images = torch.randn(len(labels), channel, size, size, generator=g) + labels.view(-1, 1, 1, 1)
-    return ClassImages(TensorDataset(images, labels), num_classes)
 
 
 def step_args(**kw):

@@ -111,15 +111,28 @@ def test_resume_under_two_processes(data, tmp_path):
     same(result(tmp_path / 'whole'), result(cut))
 
 
+def children(pid):
+    """The processes whose parent is pid (read from /proc)."""
+    found = []
+    for stat in glob.glob('/proc/[0-9]*/stat'):
+        try:
+            fields = open(stat).read().rsplit(')', 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.split('/')[2]))
+    return found
+
+
 def test_a_killed_process_ends_the_job_with_an_error_soon(data, tmp_path):
     job = subprocess.Popen(torchrun_command('main_DM.py', *TINY, '--Iteration', 100000, '--data_path', data,
                                             '--save_path', tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                            text=True, cwd=ROOT, env=ONE_THREAD)
     while job.poll() is None and not glob.glob(str(tmp_path / 'checkpoint_*.pt')):  # past the first evaluation
         time.sleep(0.1)
-    workers = subprocess.run(['pgrep', '-P', str(job.pid)], capture_output=True, text=True).stdout.split()
+    workers = children(job.pid)
     assert len(workers) == 2
-    os.kill(int(workers[1]), signal.SIGKILL)
+    os.kill(workers[1], signal.SIGKILL)
     t = time.time()
     out, err = job.communicate(timeout=120)
     assert job.returncode != 0 and time.time() - t < 60

@@ -17,14 +17,17 @@ from utils import (STRATEGY_RULE, UsageError, all_reduce, broadcast_shards, cond
 
 def features(net, images, grad):
     """For images [K, n, ...] of K classes: the per-class mean of every stage of `net` ([K, ...] each) and
-    the final embeddings [K, n, d]. A BatchNorm net (in train mode) sees all K classes as one batch; other
-    nets one class at a time, so a class's features do not depend on which others are computed with it."""
+    the final embeddings [K, n, d], as float32. A BatchNorm net (in train mode) sees all K classes as one
+    batch; other nets one class at a time, so a class's features do not depend on which others are
+    computed with it (and no stage of all the images is ever held at once: only its class means)."""
     with torch.set_grad_enabled(grad):
         groups = [images] if has_batchnorm(net) else images.split(1)
-        per_group = [net.stages(x.flatten(0, 1))[0] for x in groups]
-        stages = [torch.cat([g[k].unflatten(0, x.shape[:2]) for g, x in zip(per_group, groups)]).float()  # (--amp: as float32)
-                  for k in range(len(net.taps))]
-    return [s.mean(1) for s in stages], stages[-1].flatten(2)
+        means, embeddings = [], []
+        for x in groups:
+            stages = [s.float().unflatten(0, x.shape[:2]) for s in net.stages(x.flatten(0, 1))[0]]
+            means.append([s.mean(1) for s in stages])
+            embeddings.append(stages[-1].flatten(2))
+    return [torch.cat(m) for m in zip(*means)], torch.cat(embeddings)
 
 
 def cafe_losses(net, img_real, img_syn, args):

@@ -396,6 +396,8 @@ def _load_tree(root, im_size, channel):
     if test_classes != classes:
         raise UsageError(f'{root}: train/ and test/ must have the same class folders; not in both: '
                          + ', '.join(sorted(set(classes) ^ set(test_classes))))
+    if RANK > 0:  # under torchrun rank 0 writes the cache
+        return x_train, y_train, x_test, y_test, classes
     with contextlib.suppress(UsageError, OSError):  # a read-only data folder just means no cache
         remove_stale_temporaries(root)
         atomic_save(dict(x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test, classes=classes), cache)

@@ -106,6 +106,12 @@ def test_resume_under_two_processes(data, tmp_path):
         time.sleep(0.05)
     os.killpg(job.pid, signal.SIGKILL)  # the whole job, at once
     job.wait()
+    while True:  # until its workers are gone too
+        try:
+            os.killpg(job.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
     p = torchrun('main_DM.py', *args, '--save_path', cut, '--resume', 'auto')
     assert p.returncode == 0 and 'resuming from' in p.stdout, p.stderr[-3000:]
     same(result(tmp_path / 'whole'), result(cut))

@@ -101,20 +101,25 @@ def test_resume_under_two_processes(data, tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     cut = tmp_path / 'cut'
     job = subprocess.Popen(torchrun_command('main_DM.py', *args, '--save_path', cut), stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL, cwd=ROOT, env=ONE_THREAD, start_new_session=True)
+                           stderr=subprocess.DEVNULL, cwd=ROOT, env=ONE_THREAD)
     while job.poll() is None and len(glob.glob(str(cut / 'checkpoint_*.pt'))) < 2:
         time.sleep(0.05)
-    os.killpg(job.pid, signal.SIGKILL)  # the whole job, at once
+    workers = children(job.pid)  # (torchrun starts them in sessions of their own)
+    for pid in [job.pid, *workers]:  # the whole job, at once
+        os.kill(pid, signal.SIGKILL)
     job.wait()
-    while True:  # until its workers are gone too
-        try:
-            os.killpg(job.pid, 0)
-        except ProcessLookupError:
-            break
+    while any(map(alive, workers)):  # until the workers are gone too
         time.sleep(0.05)
     p = torchrun('main_DM.py', *args, '--save_path', cut, '--resume', 'auto')
     assert p.returncode == 0 and 'resuming from' in p.stdout, p.stderr[-3000:]
     same(result(tmp_path / 'whole'), result(cut))
+
+
+def alive(pid):
+    try:
+        return open(f'/proc/{pid}/stat').read().rsplit(')', 1)[1].split()[0] != 'Z'
+    except OSError:
+        return False
 
 
 def children(pid):

@@ -38,7 +38,7 @@ def setup(dataset, ipc, a, *flags, script=None):
 
 
 def evaluation(dataset, a):
-    for ipc in (1, 10, 50):
+    for ipc in a.ipcs:
         for amp in (False, True):
             args, real, testloader, syn = setup(dataset, ipc, a, *(['--amp'] if amp else []))
             args.epoch_eval_train = a.epochs
@@ -96,6 +96,7 @@ def main():
     p.add_argument('--cifar10', default=os.path.join(ROOT, '..', 'shared', 'datasets', 'cifar10.tar'))
     p.add_argument('--data_path', default='/tmp/bench_data')
     p.add_argument('--epochs', type=int, default=20, help='evaluation: training epochs per model')
+    p.add_argument('--ipcs', type=int, nargs='+', default=[1, 10, 50], help='evaluation: the sizes of the synthetic sets')
     p.add_argument('--outer', type=int, default=10, help='CAFE: outer steps')
     p.add_argument('--inner', type=int, default=5, help='CAFE: inner epochs after each outer step but the last')
     a = p.parse_args()

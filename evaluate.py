@@ -157,18 +157,9 @@ def resolve(args, settings=None):
 # The synthetic sets
 # ----------------------------------------------------------------------------------------------------
 
-def check_torch_file(path):  # candidate for utils.py (in load_pt: torch's own message blames weights_only)
-    """A file that torch.save wrote is a zip archive (or, before torch 1.6, a pickle: its first byte 0x80)."""
-    with open(path, 'rb') as f:
-        head = f.read(4)
-    if head != b'PK\x03\x04' and head[:1] != b'\x80':
-        raise UsageError(f'{path} is not a file that torch.save wrote')
-
-
 def read_pt(args):
     """The experiments [(k, images, labels)] of a result file (those --exp names), its recorded accuracies
     and the settings recorded in it (ours), if any."""
-    check_torch_file(args.input)
     res = load_result(args.input)
     n = len(res['data'])
     if n == 0:

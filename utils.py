@@ -1189,6 +1189,12 @@ def load_pt(path, expected=None):
     accuracies as numpy scalars). `expected`: {key: type} that the loaded dict must have."""
     if not os.path.isfile(path):
         raise UsageError(f'{path} does not exist' if not os.path.exists(path) else f'{path} is not a file')
+    with open(path, 'rb') as f:  # torch.save writes a zip archive (before torch 1.6 a pickle: first byte 0x80)
+        head = f.read(4)
+    if head != b'PK\x03\x04' and head[:1] != b'\x80':  # (torch's own message would blame weights_only)
+        raise UsageError(f'{path} is not a file that torch.save wrote (cannot load it)')
+    if head == b'PK\x03\x04' and not zipfile.is_zipfile(path):
+        raise UsageError(f'cannot load {path} safely: it is truncated or damaged')
     try:
         with torch.serialization.safe_globals(NUMPY_SAFE_GLOBALS):
             obj = torch.load(path, map_location='cpu', weights_only=True)

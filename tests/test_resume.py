@@ -251,3 +251,15 @@ def test_every_method_resumes_bit_identically_after_a_crash(data, tmp_path, monk
     for (a, la), (b, lb) in zip(resumed['data'], whole['data']):
         assert torch.equal(a, b) and torch.equal(la, lb)  # every experiment, bit for bit
     assert resumed['accs_all_exps'] == whole['accs_all_exps']
+
+
+def test_a_file_torch_did_not_write_or_a_truncated_one_is_named_as_such(tmp_path):
+    (tmp_path / 'notes.pt').write_text('not a checkpoint')
+    with pytest.raises(UsageError, match=r'notes.pt is not a file that torch.save wrote \(cannot load it\)$'):
+        load_pt(tmp_path / 'notes.pt')
+    torch.save({'images': torch.zeros(4, 3)}, tmp_path / 'good.pt')
+    data = (tmp_path / 'good.pt').read_bytes()
+    (tmp_path / 'cut.pt').write_bytes(data[:len(data) // 2])
+    with pytest.raises(UsageError, match=r'cannot load .*cut.pt safely: it is truncated or damaged$'):
+        load_pt(tmp_path / 'cut.pt')
+    assert torch.equal(load_pt(tmp_path / 'good.pt')['images'], torch.zeros(4, 3))

@@ -951,7 +951,16 @@ def train_together(model_eval, keys, images, labels, testloader, args):
         nets.append(get_network(model_eval, args.channel, args.num_classes, args.im_size, args.device))
     params, buffers = stack_module_state(nets)
     base = copy.deepcopy(nets[0]).to('meta')
-    forward = vmap(lambda p, b, x: functional_call(base, (p, b), (x,)))
+    # --amp: autocast does not reach inside vmap's batched convolutions (a bfloat16 input met a float32
+    # bias), so the models run on bfloat16 copies of their float32 parameters, as autocast would do
+    amp = getattr(args, 'amp', False)
+
+    def run(p, b, x, in_dims=0):
+        if amp:
+            p, x = {k: v.to(torch.bfloat16) for k, v in p.items()}, x.to(torch.bfloat16)
+        with torch.autocast(torch.device(args.device).type, enabled=False):
+            return vmap(lambda p, b, x: functional_call(base, (p, b), (x,)), in_dims=(0, 0, in_dims))(p, b, x).float()
+
     streams = [generator(*k, 'training') for k in keys]
     lr, epochs, M = float(args.lr_net), int(args.epoch_eval_train), len(keys)
     optimizer = torch.optim.SGD(params.values(), lr=lr, momentum=0.9, weight_decay=0.0005)
@@ -960,7 +969,7 @@ def train_together(model_eval, keys, images, labels, testloader, args):
         orders = torch.stack([torch.randperm(len(images), generator=g) for g in streams]).to(args.device)
         for idx in orders.split(args.batch_train, dim=1):  # [M, batch]: each model its own batch
             x = torch.stack([augmented(images[i], args, g) for i, g in zip(idx, streams)])
-            loss = F.cross_entropy(forward(params, buffers, x).flatten(0, 1), labels[idx].flatten()) * M
+            loss = F.cross_entropy(run(params, buffers, x).flatten(0, 1), labels[idx].flatten()) * M
             optimizer.zero_grad(set_to_none=True)
             loss.backward()  # (the sum of the models' mean losses: each model gets its own gradient)
             optimizer.step()
@@ -968,12 +977,11 @@ def train_together(model_eval, keys, images, labels, testloader, args):
             for group in optimizer.param_groups:
                 group['lr'] = lr * 0.1
     base.eval()
-    test = vmap(lambda p, b, x: functional_call(base, (p, b), (x,)), in_dims=(0, 0, None))
     right, count = torch.zeros(M, device=args.device), 0
     with torch.no_grad():
         for x, y in testloader:
             x, y = x.to(args.device), y.to(args.device)
-            right += (test(params, buffers, x).argmax(-1) == y).sum(1)
+            right += (run(params, buffers, x, in_dims=None).argmax(-1) == y).sum(1)
             count += len(y)
     accs = (right / max(count, 1)).tolist()
     tqdm.write('%s Evaluate %d %s together: epochs = %04d, test acc = %s' % (

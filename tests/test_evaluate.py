@@ -66,6 +66,10 @@ def test_models_trained_together_learn_each_on_its_own_stream():
     together = utils.evaluate_models(x, y, ['ConvNetW32'], a, loader)['ConvNetW32']
     assert len(together) == 3 and min(together) > 0.8
     assert utils.evaluate_models(x, y, ['ConvNetW32'], a, loader)['ConvNetW32'] == together  # seeded
+    a.amp = True  # bfloat16 (autocast does not reach inside vmap: the models run on bfloat16 copies)
+    in_bf16 = utils.evaluate_models(x, y, ['ConvNetW32'], a, loader)['ConvNetW32']
+    assert len(in_bf16) == 3 and min(in_bf16) > 0.8
+    a.amp = False
     keys = [(0, 'eval', 'ConvNetW32', k) for k in range(2)]
     inits = []
     for k in keys:  # each model starts from its own initialisation, as when trained alone

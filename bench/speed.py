@@ -8,18 +8,23 @@ eval: seconds per evaluation model (ConvNet, DSA augmentation, --epochs epochs a
 test set) for synthetic sets of ipc 1, 10 and 50, num_eval 5 and 20, trained one at a time or together.
 cafe: one CAFE iteration (ipc 1) with the dynamic loops held at --outer outer steps and --inner inner
 epochs after each (lambda_1 0 and lambda_2 1 never stop them early), so float32 and bfloat16 do the same
-work; reported with the number of queries and the seconds per query. Every row also gives this
-machine's float32 and bfloat16 matrix rates, measured just before it.
+work; reported with the number of queries and the seconds per query. `--baseline <checkout>` first runs
+the same float32 iteration with another checkout's distill.py and utils.py (e.g. a `git worktree` of the
+commit before a change), in a fresh process of the same run, and states every row's speed relative to it.
+Every row also gives this machine's float32 and bfloat16 matrix rates, measured just before it.
 """
 import argparse
+import contextlib
 import json
 import os
+import subprocess
 import sys
 import tarfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+CODE = sys.argv[sys.argv.index('--code') + 1] if '--code' in sys.argv else ROOT  # whose distill.py and utils.py
+sys.path.insert(0, os.path.abspath(CODE))
 
 import distill  # noqa: E402
 import utils  # noqa: E402
@@ -60,7 +65,14 @@ def evaluation(dataset, a):
 
 def cafe(dataset, a):
     base = None
-    for amp in (False, True):
+    if a.baseline:
+        cmd = [sys.executable, os.path.abspath(__file__), 'cafe', '--code', a.baseline, '--float32_only', '--datasets',
+               dataset, '--data_path', a.data_path, '--outer', str(a.outer), '--inner', str(a.inner)]
+        row = json.loads(subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout.splitlines()[-1])
+        base = row['seconds']
+        print(json.dumps(dict(row, code=a.baseline, speedup=1.0)), flush=True)
+    autocast = getattr(utils, 'autocast', lambda args: contextlib.nullcontext())  # older checkouts have no --amp
+    for amp in (False,) if a.float32_only else (False, True):
         args, real, _, syn = setup(dataset, 1, a, '--lambda_1', '0', '--lambda_2', '1', '--max_outer', str(a.outer),
                                    '--max_inner', str(a.inner), *(['--amp'] if amp else []), script=distill)
         args.layer_weights = distill.default_layer_weights(4)
@@ -77,12 +89,12 @@ def cafe(dataset, a):
         distill.query_accuracy = counted
         rates = matrix_rates()
         t = time.perf_counter()
-        with utils.autocast(args):
+        with autocast(args):
             stats = distill.train_iteration(0, syn, real, args)
         seconds = time.perf_counter() - t
         distill.query_accuracy = query
         base = base or seconds
-        print(json.dumps(dict(dataset=dataset, what='CAFE iteration, ipc 1', amp=amp, outer=stats['outer'],
+        print(json.dumps(dict(dataset=dataset, what='CAFE iteration, ipc 1', code=CODE, amp=amp, outer=stats['outer'],
                               inner=stats['inner'], seconds=round(seconds, 2), speedup=round(base / seconds, 2),
                               queries=len(queries), seconds_per_query=round(sum(queries) / len(queries), 3),
                               share_of_queries=round(sum(queries) / seconds, 2), fp32_GFLOPs=round(rates['float32'], 1),
@@ -99,6 +111,9 @@ def main():
     p.add_argument('--ipcs', type=int, nargs='+', default=[1, 10, 50], help='evaluation: the sizes of the synthetic sets')
     p.add_argument('--outer', type=int, default=10, help='CAFE: outer steps')
     p.add_argument('--inner', type=int, default=5, help='CAFE: inner epochs after each outer step but the last')
+    p.add_argument('--baseline', help='CAFE: a checkout whose float32 iteration is the 1x row')
+    p.add_argument('--code', default=ROOT, help='CAFE: the checkout whose distill.py and utils.py run')
+    p.add_argument('--float32_only', action='store_true', help='CAFE: no --amp row')
     a = p.parse_args()
     if 'CIFAR10' in a.datasets and not os.path.isdir(os.path.join(a.data_path, 'CIFAR10', 'train')):
         with tarfile.open(a.cifar10) as tar:

@@ -1358,9 +1358,17 @@ def record_history(args, history):
     atomic_json(dict(record, history=history), path)
 
 
-def summarise(args, accs_all_exps, history=()):
-    """Print the final mean +- std per evaluation model and write them, with the run's settings and the
-    accuracies of every evaluation, as the JSON record beside the .pt."""
+def summarise(args, accs_all_exps, history=(), pace=None):
+    """Print the final mean +- std per evaluation model and write them, with the run's settings, the
+    accuracies of every evaluation and the pace of the condensation iterations this process ran (seconds
+    and every statistic of the method's iteration, e.g. CAFE's outer and inner steps, per iteration), as
+    the JSON record beside the .pt."""
+    record = {}
+    if pace and pace['iterations']:
+        n = pace.pop('iterations')
+        record['pace'] = dict(iterations=n, **{k: round(v / n, 4) for k, v in pace.items()})
+        print(f'\n{n} condensation iterations ran in this process; per iteration: '
+              + ', '.join(f'{k} {v:.4g}' for k, v in record['pace'].items() if k != 'iterations'))
     print('\n==================== Final Results ====================\n')
     summary = {}
     for key, accs in accs_all_exps.items():
@@ -1368,7 +1376,7 @@ def summarise(args, accs_all_exps, history=()):
               % (args.num_exp, args.model, len(accs), key, np.mean(accs) * 100, np.std(accs) * 100))
         summary[key] = dict(mean=float(np.mean(accs)), std=float(np.std(accs)), n=len(accs), accs=list(map(float, accs)))
     atomic_json(dict(status='finished', results=summary, protocol=settings(args), signature=signature(args),
-                     history=list(history)), result_path(args, 'json'))
+                     history=list(history), **record), result_path(args, 'json'))
     return summary
 
 
@@ -1929,6 +1937,7 @@ def condense(args, train_iteration, eval_interval, init_images=None, joint_batch
         accs_all_exps = state['accs_all_exps'] if state else {m: [] for m in model_pool}
         data_save = state['data'] if state else []
         history = state.get('history', []) if state else []  # the accuracies at every evaluation
+        pace = {'iterations': 0, 'seconds': 0.0}  # sums over the iterations this process runs
         if state:
             print(f'resuming from {checkpoints.last_path}: experiment {state["exp"]}, iteration {state["it"]}')
         elif args.resume == 'auto':
@@ -1965,6 +1974,7 @@ def condense(args, train_iteration, eval_interval, init_images=None, joint_batch
                     before = syn.state()
                     set_seed(args.seed, exp, it)
                     real.start(args.seed, exp, it)
+                    started = time.perf_counter()
                     with autocast(args):
                         stats = train_iteration(it, syn, real, args)
                 except Interrupted as stop:  # abandon this iteration: save the state it started from
@@ -1990,6 +2000,8 @@ def condense(args, train_iteration, eval_interval, init_images=None, joint_batch
                     raise Diverged(f'the loss or the synthetic images became non-finite at iteration {it} of experiment '
                                    f'{exp} (try a smaller --lr_img); last good checkpoint: {checkpoints.last_path}')
                 bar.set_postfix({k: f'{v:.4f}' if k == 'loss' else v for k, v in stats.items()})
+                for k, v in dict(stats, iterations=1, seconds=time.perf_counter() - started).items():
+                    pace[k] = pace.get(k, 0) + v
             bar.close()
             syn.sync()
             for m in model_pool:
@@ -1998,7 +2010,7 @@ def condense(args, train_iteration, eval_interval, init_images=None, joint_batch
             if RANK == 0:
                 atomic_save({'data': data_save, 'accs_all_exps': accs_all_exps, 'settings': settings(args)},
                             result_path(args))
-        return on_main(summarise, args, accs_all_exps, history)
+        return on_main(summarise, args, accs_all_exps, history, pace)
 
 
 def run_script(main):

@@ -1,5 +1,6 @@
 """CAFE (distill.py): the loss by hand, gradients of every term, the dynamic loops, end-to-end runs."""
 import argparse
+import json
 import math
 
 import pytest
@@ -153,3 +154,7 @@ def test_end_to_end_on_a_100_class_three_channel_fixture(tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
     images, labels = load_result(tmp_path / 'res' / 'res_CAFE_DSA_CIFAR100_ConvNetD4_2ipc.pt')['data'][0]
     assert images.shape == (200, 3, 32, 32) and labels.tolist() == [c for c in range(100) for _ in range(2)]
+    pace = json.loads((tmp_path / 'res' / 'res_CAFE_DSA_CIFAR100_ConvNetD4_2ipc.json').read_text())['pace']
+    # the iteration's outer and inner steps within their caps (an inner loop after each outer step but the last)
+    assert pace['iterations'] == 1 and pace['seconds'] > 0 and 1 <= pace['outer'] <= 2 and pace['inner'] <= 2
+    assert f"per iteration: seconds {pace['seconds']:.4g}" in p.stdout and f"outer {pace['outer']:.4g}" in p.stdout

@@ -3,9 +3,13 @@
     python bench/speed.py eval        # evaluation models one at a time vs trained together (--eval_together)
     python bench/speed.py cafe        # a CAFE iteration at fixed numbers of outer and inner steps
     python bench/speed.py eval cafe --datasets FashionMNIST
+    python bench/speed.py dm          # DM iterations, float32 and --amp taking turns in one process
 
 eval: seconds per evaluation model (ConvNet, DSA augmentation, --epochs epochs and a test pass on the whole
 test set) for synthetic sets of ipc 1, 10 and 50, num_eval 5 and 20, trained one at a time or together.
+dm: DM iterations at ipc 10 (the papers' defaults: DSA augmentation, 256 real images per class), float32
+and --amp in turn, --repeats of each after a warm-up of each, so that the machine's drift touches both
+alike; reported as the median seconds per iteration and their ratio.
 cafe: one CAFE iteration (ipc 1) with the dynamic loops held at --outer outer steps and --inner inner
 epochs after each (lambda_1 0 and lambda_2 1 never stop them early), so float32 and bfloat16 do the same
 work; reported with the number of queries and the seconds per query. `--baseline <checkout>` first runs
@@ -35,7 +39,7 @@ def setup(dataset, ipc, a, *flags, script=None):
     parser = script.parser() if script else utils.get_parser('bench', method='DSA', init='real')
     args = utils.setup(parser.parse_args(['--dataset', dataset, '--ipc', str(ipc), '--data_path', a.data_path,
                                           '--save_path', '/tmp/bench_out', *flags]))
-    utils.set_dsa(args, augments=args.method == 'DSA')
+    utils.set_dsa(args, augments=args.method in ('DSA', 'DM'))  # DM always augments (main_DM.py)
     real, testloader = utils.load_real(args)
     utils.set_seed(0)
     real.start(0, 'init')
@@ -61,6 +65,29 @@ def evaluation(dataset, a):
                                       speedup=round(per_model['alone'] / per_model[num_eval], 2),
                                       fp32_GFLOPs=round(rates['float32'], 1), bf16_GFLOPs=round(rates['bfloat16'], 1))),
                       flush=True)
+
+
+def dm(dataset, a):
+    import main_DM
+    runs = {}
+    for amp in (False, True):
+        args, real, _, syn = setup(dataset, 10, a, '--lr_img', str(main_DM.default_lr_img(dataset, 10)),
+                                   *(['--amp'] if amp else []), script=main_DM)
+        runs[amp] = args, real, syn, []
+    rates = matrix_rates()
+    for it in range(a.repeats + 1):
+        for amp, (args, real, syn, times) in runs.items():
+            real.start(0, 0, it)
+            t = time.perf_counter()
+            with utils.autocast(args):
+                main_DM.train_iteration(it, syn, real, args)
+            if it:  # the first of each is a warm-up
+                times.append(time.perf_counter() - t)
+    median = {amp: sorted(times)[len(times) // 2] for amp, (*_, times) in runs.items()}
+    print(json.dumps(dict(dataset=dataset, what='DM iteration, ipc 10', repeats=a.repeats,
+                          seconds_float32=round(median[False], 3), seconds_amp=round(median[True], 3),
+                          speedup_of_amp=round(median[False] / median[True], 2), fp32_GFLOPs=round(rates['float32'], 1),
+                          bf16_GFLOPs=round(rates['bfloat16'], 1))), flush=True)
 
 
 def cafe(dataset, a):
@@ -103,12 +130,13 @@ def cafe(dataset, a):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    p.add_argument('parts', nargs='+', choices=['eval', 'cafe'])
+    p.add_argument('parts', nargs='+', choices=['eval', 'cafe', 'dm'])
     p.add_argument('--datasets', nargs='+', default=['FashionMNIST', 'CIFAR10'], choices=['FashionMNIST', 'CIFAR10'])
     p.add_argument('--cifar10', default=os.path.join(ROOT, '..', 'shared', 'datasets', 'cifar10.tar'))
     p.add_argument('--data_path', default='/tmp/bench_data')
     p.add_argument('--epochs', type=int, default=20, help='evaluation: training epochs per model')
     p.add_argument('--ipcs', type=int, nargs='+', default=[1, 10, 50], help='evaluation: the sizes of the synthetic sets')
+    p.add_argument('--repeats', type=int, default=9, help='DM: timed iterations of each precision')
     p.add_argument('--outer', type=int, default=10, help='CAFE: outer steps')
     p.add_argument('--inner', type=int, default=5, help='CAFE: inner epochs after each outer step but the last')
     p.add_argument('--baseline', help='CAFE: a checkout whose float32 iteration is the 1x row')
@@ -120,7 +148,7 @@ def main():
             tar.extractall(os.path.join(a.data_path, 'CIFAR10'))
     for dataset in a.datasets:
         for part in a.parts:
-            {'eval': evaluation, 'cafe': cafe}[part](dataset, a)
+            {'eval': evaluation, 'cafe': cafe, 'dm': dm}[part](dataset, a)
 
 
 if __name__ == '__main__':

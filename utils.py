@@ -1365,8 +1365,8 @@ def summarise(args, accs_all_exps, history=(), pace=None):
     the JSON record beside the .pt."""
     record = {}
     if pace and pace['iterations']:
-        n = pace.pop('iterations')
-        record['pace'] = dict(iterations=n, **{k: round(v / n, 4) for k, v in pace.items()})
+        n = pace['iterations']
+        record['pace'] = {k: v if k == 'iterations' else round(v / n, 4) for k, v in pace.items()}
         print(f'\n{n} condensation iterations ran in this process; per iteration: '
               + ', '.join(f'{k} {v:.4g}' for k, v in record['pace'].items() if k != 'iterations'))
     print('\n==================== Final Results ====================\n')

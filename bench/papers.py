@@ -27,12 +27,13 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HERE = os.path.abspath(__file__)
 # name: (our script, our flags, the papers' repository ('dc' or 'cafe'), its script, its flags, iterations)
+DSA = ['--method', 'DSA', '--dsa_strategy', 'color_crop_cutout_flip_scale_rotate']
 RUNS = {
     'dm_ipc10': ('main_DM.py', ['--ipc', '10'], 'dc', 'main_DM.py', ['--ipc', '10'], 10),
     'dc_ipc1': ('main.py', ['--method', 'DC', '--ipc', '1'], 'dc', 'main.py', ['--method', 'DC', '--ipc', '1'], 5),
-    'dsa_ipc1': ('main.py', ['--method', 'DSA', '--ipc', '1', '--dsa_strategy', 'color_crop_cutout_flip_scale_rotate'], 'dc',
-                 'main.py', ['--method', 'DSA', '--ipc', '1', '--dsa_strategy', 'color_crop_cutout_flip_scale_rotate'], 5),
+    'dsa_ipc1': ('main.py', [*DSA, '--ipc', '1'], 'dc', 'main.py', [*DSA, '--ipc', '1'], 5),
     'dc_ipc10': ('main.py', ['--method', 'DC', '--ipc', '10'], 'dc', 'main.py', ['--method', 'DC', '--ipc', '10'], 1),
+    'dsa_ipc10': ('main.py', [*DSA, '--ipc', '10'], 'dc', 'main.py', [*DSA, '--ipc', '10'], 1),
     'cafe_ipc1': ('distill.py', ['--ipc', '1'], 'cafe', 'distill.py', ['--ipc', '1'], 1),
 }
 SHARED = ['--num_exp', '1', '--num_eval', '1', '--epoch_eval_train', '1', '--eval_mode', 'SS']

@@ -6,7 +6,8 @@
     python bench/speed.py dm          # DM iterations, float32 and --amp taking turns in one process
 
 eval: seconds per evaluation model (ConvNet, DSA augmentation, --epochs epochs and a test pass on the whole
-test set) for synthetic sets of ipc 1, 10 and 50, num_eval 5 and 20, trained one at a time or together.
+test set) for synthetic sets of ipc 1, 10 and 50, num_eval 5 and 20, trained one at a time or together,
+with the work of one model (torch.utils.flop_counter) per second as a fraction of the matrix rates.
 dm: DM iterations at ipc 10 (the papers' defaults: DSA augmentation, 256 real images per class), float32
 and --amp in turn, --repeats of each after a warm-up of each, so that the machine's drift touches both
 alike; reported as the median seconds per iteration and their ratio.
@@ -47,11 +48,26 @@ def setup(dataset, ipc, a, *flags, script=None):
     return args, real, testloader, utils.SynSet(real, args)
 
 
+def evaluation_flops(syn, args, testloader):
+    """Floating-point operations of evaluating one model (training for args.epoch_eval_train epochs, then the
+    test pass), counted with torch.utils.flop_counter: runs of 1 and 2 epochs give the test pass and an epoch."""
+    from torch.utils.flop_counter import FlopCounterMode
+    counts = []
+    for epochs in (1, 2):
+        one = copy.copy(args)
+        one.epoch_eval_train, one.num_eval, one.eval_together = epochs, 1, False
+        with FlopCounterMode(display=False) as counter:
+            utils.evaluate_models(syn.images, syn.labels, ['ConvNet'], one, testloader)
+        counts.append(counter.get_total_flops())
+    return counts[0] + (counts[1] - counts[0]) * (args.epoch_eval_train - 1)
+
+
 def evaluation(dataset, a):
     for ipc in a.ipcs:
         for amp in (False, True):
             args, real, testloader, syn = setup(dataset, ipc, a, *(['--amp'] if amp else []))
             args.epoch_eval_train = a.epochs
+            flops = evaluation_flops(syn, args, testloader)
             per_model = {}
             for num_eval, together in [(2, False), (5, True), (20, True)]:
                 args.num_eval, args.eval_together = num_eval, together
@@ -64,6 +80,11 @@ def evaluation(dataset, a):
                                       epochs=a.epochs, seconds_per_model_alone=round(per_model['alone'], 2),
                                       seconds_per_model_together=round(per_model[num_eval], 2),
                                       speedup=round(per_model['alone'] / per_model[num_eval], 2),
+                                      GFLOP_per_model=round(flops / 1e9, 1),
+                                      fraction_of_fp32_rate_alone_together=[round(flops / 1e9 / per_model[k] / rates['float32'], 2)
+                                                                            for k in ('alone', num_eval)],
+                                      fraction_of_bf16_rate_alone_together=[round(flops / 1e9 / per_model[k] / rates['bfloat16'], 2)
+                                                                            for k in ('alone', num_eval)],
                                       fp32_GFLOPs=round(rates['float32'], 1), bf16_GFLOPs=round(rates['bfloat16'], 1))),
                       flush=True)
 

@@ -56,7 +56,7 @@ def test_eval_pools():
     assert len(get_eval_pool('A', 'ConvNet', 'ConvNet')) == 4
 
 
-def test_models_trained_together_learn_each_on_its_own_stream():
+def test_models_trained_together_learn_each_on_its_own_stream(monkeypatch):
     import utils
     x, y = separable(5, 0)
     xt, yt = separable(20, 1)
@@ -66,6 +66,9 @@ def test_models_trained_together_learn_each_on_its_own_stream():
     together = utils.evaluate_models(x, y, ['ConvNetW32'], a, loader)['ConvNetW32']
     assert len(together) == 3 and min(together) > 0.8
     assert utils.evaluate_models(x, y, ['ConvNetW32'], a, loader)['ConvNetW32'] == together  # seeded
+    monkeypatch.setattr(utils, 'TEST_ONE_BY_ONE', ())  # the test pass through vmap (as on a GPU): the same accuracies
+    assert utils.evaluate_models(x, y, ['ConvNetW32'], a, loader)['ConvNetW32'] == together
+    monkeypatch.undo()
     a.amp = True  # bfloat16 (autocast does not reach inside vmap: the models run on bfloat16 copies)
     in_bf16 = utils.evaluate_models(x, y, ['ConvNetW32'], a, loader)['ConvNetW32']
     assert len(in_bf16) == 3 and min(in_bf16) > 0.8

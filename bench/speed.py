@@ -74,17 +74,17 @@ def evaluation(dataset, a):
                 rates = matrix_rates()
                 t = time.perf_counter()
                 utils.evaluate_models(syn.images, syn.labels, ['ConvNet'], args, testloader)
-                per_model[num_eval if together else 'alone'] = (time.perf_counter() - t) / num_eval
+                per_model[num_eval if together else 'alone'] = (time.perf_counter() - t) / num_eval, rates
             for num_eval in (5, 20):
+                (alone, rates_alone), (together, rates) = per_model['alone'], per_model[num_eval]
+                fraction = {d: [round(flops / 1e9 / sec / r[d], 2) for sec, r in ((alone, rates_alone), (together, rates))]
+                            for d in ('float32', 'bfloat16')}  # each against the rates measured just before it
                 print(json.dumps(dict(dataset=dataset, what=f'evaluation, ipc {ipc}, num_eval {num_eval}', amp=amp,
-                                      epochs=a.epochs, seconds_per_model_alone=round(per_model['alone'], 2),
-                                      seconds_per_model_together=round(per_model[num_eval], 2),
-                                      speedup=round(per_model['alone'] / per_model[num_eval], 2),
+                                      epochs=a.epochs, seconds_per_model_alone=round(alone, 2),
+                                      seconds_per_model_together=round(together, 2), speedup=round(alone / together, 2),
                                       GFLOP_per_model=round(flops / 1e9, 1),
-                                      fraction_of_fp32_rate_alone_together=[round(flops / 1e9 / per_model[k] / rates['float32'], 2)
-                                                                            for k in ('alone', num_eval)],
-                                      fraction_of_bf16_rate_alone_together=[round(flops / 1e9 / per_model[k] / rates['bfloat16'], 2)
-                                                                            for k in ('alone', num_eval)],
+                                      fraction_of_fp32_rate_alone_together=fraction['float32'],
+                                      fraction_of_bf16_rate_alone_together=fraction['bfloat16'],
                                       fp32_GFLOPs=round(rates['float32'], 1), bf16_GFLOPs=round(rates['bfloat16'], 1))),
                       flush=True)
 

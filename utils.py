@@ -2034,6 +2034,8 @@ def run_script(main):
     try:
         with stop_signals():
             main()
+        if WORLD > 1:  # every process has finished its collectives before any of them tears its connections down
+            torch.distributed.barrier()
     except StopRun as e:
         if say:
             print(f'error: {e}', file=sys.stderr)

@@ -1,13 +1,15 @@
 """The figures of docs/results.md, made from the runs' own files, so anyone can redo them.
 
-    python docs/figures.py RUN_FOLDER [RUN_FOLDER ...] --out docs/img
+    python docs/figures.py RUN_FOLDER [RUN_FOLDER ...] --out docs/img [--evals EVAL_JSON ...]
 
 For every run folder (a --save_path): its synthetic images at the last evaluation (the run's own
 vis_*.png, copied, shrunk when large) as docs/img/<run>.png, and a summary docs/img/runs.json of each
 run's record (accuracies at every evaluation, the final mean +- std, the settings). With matplotlib
 installed (optional, for this script only), also docs/img/curves.png: accuracy against iterations for
 every run that was evaluated more than once. A run of an older version without the history in its record
-is read from its log (`--logs`, the run's stdout saved as <folder>.out).
+is read from its log (`--logs`, the run's stdout saved as <folder>.out). evaluate.py's outputs given with
+`--evals` (<set>_eval.json, e.g. a cross-architecture evaluation) become one table, a row per file and a
+column per model: docs/img/evaluations.md, with their results in docs/img/evaluations.json.
 """
 import argparse
 import glob
@@ -95,12 +97,40 @@ def curves(records, out):
     fig.savefig(os.path.join(out, 'curves.png'), dpi=120)
 
 
+def evaluations(paths, out):
+    """A markdown table of evaluate.py's results (mean +- std (n) in %), a row per file, a column per model."""
+    evals = []
+    for path in paths:
+        with open(path) as f:
+            rec = json.load(f)
+        st = rec['settings']
+        evals.append(dict(file=os.path.basename(path), finished=rec.get('finished'), results=rec['results'],
+                          settings={k: st.get(k) for k in ('input', 'dataset', 'method', 'model', 'ipc', 'eval_mode',
+                                                           'dsa_strategy', 'num_eval', 'epoch_eval_train', 'seed')}))
+    models = list(dict.fromkeys(m for e in evals for m in e['results']))
+    cell = lambda r: f"{100 * r['mean']:.2f} ± {100 * r['std']:.2f} (n={r['n']})" if r else '—'
+    lines = ['| set | ' + ' | '.join(models) + ' |', '|---|' + '---|' * len(models)]
+    for e in evals:
+        st = e['settings']
+        name = f"{st['method']}, {st['dataset']}, ipc {st['ipc']}" + ('' if e['finished'] else ' (unfinished)')
+        lines.append(f'| {name} | ' + ' | '.join(cell(e['results'].get(m)) for m in models) + ' |')
+    table = '\n'.join(lines) + '\n'
+    print(table, end='')
+    with open(os.path.join(out, 'evaluations.md'), 'w') as f:
+        f.write(table)
+    with open(os.path.join(out, 'evaluations.json'), 'w') as f:
+        json.dump(evals, f, indent=1)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    p.add_argument('runs', nargs='+', help='run folders (--save_path of each run)')
+    p.add_argument('runs', nargs='*', help='run folders (--save_path of each run)')
+    p.add_argument('--evals', nargs='+', default=[], help="evaluate.py's outputs (<set>_eval.json) for one table")
     p.add_argument('--out', default=os.path.join(os.path.dirname(os.path.abspath(__file__)), 'img'))
     p.add_argument('--logs', help='a folder of the runs\' stdout, <run folder name>.out (for older records)')
     a = p.parse_args()
+    if not a.runs and not a.evals:
+        p.error('give run folders, --evals files, or both')
     os.makedirs(a.out, exist_ok=True)
     records = []
     for folder in a.runs:
@@ -110,13 +140,16 @@ def main():
             continue
         rec['grid'] = grid(folder, a.out, os.path.basename(os.path.normpath(folder)))
         records.append(rec)
-    with open(os.path.join(a.out, 'runs.json'), 'w') as f:
-        json.dump([{k: r.get(k) for k in ('name', 'status', 'results', 'history', 'grid')} |
-                   {'protocol': {k: r['protocol'].get(k) for k in ('method', 'dataset', 'model', 'ipc', 'Iteration',
-                                                                   'num_eval', 'num_exp', 'eval_mode', 'dsa_strategy',
-                                                                   'epoch_eval_train', 'seed', 'amp')}}
-                   for r in records], f, indent=1)
-    curves(records, a.out)
+    if a.runs:
+        with open(os.path.join(a.out, 'runs.json'), 'w') as f:
+            json.dump([{k: r.get(k) for k in ('name', 'status', 'results', 'history', 'grid')} |
+                       {'protocol': {k: r['protocol'].get(k) for k in ('method', 'dataset', 'model', 'ipc', 'Iteration',
+                                                                       'num_eval', 'num_exp', 'eval_mode', 'dsa_strategy',
+                                                                       'epoch_eval_train', 'seed', 'amp')}}
+                       for r in records], f, indent=1)
+        curves(records, a.out)
+    if a.evals:
+        evaluations(a.evals, a.out)
 
 
 if __name__ == '__main__':

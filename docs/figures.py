@@ -6,8 +6,8 @@ For every run folder (a --save_path): its synthetic images at the last evaluatio
 vis_*.png, copied, shrunk when large) as docs/img/<run>.png, and a summary docs/img/runs.json of each
 run's record (accuracies at every evaluation, the final mean +- std, the settings). With matplotlib
 installed (optional, for this script only), also docs/img/curves.png: accuracy against iterations for
-every run that was evaluated more than once. A run of an older version without the history in its record
-is read from its log (`--logs`, the run's stdout saved as <folder>.out). evaluate.py's outputs given with
+every run that was evaluated more than once (or those named with `--curves`). A run of an older version
+without the history in its record is read from its log (`--logs`, the run's stdout saved as <folder>.out). evaluate.py's outputs given with
 `--evals` (<set>_eval.json, e.g. a cross-architecture evaluation) become one table, a row per file and a
 column per model: docs/img/evaluations.md, with their results in docs/img/evaluations.json.
 """
@@ -88,7 +88,8 @@ def curves(records, out):
             else next(iter(hist[0].get('accs') or hist[0]['mean']))
         pts = [(h['it'], *point(h, model)) for h in hist]
         its, means, stds = zip(*pts)
-        ax.errorbar(its, [100 * m for m in means], yerr=[100 * s for s in stds], marker='o', capsize=3, label=rec['name'])
+        ax.errorbar(its, [100 * m for m in means], yerr=[100 * s for s in stds], marker='o', capsize=3,
+                    label=f"{rec['run']} ({rec['protocol']['method']}, {rec['protocol']['dataset']}, ipc {rec['protocol']['ipc']})")
     ax.set_xlabel('iteration')
     ax.set_ylabel('test accuracy (%)')
     ax.grid(alpha=0.3)
@@ -127,6 +128,7 @@ def main():
     p.add_argument('runs', nargs='*', help='run folders (--save_path of each run)')
     p.add_argument('--evals', nargs='+', default=[], help="evaluate.py's outputs (<set>_eval.json) for one table")
     p.add_argument('--out', default=os.path.join(os.path.dirname(os.path.abspath(__file__)), 'img'))
+    p.add_argument('--curves', nargs='+', help='the run folders whose curves to draw (default: every run evaluated more than once)')
     p.add_argument('--logs', help='a folder of the runs\' stdout, <run folder name>.out (for older records)')
     a = p.parse_args()
     if not a.runs and not a.evals:
@@ -138,7 +140,8 @@ def main():
         if rec is None:
             print(f'{folder}: no record (res_*.json): skipped')
             continue
-        rec['grid'] = grid(folder, a.out, os.path.basename(os.path.normpath(folder)))
+        rec['run'] = os.path.basename(os.path.normpath(folder))
+        rec['grid'] = grid(folder, a.out, rec['run'])
         records.append(rec)
     if a.runs:
         with open(os.path.join(a.out, 'runs.json'), 'w') as f:
@@ -147,7 +150,8 @@ def main():
                                                                        'num_eval', 'num_exp', 'eval_mode', 'dsa_strategy',
                                                                        'epoch_eval_train', 'seed', 'amp')}}
                        for r in records], f, indent=1)
-        curves(records, a.out)
+        drawn = {os.path.basename(os.path.normpath(c)) for c in a.curves} if a.curves else None
+        curves([r for r in records if drawn is None or r['run'] in drawn], a.out)
     if a.evals:
         evaluations(a.evals, a.out)
 

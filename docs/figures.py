@@ -7,9 +7,10 @@ vis_*.png, copied, shrunk when large) as docs/img/<run>.png, and a summary docs/
 run's record (accuracies at every evaluation, the final mean +- std, the settings). With matplotlib
 installed (optional, for this script only), also docs/img/curves.png: accuracy against iterations for
 every run that was evaluated more than once (or those named with `--curves`). A run of an older version
-without the history in its record is read from its log (`--logs`, the run's stdout saved as <folder>.out). evaluate.py's outputs given with
-`--evals` (<set>_eval.json, e.g. a cross-architecture evaluation) become one table, a row per file and a
-column per model: docs/img/evaluations.md, with their results in docs/img/evaluations.json.
+without the history in its record is read from its log (`--logs`, the run's stdout saved as <folder>.out).
+evaluate.py's outputs given with `--evals` (<set>_eval.json, e.g. a cross-architecture evaluation) become
+one table, a row per file and a column per model: docs/img/evaluations.md, with their results in
+docs/img/evaluations.json.
 """
 import argparse
 import glob
@@ -151,6 +152,8 @@ def main():
                                                                        'epoch_eval_train', 'seed', 'amp')}}
                        for r in records], f, indent=1)
         drawn = {os.path.basename(os.path.normpath(c)) for c in a.curves} if a.curves else None
+        if drawn and drawn - {r['run'] for r in records}:
+            p.error(f"--curves names runs not given (with a record): {' '.join(sorted(drawn - {r['run'] for r in records}))}")
         curves([r for r in records if drawn is None or r['run'] in drawn], a.out)
     if a.evals:
         evaluations(a.evals, a.out)

@@ -23,6 +23,11 @@ from PIL import Image
 MAX_SIDE = 640  # pixels: grids larger than this are shrunk
 
 
+def run_name(folder):
+    """A run's name: its folder's."""
+    return os.path.basename(os.path.normpath(folder))
+
+
 def record(folder, logs):
     """The run's record (res_*.json), with its history (from the record, else parsed from its log)."""
     paths = glob.glob(os.path.join(folder, 'res_*.json'))
@@ -31,7 +36,7 @@ def record(folder, logs):
     with open(paths[0]) as f:
         rec = json.load(f)
     if not rec.get('history') and logs:
-        log = os.path.join(logs, os.path.basename(os.path.normpath(folder)) + '.out')
+        log = os.path.join(logs, run_name(folder) + '.out')
         if os.path.exists(log):
             rec['history'] = parse_log(open(log).read())
     rec['name'] = os.path.basename(paths[0])[4:-5]
@@ -141,7 +146,7 @@ def main():
         if rec is None:
             print(f'{folder}: no record (res_*.json): skipped')
             continue
-        rec['run'] = os.path.basename(os.path.normpath(folder))
+        rec['run'] = run_name(folder)
         rec['grid'] = grid(folder, a.out, rec['run'])
         records.append(rec)
     if a.runs:
@@ -151,9 +156,10 @@ def main():
                                                                        'num_eval', 'num_exp', 'eval_mode', 'dsa_strategy',
                                                                        'epoch_eval_train', 'seed', 'amp')}}
                        for r in records], f, indent=1)
-        drawn = {os.path.basename(os.path.normpath(c)) for c in a.curves} if a.curves else None
-        if drawn and drawn - {r['run'] for r in records}:
-            p.error(f"--curves names runs not given (with a record): {' '.join(sorted(drawn - {r['run'] for r in records}))}")
+        drawn = {run_name(c) for c in a.curves} if a.curves else None
+        missing = sorted(drawn - {r['run'] for r in records}) if drawn else []
+        if missing:
+            p.error(f"--curves names runs not given (with a record): {' '.join(missing)}")
         curves([r for r in records if drawn is None or r['run'] in drawn], a.out)
     if a.evals:
         evaluations(a.evals, a.out)

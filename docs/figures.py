@@ -85,7 +85,7 @@ def curves(records, out):
     except ImportError:
         print('matplotlib is not installed: no curves.png (pip install matplotlib)')
         return
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(9, 4))
     for rec in records:
         hist = [h for h in rec.get('history', []) if h['exp'] == 0]
         if len(hist) < 2:
@@ -99,9 +99,9 @@ def curves(records, out):
     ax.set_xlabel('iteration')
     ax.set_ylabel('test accuracy (%)')
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc='upper left', bbox_to_anchor=(1.01, 1))  # beside the axes: it hides no point
     fig.tight_layout()
-    fig.savefig(os.path.join(out, 'curves.png'), dpi=120)
+    fig.savefig(os.path.join(out, 'curves.png'), dpi=120, bbox_inches='tight')
 
 
 def evaluations(paths, out):

@@ -8,6 +8,8 @@ run's record (accuracies at every evaluation, the final mean +- std, the setting
 installed (optional, for this script only), also docs/img/curves.png: accuracy against iterations for
 every run that was evaluated more than once (or those named with `--curves`). A run of an older version
 without the history in its record is read from its log (`--logs`, the run's stdout saved as <folder>.out).
+With `--update`, the runs already in docs/img/runs.json and not given here are kept (their records from
+runs.json, their grids as they are), so one new run can be added without the others' folders.
 evaluate.py's outputs given with `--evals` (<set>_eval.json, e.g. a cross-architecture evaluation) become
 one table, a row per file and a column per model: docs/img/evaluations.md, with their results in
 docs/img/evaluations.json.
@@ -136,9 +138,10 @@ def main():
     p.add_argument('--out', default=os.path.join(os.path.dirname(os.path.abspath(__file__)), 'img'))
     p.add_argument('--curves', nargs='+', help='the run folders whose curves to draw (default: every run evaluated more than once)')
     p.add_argument('--logs', help='a folder of the runs\' stdout, <run folder name>.out (for older records)')
+    p.add_argument('--update', action='store_true', help='keep the runs of <out>/runs.json that are not given')
     a = p.parse_args()
-    if not a.runs and not a.evals:
-        p.error('give run folders, --evals files, or both')
+    if not a.runs and not a.evals and not a.update:
+        p.error('give run folders, --evals files, or --update')
     os.makedirs(a.out, exist_ok=True)
     records = []
     for folder in a.runs:
@@ -149,9 +152,15 @@ def main():
         rec['run'] = run_name(folder)
         rec['grid'] = grid(folder, a.out, rec['run'])
         records.append(rec)
-    if a.runs:
-        with open(os.path.join(a.out, 'runs.json'), 'w') as f:
-            json.dump([{k: r.get(k) for k in ('name', 'status', 'results', 'history', 'grid')} |
+    summary = os.path.join(a.out, 'runs.json')
+    if a.update and os.path.exists(summary):
+        given = {r['run'] for r in records}
+        with open(summary) as f:
+            kept = [r | {'run': r.get('run') or os.path.splitext(r['grid'])[0]} for r in json.load(f)]
+        records = [r for r in kept if r['run'] not in given] + records
+    if a.runs or a.update:
+        with open(summary, 'w') as f:
+            json.dump([{k: r.get(k) for k in ('run', 'name', 'status', 'results', 'history', 'grid')} |
                        {'protocol': {k: r['protocol'].get(k) for k in ('method', 'dataset', 'model', 'ipc', 'Iteration',
                                                                        'num_eval', 'num_exp', 'eval_mode', 'dsa_strategy',
                                                                        'epoch_eval_train', 'seed', 'amp')}}

@@ -1016,11 +1016,13 @@ EVAL_GROUP = 10  # --eval_together: at most this many models of an architecture 
 TEST_ONE_BY_ONE = ('cpu',)
 
 
-def evaluate_models(images, labels, model_pool, args, testloader, seed_keys=(), split=True):
+def evaluate_models(images, labels, model_pool, args, testloader, seed_keys=(), split=True, finished=None):
     """Evaluate a synthetic set on num_eval fresh models of every architecture in model_pool.
     Every model trains on a random stream of its own, seeded by (--seed, seed_keys, architecture, number),
     so evaluating never changes the condensation and each accuracy is the same wherever it is computed:
-    under torchrun (`split`) the models are shared out among the processes and their accuracies gathered."""
+    under torchrun (`split`) the models are shared out among the processes and their accuracies gathered.
+    `finished` (a dict, filled in as models finish: (architecture, numbers) -> accuracies) lets a stopped
+    evaluation continue: the models already in it are not trained again."""
     jobs = []  # (architecture, the numbers of its models, trained together?): BatchNorm models alone
     for m in model_pool:
         numbers = list(range(args.num_eval))
@@ -1029,22 +1031,24 @@ def evaluate_models(images, labels, model_pool, args, testloader, seed_keys=(), 
         else:
             jobs += [(m, [k], False) for k in numbers]
     rank, world = (RANK, WORLD) if split else (0, 1)
-    mine = {}
+    finished = {} if finished is None else finished
     devices = [torch.device(args.device)] if torch.device(args.device).type == 'cuda' else []
     with torch.random.fork_rng(devices=devices), autocast(args):
         for j, (model_eval, numbers, together) in enumerate(jobs):
-            if j % world != rank:
+            if j % world != rank or (model_eval, tuple(numbers)) in finished:
                 continue
             a = eval_args(args, model_eval)
             if together:
                 keys = [(args.seed, *seed_keys, 'eval', model_eval, k) for k in numbers]
-                mine[j] = train_together(model_eval, keys, images, labels, testloader, a)
+                result = train_together(model_eval, keys, images, labels, testloader, a)
             else:
                 set_seed(args.seed, *seed_keys, 'eval', model_eval, numbers[0])
                 net = get_network(model_eval, args.channel, args.num_classes, args.im_size, args.device)
-                mine[j] = [evaluate_synset(numbers[0], net, images.detach(), labels, testloader, a)[2]]
-    done = {j: accs for part in (gather_objects(mine) if split else [mine]) for j, accs in part.items()}
-    accs = {m: [a for j, (model_eval, _, _) in enumerate(jobs) if model_eval == m for a in done[j]] for m in model_pool}
+                result = [evaluate_synset(numbers[0], net, images.detach(), labels, testloader, a)[2]]
+            finished[model_eval, tuple(numbers)] = result
+    done = {k: accs for part in (gather_objects(finished) if split else [finished]) for k, accs in part.items()}
+    accs = {m: [a for model_eval, numbers, _ in jobs if model_eval == m for a in done[model_eval, tuple(numbers)]]
+            for m in model_pool}
     for m in model_pool:
         tqdm.write('Evaluate %d random %s, mean = %.4f std = %.4f' % (args.num_eval, m, np.mean(accs[m]), np.std(accs[m])))
     return accs
@@ -1778,14 +1782,16 @@ class Checkpoints:
             return self.since >= self.args.checkpoint_every
         return RANK == 0 and time.monotonic() - self.last_time >= 60 * self.MINUTES
 
-    def save(self, exp, it, syn, accs, accs_all_exps, data_save, history, evaluated=True):
-        """The state at the start of iteration `it` of experiment `exp` (evaluated or not yet): every
-        process's classes, written by rank 0 (all processes call this)."""
+    def save(self, exp, it, syn, accs, accs_all_exps, data_save, history, evaluated=True, finished=None):
+        """The state at the start of iteration `it` of experiment `exp` (evaluated, or not yet: then with the
+        accuracies of the evaluation models already `finished`): every process's classes, written by rank 0
+        (all processes call this)."""
         syn.sync(momentum=True)
         path = f'{self.prefix}{exp * (self.args.Iteration + 1) + it:010d}.pt'
         if RANK == 0:
             atomic_save(dict(signature=self.signature, exp=exp, it=it, images=syn.images.detach().cpu(),
                              optimizer=syn.optimizer.state_dict(), accs=accs, evaluated=evaluated, history=history,
+                             finished={} if evaluated else dict(finished or {}),
                              accs_all_exps=accs_all_exps, data=data_save, processes=WORLD), path)
             for p in [p for p in self.paths() if p != path][1:]:  # keep the one before it too
                 with contextlib.suppress(OSError):
@@ -1970,10 +1976,14 @@ def condense(args, train_iteration, eval_interval, init_images=None, joint_batch
             for it in bar:
                 evaluated = it not in eval_its or (resumed and it == start and state.get('evaluated', True))
                 before = None
+                finished = dict(state.get('finished', {})) if resumed and it == start and not evaluated else {}
                 try:
                     if not evaluated:
                         syn.sync()
-                        accs = evaluate_models(syn.images, syn.labels, model_pool, args, testloader, (exp, it))
+                        if finished:
+                            tqdm.write(f'continuing the evaluation at iteration {it}: {len(finished)} model(s) done')
+                        accs = evaluate_models(syn.images, syn.labels, model_pool, args, testloader, (exp, it),
+                                               finished=finished)
                         history.append(dict(exp=exp, it=it, accs=accs))
                         on_main(save_vis, syn.images, args, exp, it)
                         on_main(record_history, args, history)
@@ -1995,7 +2005,7 @@ def condense(args, train_iteration, eval_interval, init_images=None, joint_batch
                                           f'{checkpoints.last_path}; continue with --resume auto', stop.code - 128) from None
                     if before is not None:
                         syn.restore(before)
-                    checkpoints.save(exp, it, syn, accs, accs_all_exps, data_save, history, evaluated=evaluated)
+                    checkpoints.save(exp, it, syn, accs, accs_all_exps, data_save, history, evaluated, finished)
                     raise Interrupted(f'{stop} at iteration {it} of experiment {exp}; checkpoint {checkpoints.last_path}; '
                                       'continue with --resume auto', stop.code - 128) from None
                 checkpoints.tick()

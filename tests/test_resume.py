@@ -1,6 +1,7 @@
 """Long runs survive: checkpoints, resume, signals, divergence, safe loading, full disks."""
 import errno
 import glob
+import json
 import os
 import pickle
 import signal
@@ -213,6 +214,40 @@ def test_a_stop_during_evaluation_cuts_it_short_and_resume_redoes_it(data, tmp_p
     monkeypatch.setattr(utils, 'evaluate_models', evaluate)
     utils.condense(small_args(data, tmp_path / 'cut', '--resume', 'auto'), main_DM.train_iteration, eval_interval=2)
     assert torch.equal(load_result(tmp_path / 'cut' / 'res_DM_MNIST_ConvNet_1ipc.pt')['data'][0][0], expected)
+
+
+def test_a_stopped_evaluation_continues_with_the_models_not_yet_trained(data, tmp_path, monkeypatch):
+    """Evaluations are long (DM at ipc 10 on CIFAR-10: 5 models, half an hour on a CPU): a stop keeps the
+    accuracies of the models already trained, and the resumed run trains only the others, with the same
+    accuracies as an uninterrupted run."""
+    import main_DM
+    three = ('--num_eval', '3', '--num_exp', '1')
+    utils.condense(small_args(data, tmp_path / 'whole', *three), main_DM.train_iteration, eval_interval=2)
+    whole = json.load(open(tmp_path / 'whole' / 'res_DM_MNIST_ConvNet_1ipc.json'))['history']
+
+    train = utils.evaluate_synset
+    calls = []
+
+    def stopped_at_the_sixth(*a, **k):  # models 1-3: iteration 0; 4-6: iteration 2, stopped in the third
+        calls.append(1)
+        if len(calls) == 6:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(60)
+        return train(*a, **k)
+
+    monkeypatch.setattr(utils, 'evaluate_synset', stopped_at_the_sixth)
+    with pytest.raises(utils.Interrupted, match='SIGINT at iteration 2'):
+        utils.condense(small_args(data, tmp_path / 'cut', *three), main_DM.train_iteration, eval_interval=2)
+    state = load_pt(sorted(glob.glob(str(tmp_path / 'cut' / 'checkpoint_*.pt')))[-1])
+    assert state['it'] == 2 and state['evaluated'] is False
+    assert sorted(state['finished']) == [('ConvNet', (0,)), ('ConvNet', (1,))]
+
+    calls.clear()
+    monkeypatch.setattr(utils, 'evaluate_synset', lambda *a, **k: calls.append(1) or train(*a, **k))
+    utils.condense(small_args(data, tmp_path / 'cut', *three, '--resume', 'auto'), main_DM.train_iteration, eval_interval=2)
+    assert len(calls) == 1 + 3  # the third model of iteration 2, then the three of iteration 4
+    cut = json.load(open(tmp_path / 'cut' / 'res_DM_MNIST_ConvNet_1ipc.json'))['history']
+    assert [(h['it'], h['accs']) for h in cut] == [(h['it'], h['accs']) for h in whole]
 
 
 @pytest.mark.parametrize('script,flags', [

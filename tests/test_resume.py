@@ -187,6 +187,17 @@ def test_really_full_disk(tmp_path):
         subprocess.run(['umount', str(mnt)])
 
 
+def stopped_at_call(n, fn, calls):
+    """fn, except that its n-th call (counted in `calls`) sends this process SIGINT and waits for it."""
+    def wrapped(*a, **k):
+        calls.append(1)
+        if len(calls) == n:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(60)
+        return fn(*a, **k)
+    return wrapped
+
+
 def test_a_stop_during_evaluation_cuts_it_short_and_resume_redoes_it(data, tmp_path, monkeypatch):
     import main_DM
     whole = small_args(data, tmp_path / 'whole')
@@ -194,16 +205,8 @@ def test_a_stop_during_evaluation_cuts_it_short_and_resume_redoes_it(data, tmp_p
     expected = load_result(tmp_path / 'whole' / 'res_DM_MNIST_ConvNet_1ipc.pt')['data'][0][0]
 
     evaluate = utils.evaluate_models
-    calls = []
-
-    def slow_evaluation(*a, **k):  # the second evaluation (iteration 2) is interrupted half way
-        calls.append(1)
-        if len(calls) == 2:
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(60)
-        return evaluate(*a, **k)
-
-    monkeypatch.setattr(utils, 'evaluate_models', slow_evaluation)
+    # the second evaluation (iteration 2) is interrupted half way
+    monkeypatch.setattr(utils, 'evaluate_models', stopped_at_call(2, evaluate, []))
     cut = small_args(data, tmp_path / 'cut')
     t = time.time()
     with pytest.raises(utils.Interrupted, match='SIGINT at iteration 2'):
@@ -226,16 +229,8 @@ def test_a_stopped_evaluation_continues_with_the_models_not_yet_trained(data, tm
     whole = json.load(open(tmp_path / 'whole' / 'res_DM_MNIST_ConvNet_1ipc.json'))['history']
 
     train = utils.evaluate_synset
-    calls = []
-
-    def stopped_at_the_sixth(*a, **k):  # models 1-3: iteration 0; 4-6: iteration 2, stopped in the third
-        calls.append(1)
-        if len(calls) == 6:
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(60)
-        return train(*a, **k)
-
-    monkeypatch.setattr(utils, 'evaluate_synset', stopped_at_the_sixth)
+    calls = []  # models 1-3: iteration 0; 4-6: iteration 2, stopped in the third
+    monkeypatch.setattr(utils, 'evaluate_synset', stopped_at_call(6, train, calls))
     with pytest.raises(utils.Interrupted, match='SIGINT at iteration 2'):
         utils.condense(small_args(data, tmp_path / 'cut', *three), main_DM.train_iteration, eval_interval=2)
     state = load_pt(sorted(glob.glob(str(tmp_path / 'cut' / 'checkpoint_*.pt')))[-1])

@@ -20,10 +20,11 @@ import numpy as np
 import torch
 
 from networks import MODELS
-from utils import (CORESETS, DATASETS, EVAL_MODES, NO_STRATEGY, STRATEGY_RULE, ArgumentParser, ClassImages, ParamDiffAug,
-                   UsageError, atomic_json, check_numbers, check_strategy, default_strategy, eval_args, evaluate_models,
-                   generator, get_dataset, get_eval_pool, init_distributed, load_result, on_main, pick_device, run_script,
-                   writable_folder)
+import utils
+from utils import (CORESETS, DATASETS, EVAL_MODES, NO_STRATEGY, STRATEGY_RULE, ArgumentParser, ClassImages, Interrupted,
+                   ParamDiffAug, UsageError, atomic_json, check_numbers, check_strategy, default_strategy, eval_args,
+                   evaluate_models, generator, get_dataset, get_eval_pool, init_distributed, load_result, on_main,
+                   pick_device, run_script, writable_folder)
 
 DSA_MADE = ['DSA', 'DM', 'CAFE_DSA']  # sets evaluated with DSA augmentation
 DC_MADE = ['DC', 'CAFE', *CORESETS]  # sets evaluated with DC's classic augmentation
@@ -78,6 +79,9 @@ def get_parser():
     p.add_argument('--device', default='auto', help='auto (CUDA when present), cpu, cuda or cuda:<i>')
     p.add_argument('--data_path', default='data', help='dataset path')
     p.add_argument('--save_path', help='folder for <input>_eval.json (default: beside the input)')
+    p.add_argument('--resume', action='store_true',
+                   help='continue the stopped evaluation in <input>_eval.json (same settings): the models it finished '
+                        'are not trained again, and the accuracies are those of one uninterrupted run')
     return p
 
 
@@ -336,6 +340,47 @@ def load(args):
     return sets, recorded, dst_train, testloader
 
 
+# ----------------------------------------------------------------------------------------------------
+# Continuing a stopped evaluation
+# ----------------------------------------------------------------------------------------------------
+
+SAME_FOR_RESUME = ('dataset', 'method', 'model', 'models', 'dsa', 'dsa_strategy', 'epoch_eval_train', 'lr_net',
+                   'batch_train', 'seed', 'amp', 'eval_together', 'num_eval', 'baseline')  # what the accuracies depend on
+
+
+def done_list(done):
+    """{(set, experiment): {(model, numbers): accuracies}} as the report's JSON list."""
+    return [dict(set=kind, exp=k, model=m, numbers=list(numbers), accs=accs)
+            for (kind, k), models in done.items() for (m, numbers), accs in models.items()]
+
+
+def models_in(done):
+    return sum(len(numbers) for models in done.values() for _, numbers in models)
+
+
+def resumed(out, settings):
+    """The models that the evaluation reported in `out` finished, as done_list's dict; refused when `out` is
+    missing or unreadable or was made with other settings."""
+    try:
+        with open(out) as f:
+            report = json.load(f)
+        old = report['settings']
+        done = {}
+        for d in report.get('done', []):
+            done.setdefault((d['set'], d['exp']), {})[d['model'], tuple(d['numbers'])] = d['accs']
+    except FileNotFoundError:
+        raise UsageError(f'--resume: there is no evaluation to continue in {out}') from None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UsageError(f'--resume: {out} is not a report of evaluate.py ({type(e).__name__}: {e})') from None
+    now = json.loads(json.dumps(settings))  # (tuples as lists, as in the file)
+    changed = [k for k in SAME_FOR_RESUME if old.get(k) != now.get(k)]
+    if changed:
+        raise UsageError(f'--resume: {out} was made with other settings ('
+                         + ', '.join(f'{k} {old.get(k)!r}, now {now.get(k)!r}' for k in changed)
+                         + '); give the same ones, or another --save_path')
+    return done
+
+
 def main():
     args = get_parser().parse_args()
     check_numbers(args)
@@ -368,23 +413,39 @@ def main():
               f'{a.epoch_eval_train} epochs, {args.num_eval} model(s) per experiment')
 
     settings = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None), list, tuple, dict))}
+    settings = dict(settings, models=model_pool)
+    done = on_main(resumed, out, settings) if args.resume else {}  # (set, experiment) -> {(model, numbers): accuracies}
+    if args.resume:
+        print(f'continuing the evaluation in {out}: {models_in(done)} model(s) done')
     accs, base_accs = {m: {} for m in model_pool}, {m: {} for m in model_pool}
-    for k, images, labels in sets:
-        for m, a in evaluate_models(images, labels, model_pool, args, testloader, (k,)).items():
-            accs[m][str(k)] = a
-        if baselines:
-            idx, base_labels = baselines[k]
-            for m, a in evaluate_models(dst_train.images[idx], base_labels, model_pool, args, testloader, ('random', k)).items():
-                base_accs[m][str(k)] = a
-        report = dict(
-            settings=dict(settings, models=model_pool),
+
+    def report(finished):
+        return dict(
+            settings=settings,
             results={m: summarise_exps(accs[m], epochs=per_model[m].epoch_eval_train,
                                        augmentation=augmentation(per_model[m])) for m in model_pool},
             baseline=dict(kind='random', results={m: summarise_exps(base_accs[m]) for m in model_pool},
                           indices={str(j): idx.tolist() for j, (idx, _) in baselines.items()}) if baselines else None,
-            recorded=recorded, finished=k == sets[-1][0])
-        on_main(atomic_json, report, out)  # after every experiment: a long run keeps what it has done
-    print('\n' + table(report))
+            recorded=recorded, finished=finished, done=done_list(done))
+
+    try:
+        for k, images, labels in sets:
+            for m, a in evaluate_models(images, labels, model_pool, args, testloader, (k,),
+                                        finished=done.setdefault(('synthetic', k), {})).items():
+                accs[m][str(k)] = a
+            if baselines:
+                idx, base_labels = baselines[k]
+                for m, a in evaluate_models(dst_train.images[idx], base_labels, model_pool, args, testloader, ('random', k),
+                                            finished=done.setdefault(('random', k), {})).items():
+                    base_accs[m][str(k)] = a
+            on_main(atomic_json, report(k == sets[-1][0]), out)  # after every experiment: a long run keeps what it has done
+    except Interrupted as stop:
+        if utils.WORLD > 1:  # (each process holds only its own models: no collective to save them with)
+            raise
+        atomic_json(report(False), out)  # the models finished so far, in the middle of an experiment too
+        raise Interrupted(f'{stop}; the {models_in(done)} model(s) finished are in {out}; continue with --resume',
+                          stop.code - 128) from None
+    print('\n' + table(report(True)))
     print(f'\nwritten to {out}')
 
 

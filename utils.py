@@ -1022,7 +1022,7 @@ def evaluate_models(images, labels, model_pool, args, testloader, seed_keys=(), 
     so evaluating never changes the condensation and each accuracy is the same wherever it is computed:
     under torchrun (`split`) the models are shared out among the processes and their accuracies gathered.
     `finished` (a dict, filled in as models finish: (architecture, numbers) -> accuracies) lets a stopped
-    evaluation continue: the models already in it are not trained again."""
+    evaluation continue: the models already in it are not trained again. On return it holds them all."""
     jobs = []  # (architecture, the numbers of its models, trained together?): BatchNorm models alone
     for m in model_pool:
         numbers = list(range(args.num_eval))
@@ -1047,6 +1047,7 @@ def evaluate_models(images, labels, model_pool, args, testloader, seed_keys=(), 
                 result = [evaluate_synset(numbers[0], net, images.detach(), labels, testloader, a)[2]]
             finished[model_eval, tuple(numbers)] = result
     done = {k: accs for part in (gather_objects(finished) if split else [finished]) for k, accs in part.items()}
+    finished.update(done)  # (every process's models: the caller may save them)
     accs = {m: [a for model_eval, numbers, _ in jobs if model_eval == m for a in done[model_eval, tuple(numbers)]]
             for m in model_pool}
     for m in model_pool:

@@ -1,8 +1,10 @@
 import gzip
 import os
 import pickle
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -28,6 +30,17 @@ def run(script, *args, timeout=900):
     """Run a script of the project as a user would; returns the CompletedProcess."""
     return subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], capture_output=True,
                           text=True, timeout=timeout, cwd=ROOT)
+
+
+def stopped_at_call(n, fn, calls):
+    """fn, except that its n-th call (counted in `calls`) sends this process SIGINT and waits for it."""
+    def wrapped(*a, **k):
+        calls.append(1)
+        if len(calls) == n:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(60)
+        return fn(*a, **k)
+    return wrapped
 
 
 def idx_bytes(arr):

@@ -13,7 +13,8 @@ import torch
 from PIL import Image
 
 import evaluate
-from helpers import ROOT, idx_bytes, needs_fashion, run, write_mnist
+import utils
+from helpers import ROOT, idx_bytes, needs_fashion, run, stopped_at_call, write_mnist
 from utils import default_strategy, get_dataset, summarise
 
 FAST = ['--epoch_eval_train', 2, '--num_eval', 1]
@@ -231,6 +232,49 @@ def test_the_random_baseline_draws_as_many_real_images_per_class_as_the_set_has(
         assert len(set(indices[k])) == len(indices[k])  # without replacement
         assert torch.bincount(real_labels[indices[k]], minlength=10).tolist() == [3] + [2] * 9
     assert indices['0'] != indices['1']  # a fresh draw per experiment
+
+
+def evaluate_in_process(monkeypatch, *args):
+    """evaluate.py's main as run_script runs it (stop signals become a saved state and an exit status)."""
+    monkeypatch.setattr(sys, 'argv', ['evaluate.py', *map(str, args)])
+    with pytest.raises(SystemExit) as end:
+        utils.run_script(evaluate.main)
+        sys.exit(0)
+    return end.value.code
+
+
+def test_a_stopped_evaluation_continues_with_resume_and_gives_the_uninterrupted_accuracies(tmp_path, data, monkeypatch,
+                                                                                           capsys):
+    path = tmp_path / 'res_DSA_MNIST_ConvNet_2ipc.pt'
+    papers_file(path)  # 2 experiments; per experiment 2 models on the set, then 2 on random real images
+    flags = ['--epoch_eval_train', 2, '--num_eval', 2, '--baseline', 'random', '--data_path', data]
+    assert evaluate_in_process(monkeypatch, path, *flags, '--save_path', tmp_path / 'whole') == 0
+    whole = report_of(tmp_path / 'whole' / 'res_DSA_MNIST_ConvNet_2ipc_eval.json')
+
+    train = utils.evaluate_synset
+    out = tmp_path / 'cut' / 'res_DSA_MNIST_ConvNet_2ipc_eval.json'
+    # stopped in the second model of the second experiment's set: its first model is done
+    monkeypatch.setattr(utils, 'evaluate_synset', stopped_at_call(6, train, []))
+    assert evaluate_in_process(monkeypatch, path, *flags, '--save_path', out.parent) == 130
+    assert f'the 5 model(s) finished are in {out}; continue with --resume' in capsys.readouterr().err
+    cut = report_of(out)
+    assert not cut['finished'] and list(cut['results']['ConvNet']['per_exp']) == ['0']
+    assert sorted((d['set'], d['exp'], d['numbers'][0]) for d in cut['done']) == \
+        [('random', 0, 0), ('random', 0, 1), ('synthetic', 0, 0), ('synthetic', 0, 1), ('synthetic', 1, 0)]
+
+    calls = []
+    monkeypatch.setattr(utils, 'evaluate_synset', stopped_at_call(0, train, calls))  # counts, never stops
+    assert evaluate_in_process(monkeypatch, path, *flags, '--save_path', out.parent, '--resume') == 0
+    assert len(calls) == 3  # the set's second model of experiment 1 and its 2 random-image models
+    resumed = report_of(out)
+    assert resumed['finished'] and resumed['results'] == whole['results'] and resumed['baseline'] == whole['baseline']
+    assert 'continuing the evaluation' in capsys.readouterr().out
+
+    # refused: other settings, or nothing to continue
+    assert evaluate_in_process(monkeypatch, path, *flags, '--save_path', out.parent, '--resume', '--lr_net', 0.02) == 2
+    assert "was made with other settings (lr_net 0.01, now 0.02)" in capsys.readouterr().err
+    assert evaluate_in_process(monkeypatch, path, *flags, '--save_path', tmp_path / 'none', '--resume') == 2
+    assert 'there is no evaluation to continue' in capsys.readouterr().err
 
 
 @needs_fashion

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import utils
-from helpers import ROOT, run, write_mnist
+from helpers import ROOT, run, stopped_at_call, write_mnist
 from utils import Diverged, UsageError, load_pt, load_result
 
 DM = ['--dataset', 'MNIST', '--ipc', 2, '--num_exp', 2, '--num_eval', 1, '--epoch_eval_train', 1, '--batch_real', 8,
@@ -185,17 +185,6 @@ def test_really_full_disk(tmp_path):
         assert load_pt(mnt / 'res.pt') == {'v': 1} and os.listdir(mnt) == ['res.pt']
     finally:
         subprocess.run(['umount', str(mnt)])
-
-
-def stopped_at_call(n, fn, calls):
-    """fn, except that its n-th call (counted in `calls`) sends this process SIGINT and waits for it."""
-    def wrapped(*a, **k):
-        calls.append(1)
-        if len(calls) == n:
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(60)
-        return fn(*a, **k)
-    return wrapped
 
 
 def test_a_stop_during_evaluation_cuts_it_short_and_resume_redoes_it(data, tmp_path, monkeypatch):

@@ -350,8 +350,9 @@ SAME_FOR_RESUME = ('dataset', 'method', 'model', 'models', 'dsa', 'dsa_strategy'
 
 def done_list(done):
     """{(set, experiment): {(model, numbers): accuracies}} as the report's JSON list."""
-    return [dict(set=kind, exp=k, model=m, numbers=list(numbers), accs=accs)
-            for (kind, k), models in done.items() for (m, numbers), accs in models.items()]
+    return sorted((dict(set=kind, exp=k, model=m, numbers=list(numbers), accs=accs)
+                   for (kind, k), models in done.items() for (m, numbers), accs in models.items()),
+                  key=lambda d: (d['set'], d['exp'], d['model'], d['numbers']))
 
 
 def models_in(done):

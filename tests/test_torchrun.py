@@ -77,8 +77,9 @@ def test_evaluate_py_shares_its_models_out(data, tmp_path):
     assert plain('evaluate.py', tmp_path / 'set.pt', *flags, '--save_path', tmp_path / 'one').returncode == 0
     p = torchrun('evaluate.py', tmp_path / 'set.pt', *flags, '--save_path', tmp_path / 'two')
     assert p.returncode == 0, p.stderr[-3000:]
-    one, two = (json.loads((tmp_path / d / 'set_eval.json').read_text())['results'] for d in ('one', 'two'))
-    assert one == two
+    one, two = (json.loads((tmp_path / d / 'set_eval.json').read_text()) for d in ('one', 'two'))
+    assert one['results'] == two['results'] and one['done'] == two['done']  # every process's models, for --resume
+    assert [d['numbers'] for d in two['done']] == [[0], [1], [2]]
 
 
 def test_continual_learning_shares_its_seeds_out(data, tmp_path):

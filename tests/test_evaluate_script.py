@@ -346,6 +346,9 @@ BAD = [  # (arguments, a part of the expected message)
     ([GOOD, '--save_path', '{tmp}/a_file'], 'is a file, not a folder'),
     ([GOOD, '--save_path', '/proc/forbidden'], 'cannot write to --save_path'),
     ([GOOD, '--device', 'tpu'], 'unknown device'),
+    ([GOOD, '--resume', '--save_path', '{tmp}/empty_dir'], 'there is no evaluation to continue in'),
+    ([GOOD, '--resume', '--save_path', '{tmp}/../reports/garbage'], 'is not a report of evaluate.py (JSONDecodeError'),
+    ([GOOD, '--resume', '--save_path', '{tmp}/../reports/other'], "was made with other settings (seed 1, now 0)"),
     ([GOOD, '--no_such_flag'], 'unrecognized arguments'),
 ]
 
@@ -387,6 +390,13 @@ def bad_inputs(tmp_path_factory):
     for name in 'abcdefghijk':  # not class names: in sorted order, one too many
         write_png(tmp / 'eleven' / name / '0.png', gray, 'L')
     (tmp / 'stray' / 'readme.txt').write_text('x')
+    reports = tmp.parent / 'reports'  # (outside tmp, where the tests look for reports written by mistake)
+    for name, text in (('garbage', 'not json'), ('other', json.dumps({'settings': {
+            'dataset': 'MNIST', 'method': 'DSA', 'model': 'ConvNet', 'models': ['ConvNet'], 'dsa': True,
+            'dsa_strategy': DIGITS_STRATEGY, 'epoch_eval_train': None, 'lr_net': 0.01, 'batch_train': 256, 'seed': 1,
+            'amp': False, 'eval_together': False, 'num_eval': 20, 'baseline': 'none'}}))):
+        (reports / name).mkdir(parents=True)
+        (reports / name / 'res_DSA_MNIST_ConvNet_2ipc_eval.json').write_text(text)
     return tmp
 
 

@@ -23,8 +23,8 @@ from networks import MODELS
 import utils
 from utils import (CORESETS, DATASETS, EVAL_MODES, NO_STRATEGY, STRATEGY_RULE, ArgumentParser, ClassImages, Interrupted,
                    ParamDiffAug, UsageError, atomic_json, check_numbers, check_strategy, default_strategy, eval_args,
-                   evaluate_models, generator, get_dataset, get_eval_pool, init_distributed, load_result, on_main,
-                   pick_device, run_script, writable_folder)
+                   evaluate_models, fingerprint, generator, get_dataset, get_eval_pool, init_distributed, load_result,
+                   on_main, pick_device, run_script, writable_folder)
 
 DSA_MADE = ['DSA', 'DM', 'CAFE_DSA']  # sets evaluated with DSA augmentation
 DC_MADE = ['DC', 'CAFE', *CORESETS]  # sets evaluated with DC's classic augmentation
@@ -344,8 +344,9 @@ def load(args):
 # Continuing a stopped evaluation
 # ----------------------------------------------------------------------------------------------------
 
-SAME_FOR_RESUME = ('dataset', 'method', 'model', 'models', 'dsa', 'dsa_strategy', 'epoch_eval_train', 'lr_net',
-                   'batch_train', 'seed', 'amp', 'eval_together', 'num_eval', 'baseline')  # what the accuracies depend on
+SAME_FOR_RESUME = ('set_id', 'data_id', 'dataset', 'method', 'model', 'models', 'dsa', 'dsa_strategy', 'epoch_eval_train',
+                   'lr_net', 'batch_train', 'seed', 'amp', 'eval_together', 'num_eval', 'baseline')  # what the accuracies depend on
+OTHER_DATA = {'set_id': 'another synthetic set under the same name', 'data_id': 'other real data'}
 
 
 def done_list(done):
@@ -377,7 +378,7 @@ def resumed(out, settings):
     changed = [k for k in SAME_FOR_RESUME if old.get(k) != now.get(k)]
     if changed:
         raise UsageError(f'--resume: {out} was made with other settings ('
-                         + ', '.join(f'{k} {old.get(k)!r}, now {now.get(k)!r}' for k in changed)
+                         + ', '.join(OTHER_DATA.get(k) or f'{k} {old.get(k)!r}, now {now.get(k)!r}' for k in changed)
                          + '); give the same ones, or another --save_path')
     return done
 
@@ -414,7 +415,8 @@ def main():
               f'{a.epoch_eval_train} epochs, {args.num_eval} model(s) per experiment')
 
     settings = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None), list, tuple, dict))}
-    settings = dict(settings, models=model_pool)
+    settings = dict(settings, models=model_pool, data_id=dst_train.fingerprint,  # (which set, which real data)
+                    set_id=fingerprint([t.cpu() for _, images, labels in sets for t in (images, labels)]))
     done = on_main(resumed, out, settings) if args.resume else {}  # (set, experiment) -> {(model, numbers): accuracies}
     if args.resume:
         print(f'continuing the evaluation in {out}: {models_in(done)} model(s) done')

@@ -275,6 +275,11 @@ def test_a_stopped_evaluation_continues_with_resume_and_gives_the_uninterrupted_
     assert "was made with other settings (lr_net 0.01, now 0.02)" in capsys.readouterr().err
     assert evaluate_in_process(monkeypatch, path, *flags, '--save_path', tmp_path / 'none', '--resume') == 2
     assert 'there is no evaluation to continue' in capsys.readouterr().err
+    (tmp_path / 'other').mkdir()
+    papers_file(tmp_path / 'other' / path.name, n_exp=1)  # another set of the same name
+    assert evaluate_in_process(monkeypatch, tmp_path / 'other' / path.name, *flags, '--save_path', out.parent,
+                               '--resume') == 2
+    assert 'was made with other settings (another synthetic set under the same name)' in capsys.readouterr().err
 
 
 @needs_fashion
@@ -348,7 +353,7 @@ BAD = [  # (arguments, a part of the expected message)
     ([GOOD, '--device', 'tpu'], 'unknown device'),
     ([GOOD, '--resume', '--save_path', '{tmp}/empty_dir'], 'there is no evaluation to continue in'),
     ([GOOD, '--resume', '--save_path', '{tmp}/../reports/garbage'], 'is not a report of evaluate.py (JSONDecodeError'),
-    ([GOOD, '--resume', '--save_path', '{tmp}/../reports/other'], "was made with other settings (seed 1, now 0)"),
+    ([GOOD, '--resume', '--save_path', '{tmp}/../reports/other'], "other real data, seed 1, now 0); give the same ones"),
     ([GOOD, '--no_such_flag'], 'unrecognized arguments'),
 ]
 
@@ -394,7 +399,7 @@ def bad_inputs(tmp_path_factory):
     for name, text in (('garbage', 'not json'), ('other', json.dumps({'settings': {
             'dataset': 'MNIST', 'method': 'DSA', 'model': 'ConvNet', 'models': ['ConvNet'], 'dsa': True,
             'dsa_strategy': DIGITS_STRATEGY, 'epoch_eval_train': None, 'lr_net': 0.01, 'batch_train': 256, 'seed': 1,
-            'amp': False, 'eval_together': False, 'num_eval': 20, 'baseline': 'none'}}))):
+            'amp': False, 'eval_together': False, 'num_eval': 20, 'baseline': 'none', 'data_id': None}}))):
         (reports / name).mkdir(parents=True)
         (reports / name / 'res_DSA_MNIST_ConvNet_2ipc_eval.json').write_text(text)
     return tmp

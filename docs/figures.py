@@ -88,6 +88,7 @@ def curves(records, out):
         print('matplotlib is not installed: no curves.png (pip install matplotlib)')
         return
     fig, ax = plt.subplots(figsize=(9, 4))
+    ax.set_prop_cycle(color=plt.cm.tab20.colors)  # 20 distinct colours: the default 10 repeat from the 11th run
     for rec in records:
         hist = [h for h in rec.get('history', []) if h['exp'] == 0]
         if len(hist) < 2:

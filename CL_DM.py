@@ -12,29 +12,39 @@ settings that shaped them, after every step; the papers' released memories are r
 interrupted one stopped.
 """
 import copy
-import json
 import os
 
 import numpy as np
 import torch
 from tqdm import trange
 
-from main import train_iteration as dsa_iteration
-from main_DM import train_iteration as dm_iteration
+import main as dc_dsa
+import main_DM as dm
 import utils
-from utils import (STRATEGY_RULE, Diverged, SynSet, UsageError, atomic_json, atomic_save, autocast, differences,
-                   evaluate_models, exclusive, gather_objects, get_loops, get_parser, load_real, load_result, on_main,
-                   refuse, run_script, select_coreset, set_dsa, set_seed, setup, signature, tensor_loader)
+from runs import (STRATEGY_RULE, check_record, differences, exclusive, get_parser, load_real, new_synset, read_json,
+                  refuse, run_script, setup, signature, step)
+from utils import (Diverged, UsageError, atomic_json, atomic_save, evaluate_models, gather_objects, get_loops, load_result,
+                   on_main, select_coreset, set_dsa, set_seed, tensor_loader)
 
 MEMORY_NAMES = {'herding': 'cl_herding', 'DSA': 'cl_res_DSA', 'DM': 'cl_DM'}  # the papers' file names
-CONDENSE = {'DSA': dsa_iteration, 'DM': dm_iteration}
-DEFAULTS = {'DSA': (1000, 0.1, 'noise'), 'DM': (20000, 1.0, 'real')}  # the methods' own Iteration, lr_img, init
+SCRIPTS = {'DSA': dc_dsa, 'DM': dm}  # the condensation methods: their iteration and their own defaults
 SHAPED_BY = {  # besides method, dataset and its data, model, ipc, steps, class order and --seed
     'random': [],
     'herding': ['coreset_epochs', 'lr_net', 'batch_train', 'amp'],
     'DSA': ['Iteration', 'lr_img', 'init', 'batch_real', 'dsa_strategy', 'dis_metric', 'lr_net', 'batch_train', 'amp'],
     'DM': ['Iteration', 'lr_img', 'init', 'batch_real', 'dsa_strategy', 'amp'],
 }
+
+
+def main():
+    """For each seed's class order, learn step by step and test after every step; the table over the seeds."""
+    args = configure(setup(parser().parse_args()))
+    real, testloader = load_real(args)
+    table = Table(args)
+    with exclusive(table.lock, table.path):
+        for seed in this_process_seeds(table.finished(), args.seeds):
+            table.add(gather_objects((seed, learn(seed, real, testloader.dataset, args))))
+    table.show()
 
 
 def memory_name(args, seed):
@@ -50,19 +60,15 @@ def memory_record(args, seed, class_order):
 
 def build_memory(classes, real, args, keys):
     """--ipc images of each class in `classes` (by --method) and their labels; random draws seeded by keys."""
-    set_seed(*keys)
     if args.method in ('random', 'herding'):
+        set_seed(*keys)
         images = real.images[torch.cat(select_coreset(args.method, real, args, args.ipc, classes))]
     else:  # condense a synthetic set of these classes only, as a len(classes)-class problem
         sub, a = real.subset(classes), copy.copy(args)
         a.num_classes = len(classes)
-        sub.start(*keys, 'init')
-        syn = SynSet(sub, a)
+        syn = new_synset(sub, a, keys)
         for it in trange(args.Iteration, desc=f'{args.method} on classes {classes}', leave=False, dynamic_ncols=True):
-            set_seed(*keys, it)
-            sub.start(*keys, it)
-            with autocast(args):
-                CONDENSE[args.method](it, syn, sub, a)
+            step(SCRIPTS[args.method].train_iteration, it, syn, sub, a, keys)
         images = syn.images.detach()
         if not torch.isfinite(images).all():
             raise Diverged(f'the {args.method} memory of classes {classes} became non-finite (try a smaller --lr_img)')
@@ -76,12 +82,9 @@ def load_memories(path, record, steps, args):
     saved = load_result(path)
     theirs = saved.get('settings')
     if theirs is not None:
-        changed = differences({k: v for k, v in theirs.items() if k != 'released_steps'}, record)
-        if changed and args.overwrite:
+        if args.overwrite and differences(theirs, record):
             return [], 0
-        if changed:
-            raise UsageError(f'{path} was built with other settings ({changed}); use another --save_path, '
-                             'or --overwrite to build the memories again')
+        check_record(path, theirs, record, 'was built with other settings', '--overwrite to build the memories again')
     data = saved['data']
     for k, (images, labels) in enumerate(data[:len(steps)]):
         if sorted(set(labels.tolist())) != sorted(steps[k]) or images.shape[1:] != (args.channel, *args.im_size):
@@ -133,8 +136,8 @@ def parser():
     return p
 
 
-def check(args):
-    """Refuse the flags that do not apply to --method; the condensation methods' own defaults."""
+def configure(args):
+    """Refuse the flags that do not apply to --method; the condensation methods' own defaults (their scripts')."""
     set_dsa(args, augments=True)  # every memory trains (and condenses) with DSA augmentation, as in the paper
     if not args.dsa:
         raise UsageError('continual learning trains with DSA augmentation: --dsa_strategy must name transformations')
@@ -147,81 +150,112 @@ def check(args):
         refuse(args, ['dis_metric'], f'is for --method DSA (gradient matching), not {args.method}')
     if args.method != 'DM':
         refuse(args, ['compile'], f'is for --method DM, not {args.method}')
-    for k, v in zip(['Iteration', 'lr_img', 'init'], DEFAULTS.get(args.method, (0, 0.1, 'real'))):
+    own = method_defaults(args) if args.method in SCRIPTS else dict(Iteration=0, lr_img=0.1, init='real')
+    for k, v in own.items():
         setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
     args.outer_loop, args.inner_loop = get_loops(args.ipc)
+    return args
 
 
-def main():
-    args = setup(parser().parse_args())
-    check(args)
-    real, testloader = load_real(args)
-    if args.steps > args.num_classes:
-        raise UsageError(f'--steps must be at most the number of classes ({args.num_classes})')
-    test = testloader.dataset
-    name = 'cl_%s_%s_%s_%dipc_%dsteps' % (args.method, args.dataset, args.model, args.ipc, args.steps)
-    summary_path = os.path.join(args.save_path, name + '.json')
-    sig = {k: v for k, v in signature(args).items() if k != 'seeds'}  # more seeds may be added later
-    with exclusive(os.path.join(args.save_path, f'.lock_{name}'), summary_path):
-        done = on_main(finished_seeds, summary_path, sig, args)
-        for seed in sorted(map(int, done)):
-            print(f'seed {seed}: evaluated already (in {summary_path})')
-        todo = [seed for seed in range(args.seeds) if str(seed) not in done]
-        for first in range(0, len(todo), utils.WORLD):  # under torchrun each process takes one seed of a round
-            seed = todo[first + utils.RANK] if first + utils.RANK < len(todo) else None
-            if seed is not None:
-                order, steps = class_order(seed, args)
-                print(f'seed {seed}: class order {order}')
-                record = memory_record(args, seed, order)
-                stream = memories(seed, steps, real, args, record)
-            accs = []
-            for step in range(args.steps):
-                data, built = next(stream) if seed is not None else (None, False)
-                on_main(save_memories, gather_objects((seed, data, record) if built else None), args)
-                if seed is None:
-                    continue
-                seen = torch.tensor(sum(steps[:step + 1], []), device=test.labels.device)
-                images = torch.cat([d[0] for d in data]).to(args.device)
-                labels = torch.cat([d[1] for d in data]).to(args.device)
-                mask = torch.isin(test.labels, seen)
-                loader = tensor_loader(test.images[mask], test.labels[mask], 256)
-                print(f'seed {seed} step {step}: {len(labels)} memory images of {len(seen)} classes, {int(mask.sum())} test images')
-                accs.append(evaluate_models(images, labels, [args.model], args, loader, (seed, step), split=False)[args.model])
-            done.update({str(s): a for s, a in gather_objects((seed, accs)) if s is not None})
-            on_main(write_table, done, sig, args, summary_path)
-    table = on_main(write_table, done, sig, args, summary_path)
-    print(f'\n{args.steps}-step learning, {args.method}: mean +- std over {args.seeds} seeds x {args.num_eval} models')
-    for row in table:
-        print('step %d (%3d classes): %.2f%% +- %.2f%%' % (row['step'], row['classes'], row['mean'] * 100, row['std'] * 100))
-    print(' '.join('& %.1f$\\pm$%.1f' % (r['mean'] * 100, r['std'] * 100) for r in table))  # the paper's table row
+def method_defaults(args):
+    """Iteration, lr_img and init as the condensation method's own script resolves them for this dataset and ipc."""
+    script = SCRIPTS[args.method]
+    own = script.configure(script.parser().parse_args(['--method', args.method, '--dataset', args.dataset,
+                                                        '--ipc', str(args.ipc)]))
+    return {k: getattr(own, k) for k in ('Iteration', 'lr_img', 'init')}
 
 
-def finished_seeds(summary_path, sig, args):
-    """{seed: per-step accuracies} of the seeds an earlier run of these settings finished."""
-    if not os.path.exists(summary_path) or args.overwrite:
-        return {}
-    try:
-        with open(summary_path) as f:
-            summary = json.load(f)
-        theirs = summary['signature']
-    except (OSError, ValueError, KeyError, TypeError):
-        raise UsageError(f'{summary_path} is not a table of this toolkit; use another --save_path, '
-                         'or --overwrite to replace it') from None
-    changed = differences(theirs, sig)
-    if changed:
-        raise UsageError(f'{summary_path} belongs to a run with other settings ({changed}); use another '
-                         '--save_path, or --overwrite to replace it')
-    return {s: a for s, a in summary.get('per_seed', {}).items() if int(s) < args.seeds}
+def this_process_seeds(done, seeds):
+    """The seeds of 0 .. seeds-1 still to run (not in `done`), one per process in each round: under torchrun
+    each process takes one seed of a round (None where a round has fewer seeds than processes; it still takes
+    part in the round's collectives)."""
+    todo = [seed for seed in range(seeds) if str(seed) not in done]
+    for first in range(0, len(todo), utils.WORLD):
+        yield todo[first + utils.RANK] if first + utils.RANK < len(todo) else None
 
 
-def write_table(done, sig, args, summary_path):
-    """Per-step mean +- std over the finished seeds x models, written with every seed's accuracies."""
-    results = np.array([[a for s in sorted(done, key=int) for a in done[s][k]] for k in range(args.steps)])
-    sizes = np.cumsum([len(part) for part in np.array_split(range(args.num_classes), args.steps)]).tolist()
-    table = [dict(step=k, classes=sizes[k], mean=float(r.mean()), std=float(r.std()), accs=r.tolist())
-             for k, r in enumerate(results)]
-    atomic_json(dict(method=args.method, seeds=len(done), steps=table, per_seed=done, signature=sig), summary_path)
-    return table
+def learn(seed, real, test, args):
+    """Class-incremental learning in the class order of `seed`: after each step, a fresh model trained on
+    the memories of every class so far and tested on their test images. Returns [per-step accuracies]
+    (None for a process without a seed in this round)."""
+    if seed is not None:
+        order, steps = class_order(seed, args)
+        print(f'seed {seed}: class order {order}')
+        record = memory_record(args, seed, order)
+        stream = memories(seed, steps, real, args, record)
+    accs = []
+    for k in range(args.steps):
+        data, built = next(stream) if seed is not None else (None, False)
+        on_main(save_memories, gather_objects((seed, data, record) if built else None), args)
+        if seed is not None:
+            accs.append(test_step(data, sum(steps[:k + 1], []), test, args, (seed, k)))
+    return accs if seed is not None else None
+
+
+def test_step(data, seen, test, args, keys):
+    """The accuracies of --num_eval fresh models trained on the memories `data` and tested on the test images
+    of the classes `seen`."""
+    images = torch.cat([d[0] for d in data]).to(args.device)
+    labels = torch.cat([d[1] for d in data]).to(args.device)
+    mask = torch.isin(test.labels, torch.tensor(seen, device=test.labels.device))
+    loader = tensor_loader(test.images[mask], test.labels[mask], 256)
+    print(f'seed {keys[0]} step {keys[1]}: {len(labels)} memory images of {len(seen)} classes, {int(mask.sum())} test images')
+    return evaluate_models(images, labels, [args.model], args, loader, keys, split=False)[args.model]
+
+
+class Table:
+    """The per-step accuracies of every finished seed, in cl_<method>_<dataset>_<model>_<ipc>ipc_<steps>steps.json
+    (rewritten after every seed, so a rerun continues with the seeds still to do)."""
+
+    def __init__(self, args):
+        self.args = args
+        name = 'cl_%s_%s_%s_%dipc_%dsteps' % (args.method, args.dataset, args.model, args.ipc, args.steps)
+        self.path = os.path.join(args.save_path, name + '.json')
+        self.lock = os.path.join(args.save_path, f'.lock_{name}')
+        self.signature = {k: v for k, v in signature(args).items() if k != 'seeds'}  # more seeds may be added later
+        self.done = {}
+
+    def finished(self):
+        """{seed: per-step accuracies} of the seeds an earlier run of these settings finished."""
+        self.done = on_main(self.read)
+        for seed in sorted(map(int, self.done)):
+            print(f'seed {seed}: evaluated already (in {self.path})')
+        return self.done
+
+    def read(self):
+        if not os.path.exists(self.path) or self.args.overwrite:
+            return {}
+        table = read_json(self.path)
+        if not table or not isinstance(table.get('per_seed', {}), dict):
+            raise UsageError(f'{self.path} is not a table of this toolkit; use another --save_path, '
+                             'or --overwrite to replace it')
+        check_record(self.path, table.get('signature'), self.signature)
+        return {s: a for s, a in table.get('per_seed', {}).items() if int(s) < self.args.seeds}
+
+    def add(self, results):
+        """The seeds that the processes have just finished ([(seed, accuracies)], from every process)."""
+        self.done.update({str(s): a for s, a in results if s is not None})
+        on_main(self.write)
+
+    def write(self):
+        """Per-step mean +- std over the finished seeds x models, written with every seed's accuracies."""
+        args = self.args
+        results = np.array([[a for s in sorted(self.done, key=int) for a in self.done[s][k]] for k in range(args.steps)])
+        sizes = np.cumsum([len(part) for part in np.array_split(range(args.num_classes), args.steps)]).tolist()
+        rows = [dict(step=k, classes=sizes[k], mean=float(r.mean()), std=float(r.std()), accs=r.tolist())
+                for k, r in enumerate(results)]
+        atomic_json(dict(method=args.method, seeds=len(self.done), steps=rows, per_seed=self.done,
+                         signature=self.signature), self.path)
+        return rows
+
+    def show(self):
+        rows = on_main(self.write)
+        args = self.args
+        print(f'\n{args.steps}-step learning, {args.method}: mean +- std over {args.seeds} seeds x {args.num_eval} models')
+        for row in rows:
+            print('step %d (%3d classes): %.2f%% +- %.2f%%' % (row['step'], row['classes'], row['mean'] * 100,
+                                                              row['std'] * 100))
+        print(' '.join('& %.1f$\\pm$%.1f' % (r['mean'] * 100, r['std'] * 100) for r in rows))  # the paper's table row
 
 
 if __name__ == '__main__':

@@ -11,8 +11,9 @@ from collections import deque
 import torch
 import torch.nn.functional as F
 
-from utils import (STRATEGY_RULE, UsageError, all_reduce, broadcast_shards, condense, correct, exact_sum, get_network,
-                   get_parser, has_batchnorm, run_epoch, run_script, set_dsa, setup, shard, siamese_augment, tensor_loader)
+from runs import STRATEGY_RULE, condense, get_parser, run_script, setup
+from utils import (UsageError, all_reduce, broadcast_shards, correct, exact_sum, get_network, has_batchnorm, run_epoch,
+                   set_dsa, shard, siamese_augment, tensor_loader)
 
 
 def features(net, images, grad):
@@ -41,19 +42,26 @@ def cafe_losses(net, img_real, img_syn, args):
     return alignment, (syn_centres - real_centres).square().sum(), syn_centres, real_embeddings
 
 
-def discrimination(real_embeddings, classes, centres):
-    """Real embeddings [K, n, d] of `classes`, classified by their inner products with the class centres
-    [C, d] of the whole synthetic set: the summed cross-entropy, and for each class its gradient with
-    respect to the centres, (softmax - one-hot)^T @ embeddings [C, d] (the centres' gradient is the sum
-    over all classes: see utils.exact_sum)."""
+def discrimination(centres, real_embeddings, classes, num_classes, sharded):
+    """CAFE's discrimination loss for this process's `classes`: their real embeddings [K, n, d] classified by
+    their inner products with the class centres of the whole synthetic set, the summed cross-entropy.
+
+    Returns (a surrogate whose gradient with respect to this process's `centres` [K, d] is the loss's, the
+    loss's value). The gradient is derived by hand, (softmax - one-hot)^T @ embeddings for each class, and
+    summed over every class of every process exactly (utils.exact_sum), so that any number of processes
+    gives the same synthetic set, bit for bit."""
+    all_centres = torch.zeros(num_classes, centres.shape[1], device=centres.device)
+    all_centres[classes] = centres.detach()
+    broadcast_shards(all_centres, num_classes)  # every class's centre, from the process that moves it
     value, grads = 0.0, []
     for c, e in zip(classes, real_embeddings):
-        log_p = torch.log_softmax(e @ centres.t(), dim=1)
+        log_p = torch.log_softmax(e @ all_centres.t(), dim=1)
         value -= log_p[:, c].sum().item()
         p = log_p.exp()
         p[:, c] -= 1
         grads.append(p.t() @ e)
-    return value, grads
+    centre_grads = exact_sum(grads, all_centres, across=sharded)
+    return (centres * centre_grads[classes]).sum(), value
 
 
 def query_accuracy(net, real, args):
@@ -106,12 +114,8 @@ def train_iteration(it, syn, real, args):
         img_real, img_syn = map(torch.stack, zip(*pairs))
         net.requires_grad_(False)  # only the synthetic images learn here
         alignment, centre_loss, centres, real_embeddings = cafe_losses(net, img_real, img_syn, args)
-        all_centres = torch.zeros(args.num_classes, centres.shape[1], device=args.device)
-        all_centres[classes] = centres.detach()
-        broadcast_shards(all_centres, args.num_classes)  # every class's centre, for the classification
-        value, grads = discrimination(real_embeddings, classes, all_centres)
-        centre_grads = exact_sum(grads, all_centres, across=syn.sharded)  # summed over every class, exactly
-        loss = alignment + centre_loss + args.inner_weight * (centres * centre_grads[classes]).sum()  # its gradient
+        surrogate, value = discrimination(centres, real_embeddings, classes, args.num_classes, syn.sharded)
+        loss = alignment + centre_loss + args.inner_weight * surrogate
         syn.step(loss)
         syn.sync()  # every process trains the network on the whole set and classifies with every centre
         net.requires_grad_(True)
@@ -154,8 +158,8 @@ def parser():
     return parser
 
 
-def main():
-    args = setup(parser().parse_args())
+def configure(args):
+    """Resolve the flags: DSA's augmentation, the output name, the layer weights and the learning-rate milestones."""
     set_dsa(args, augments=args.method == 'DSA')
     args.method = {'DC': 'CAFE', 'DSA': 'CAFE_DSA'}[args.method]  # names the outputs apart from main.py's
     n_stages = len(get_network(args.model, 3, 10, (32, 32), 'cpu').taps)  # the same for every input shape
@@ -169,6 +173,11 @@ def main():
         raise UsageError('the layer weights, --inner_weight, --lambda_1 and --lambda_2 must not be negative')
     args.layer_weights = weights
     args.milestones = [round(f * args.Iteration) for f in (0.6, 0.8, 0.9)]  # 1200, 1600, 1800 of 2000
+    return args
+
+
+def main():
+    args = configure(setup(parser().parse_args()))
     condense(args, train_iteration, eval_interval=100, joint_batchnorm=True)
 
 

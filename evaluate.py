@@ -21,10 +21,10 @@ import torch
 
 from networks import MODELS
 import utils
-from utils import (CORESETS, DATASETS, EVAL_MODES, NO_STRATEGY, STRATEGY_RULE, ArgumentParser, ClassImages, Interrupted,
-                   ParamDiffAug, UsageError, atomic_json, check_numbers, check_strategy, default_strategy, eval_args,
-                   evaluate_models, fingerprint, generator, get_dataset, get_eval_pool, init_distributed, load_result,
-                   on_main, pick_device, run_script, writable_folder)
+from runs import STRATEGY_RULE, ArgumentParser, Interrupted, check_numbers, run_script, writable_folder
+from utils import (CORESETS, DATASETS, EVAL_MODES, NO_STRATEGY, ClassImages, ParamDiffAug, UsageError, atomic_json,
+                   check_strategy, default_strategy, eval_args, evaluate_models, fingerprint, generator, get_dataset,
+                   get_eval_pool, init_distributed, load_result, on_main, pick_device)
 
 DSA_MADE = ['DSA', 'DM', 'CAFE_DSA']  # sets evaluated with DSA augmentation
 DC_MADE = ['DC', 'CAFE', *CORESETS]  # sets evaluated with DC's classic augmentation

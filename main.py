@@ -9,9 +9,9 @@ epochs on the synthetic set.
 """
 import torch
 
-from utils import (CORESETS, STRATEGY_RULE, batchnorm_layers, class_gradients, condense, get_loops, get_network, get_parser,
-                   has_batchnorm, match_loss, refuse, run_epoch, run_script, select_coreset, set_dsa, setup, siamese_augment,
-                   tensor_loader)
+from runs import STRATEGY_RULE, condense, get_parser, refuse, run_script, setup
+from utils import (CORESETS, batchnorm_layers, class_gradients, get_loops, get_network, has_batchnorm, match_loss, run_epoch,
+                   select_coreset, set_dsa, siamese_augment, tensor_loader)
 
 BN_IMAGES_PER_CLASS = 16
 
@@ -66,8 +66,8 @@ def parser():
     return p
 
 
-def main():
-    args = setup(parser().parse_args())
+def configure(args):
+    """Resolve the flags: DSA's augmentation, the coreset methods' settings (nothing to iterate), DC/DSA's loops."""
     set_dsa(args, augments=args.method == 'DSA')
     if args.method in CORESETS:  # real images, selected once: nothing to iterate
         refuse(args, ['Iteration', 'init', 'lr_img', 'batch_real', 'dis_metric', 'checkpoint_every'],
@@ -75,10 +75,17 @@ def main():
         if args.method == 'random':
             refuse(args, ['coreset_epochs'], 'does not apply to --method random: it trains no network')
         args.Iteration, args.init = 0, 'real'
-        condense(args, None, eval_interval=1, init_images=coreset_images)
     else:
         refuse(args, ['coreset_epochs'], f'is for the coreset methods ({", ".join(CORESETS[1:])}), not {args.method}')
         args.outer_loop, args.inner_loop = get_loops(args.ipc)
+    return args
+
+
+def main():
+    args = configure(setup(parser().parse_args()))
+    if args.method in CORESETS:
+        condense(args, None, eval_interval=1, init_images=coreset_images)
+    else:
         condense(args, train_iteration, eval_interval=500)
 
 

@@ -5,7 +5,8 @@ network and moves the synthetic images so that the mean embeddings of each class
 """
 import torch
 
-from utils import STRATEGY_RULE, condense, embed, get_network, get_parser, has_batchnorm, run_script, set_dsa, setup, siamese_augment
+from runs import STRATEGY_RULE, condense, get_parser, run_script, setup
+from utils import embed, get_network, has_batchnorm, set_dsa, siamese_augment
 
 
 def train_iteration(it, syn, real, args):
@@ -47,11 +48,16 @@ def parser():
                       rules={'lr_img': 'default: 1, or 10 for CIFAR10 with ipc >= 100', 'dsa_strategy': STRATEGY_RULE})
 
 
-def main():
-    args = setup(parser().parse_args())
+def configure(args):
+    """Resolve the flags: the learning rate's rule, DSA's augmentation (always on)."""
     if args.lr_img is None:
         args.lr_img = default_lr_img(args.dataset, args.ipc)
     set_dsa(args, augments=True)
+    return args
+
+
+def main():
+    args = configure(setup(parser().parse_args()))
     condense(args, train_iteration, eval_interval=2000, joint_batchnorm=True)
 
 

@@ -63,6 +63,11 @@ class Net(nn.Module):
         return outs, self.classifier(x.flatten(1))
 
 
+def default_size(channel, im_size):
+    """The papers' classes take no image size but ConvNet's: 1-channel inputs are 28x28, others 32x32."""
+    return tuple(im_size) if im_size is not None else (28, 28) if channel == 1 else (32, 32)
+
+
 def first_pad(im_size, usual):
     """Padding of the first convolution: 3x3 kernels pad 3 (and 5x5 pad 4) on 28x28 inputs."""
     return usual + 2 if tuple(im_size) == (28, 28) else usual
@@ -84,8 +89,8 @@ class ConvNet(Net):
     """`net_depth` blocks of [3x3 conv -> norm -> activation -> 2x2 pooling], then a linear classifier.
     Stages: every block's output after its activation, and the final (pooled) feature map."""
 
-    def __init__(self, channel, num_classes, im_size=(32, 32), net_width=128, net_depth=3, net_act='relu',
-                 net_norm='instancenorm', net_pooling='avgpooling'):
+    def __init__(self, channel, num_classes, net_width=128, net_depth=3, net_act='relu', net_norm='instancenorm',
+                 net_pooling='avgpooling', im_size=(32, 32)):  # (the papers' order)
         layers, taps = [], []
         h, w = (32, 32) if tuple(im_size) == (28, 28) else im_size
         for d in range(net_depth):
@@ -105,7 +110,8 @@ class ConvNet(Net):
 class MLP(Net):
     taps = (2, 4)
 
-    def __init__(self, channel, num_classes, im_size=(32, 32), width=128):
+    def __init__(self, channel, num_classes, im_size=None, width=128):
+        im_size = default_size(channel, im_size)
         super().__init__(nn.Sequential(nn.Flatten(), nn.Linear(channel * im_size[0] * im_size[1], width),
                                        nn.ReLU(inplace=True), nn.Linear(width, width), nn.ReLU(inplace=True)),
                          num_classes, channel, im_size)
@@ -114,7 +120,8 @@ class MLP(Net):
 class LeNet(Net):
     taps = (2, 5, 8, 10)
 
-    def __init__(self, channel, num_classes, im_size=(32, 32)):
+    def __init__(self, channel, num_classes, im_size=None):
+        im_size = default_size(channel, im_size)
         pad = first_pad(im_size, 0)
         h, w = [((s + 2 * pad - 4) // 2 - 4) // 2 for s in im_size]
         # the two hidden fully-connected layers belong to the features: embed() is the input of the last layer
@@ -142,16 +149,23 @@ def _alexnet_features(channel, im_size, norm):
 
 
 class AlexNet(Net):
-    def __init__(self, channel, num_classes, im_size=(32, 32), norm=False):
+    def __init__(self, channel, num_classes, im_size=None, norm=False):
+        im_size = default_size(channel, im_size)
         features, self.taps = _alexnet_features(channel, im_size, norm)
         super().__init__(features, num_classes, channel, im_size)
+
+
+class AlexNetBN(AlexNet):
+    def __init__(self, channel, num_classes, im_size=None):
+        super().__init__(channel, num_classes, im_size, norm=True)
 
 
 VGG_CFG = {'VGG11': [64, 'M', 128, 'M', 256, 256, 'M', 512, 512, 'M', 512, 512, 'M']}
 
 
 class VGG(Net):
-    def __init__(self, channel, num_classes, im_size=(32, 32), cfg='VGG11', norm='instancenorm'):
+    def __init__(self, channel, num_classes, im_size=None, cfg='VGG11', norm='instancenorm'):
+        im_size = default_size(channel, im_size)
         layers, taps, c_in = [], [], channel
         for v in VGG_CFG[cfg]:
             if v == 'M':
@@ -163,6 +177,16 @@ class VGG(Net):
                 c_in = v
         self.taps = tuple(taps)
         super().__init__(nn.Sequential(*layers), num_classes, channel, im_size)
+
+
+class VGG11(VGG):
+    def __init__(self, channel, num_classes, im_size=None):
+        super().__init__(channel, num_classes, im_size, 'VGG11')
+
+
+class VGG11BN(VGG):
+    def __init__(self, channel, num_classes, im_size=None):
+        super().__init__(channel, num_classes, im_size, 'VGG11', norm='batchnorm')
 
 
 class BasicBlock(nn.Module):
@@ -191,7 +215,8 @@ class ResNet18(Net):
     convolutions become average pooling and the last feature map is kept whole, as in the papers.
     Stages: the output of each of the four residual layers, and the pooled final map."""
 
-    def __init__(self, channel, num_classes, im_size=(32, 32), norm='instancenorm', ap=False):
+    def __init__(self, channel, num_classes, im_size=None, norm='instancenorm', ap=False):
+        im_size = default_size(channel, im_size)
         layers, c_in = [nn.Conv2d(channel, 64, 3, padding=1, bias=False),  # 1 for 28x28 too, as in the papers
                         NORMS[norm](64, 0, 0), nn.ReLU(inplace=True)], 64
         for c_out, stride in [(64, 1), (128, 2), (256, 2), (512, 2)]:
@@ -203,17 +228,28 @@ class ResNet18(Net):
         super().__init__(nn.Sequential(*layers), num_classes, channel, im_size)
 
 
+class ResNet18BN(ResNet18):
+    def __init__(self, channel, num_classes, im_size=None):
+        super().__init__(channel, num_classes, im_size, norm='batchnorm')
+
+
+class ResNet18BN_AP(ResNet18):
+    def __init__(self, channel, num_classes, im_size=None):
+        super().__init__(channel, num_classes, im_size, norm='batchnorm', ap=True)
+
+
+# name -> constructor(channel, num_classes, im_size=...): the papers' model names, and ConvNet's variants
 MODELS = {
     'MLP': MLP,
     'ConvNet': ConvNet,
     'LeNet': LeNet,
     'AlexNet': AlexNet,
-    'AlexNetBN': partial(AlexNet, norm=True),
-    'VGG11': VGG,
-    'VGG11BN': partial(VGG, norm='batchnorm'),
+    'AlexNetBN': AlexNetBN,
+    'VGG11': VGG11,
+    'VGG11BN': VGG11BN,
     'ResNet18': ResNet18,
-    'ResNet18BN': partial(ResNet18, norm='batchnorm'),
-    'ResNet18BN_AP': partial(ResNet18, norm='batchnorm', ap=True),
+    'ResNet18BN': ResNet18BN,
+    'ResNet18BN_AP': ResNet18BN_AP,
     **{f'ConvNetW{w}': partial(ConvNet, net_width=w) for w in (32, 64, 128, 256)},
     **{f'ConvNetD{d}': partial(ConvNet, net_depth=d) for d in (1, 2, 3, 4)},
     **{f'ConvNetA{k}': partial(ConvNet, net_act=a) for k, a in

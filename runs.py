@@ -310,7 +310,8 @@ def load_real(args):
     real = utils.ClassImages(dst_train, args.num_classes)
     fewest = min(map(len, real.indices_class))
     if args.init == 'real' and args.ipc > fewest:
-        raise UsageError(f'--init real needs ipc <= {fewest}, the size of the smallest class')
+        raise UsageError(f'--ipc {args.ipc}: the set starts from real images and the smallest class has {fewest}; '
+                         'use at most that')
     check_fits(args)
     return real, testloader
 

@@ -23,6 +23,7 @@ import socket
 import struct
 import sys
 import time
+import warnings
 import zipfile
 import zlib
 import functools
@@ -392,6 +393,8 @@ def get_dataset(dataset, data_path, im_size=None, device='cpu'):
     of a user's own images, resized to `im_size` (default 32x32), with mean/std of its training split.
     The images are held once, on `device`.
     """
+    if os.path.exists(data_path) and not os.path.isdir(data_path):  # (not silently passed over for a system copy)
+        raise UsageError(f'the data path {data_path} is a file, not a folder')
     if dataset == 'ImageFolder':
         im_size = tuple(im_size or (32, 32))
         arrays = _load_tree(data_path, im_size, 3)
@@ -510,7 +513,7 @@ def get_network(model, channel, num_classes, im_size=(32, 32), device=None):
     (default: CUDA when available). Its initialisation draws from torch's global generator."""
     if model not in MODELS:
         raise UsageError(f'unknown model {model!r}; choose from {", ".join(MODELS)}')
-    return MODELS[model](channel, num_classes, tuple(im_size)).to(device or pick_device())
+    return MODELS[model](channel, num_classes, im_size=tuple(im_size)).to(device or pick_device())
 
 
 def _embed(net, x):
@@ -1183,6 +1186,15 @@ LOAD_ERRORS = (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, TypeE
                AttributeError, ImportError, OSError, zipfile.BadZipFile, struct.error, MemoryError)
 
 
+def _load_failure(e):
+    """Why torch.load refused a file, in a few words."""
+    unsafe = re.search(r'Unsupported global: GLOBAL (\S+)', str(e))
+    if unsafe:
+        return f'it holds {unsafe.group(1)}, which is not plain data (loading it could run code)'
+    first = re.sub(r'\x1b\[[0-9;]*m', '', (str(e).strip().splitlines() or [type(e).__name__])[0])
+    return first[:300]
+
+
 def load_pt(path, expected=None):
     """torch.load a file the user gave us without running pickled code (weights_only), allowing only
     numpy's scalar and dtype types beyond tensors and containers (the papers' result files keep
@@ -1196,11 +1208,11 @@ def load_pt(path, expected=None):
     if head == b'PK\x03\x04' and not zipfile.is_zipfile(path):
         raise UsageError(f'cannot load {path} safely: it is truncated or damaged')
     try:
-        with torch.serialization.safe_globals(NUMPY_SAFE_GLOBALS):
+        with torch.serialization.safe_globals(NUMPY_SAFE_GLOBALS), warnings.catch_warnings():
+            warnings.simplefilter('ignore')  # (torch's own advice, over many lines, is not for this case)
             obj = torch.load(path, map_location='cpu', weights_only=True)
     except LOAD_ERRORS as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise UsageError(f'cannot load {path} safely: {first}') from None
+        raise UsageError(f'cannot load {path} safely: {_load_failure(e)}') from None
     if expected:
         if not isinstance(obj, dict):
             raise UsageError(f'{path} must hold a dict with keys {", ".join(expected)}')

@@ -383,28 +383,28 @@ def resumed(out, settings):
     return done
 
 
-def main():
-    args = get_parser().parse_args()
+def configure(args):
+    """Check the flags; the device (under torchrun the models are shared out among the processes)."""
     check_numbers(args)
-    args.device = init_distributed(pick_device(args.device))  # under torchrun the models are shared out
+    args.device = init_distributed(pick_device(args.device))
     if args.dsa_strategy is not None:
         check_strategy(args.dsa_strategy)
     if not os.path.exists(args.input):
         raise UsageError(f'{args.input} does not exist')
-    out = output_path(args)
-    on_main(writable_folder, os.path.dirname(out), '--save_path' if args.save_path else 'the output folder')
-    sets, recorded, dst_train, testloader = load(args)
-    args.dsa_param = ParamDiffAug()
-    counts = [torch.bincount(labels, minlength=args.num_classes).tolist() for _, _, labels in sets]
-    args.ipc = max(max(c) for c in counts)
-    model_pool = args.models or get_eval_pool(args.eval_mode, args.model, args.model)
-    args.eval_mode = None if args.models else args.eval_mode
-    baselines = {}  # the random real images of each experiment, drawn before hours of evaluation
-    if args.baseline == 'random':
-        real = ClassImages(dst_train, args.num_classes)
-        for (k, _, _), n in zip(sets, counts):
-            baselines[k] = random_real(real, n, generator(args.seed, 'random', k))
+    return args
 
+
+def draw_baselines(args, sets, counts, dst_train):
+    """--baseline random: the random real images of each experiment (as many per class as the set has),
+    drawn before hours of evaluation."""
+    if args.baseline != 'random':
+        return {}
+    real = ClassImages(dst_train, args.num_classes)
+    return {k: random_real(real, n, generator(args.seed, 'random', k)) for (k, _, _), n in zip(sets, counts)}
+
+
+def describe(args, sets, model_pool):
+    """Say what is evaluated and how; the evaluation settings of every model."""
     made = f'made by {args.method} (from {args.sources["method"]})' if args.method else 'made by an unnamed method'
     print(f'{args.input}: {len(sets)} experiment(s) of {len(sets[0][1])} images; dataset {args.dataset} '
           f'(from {args.sources["dataset"]}), {made}, training model {args.model} (from {args.sources["model"]})'
@@ -413,7 +413,21 @@ def main():
     for m, a in per_model.items():
         print(f'evaluating on {m}: augmentation {augmentation(a)} ({args.sources["augmentation"]}), '
               f'{a.epoch_eval_train} epochs, {args.num_eval} model(s) per experiment')
+    return per_model
 
+
+def main():
+    args = configure(get_parser().parse_args())
+    out = output_path(args)
+    on_main(writable_folder, os.path.dirname(out), '--save_path' if args.save_path else 'the output folder')
+    sets, recorded, dst_train, testloader = load(args)
+    args.dsa_param = ParamDiffAug()
+    counts = [torch.bincount(labels, minlength=args.num_classes).tolist() for _, _, labels in sets]
+    args.ipc = max(max(c) for c in counts)
+    model_pool = args.models or get_eval_pool(args.eval_mode, args.model, args.model)
+    args.eval_mode = None if args.models else args.eval_mode
+    baselines = draw_baselines(args, sets, counts, dst_train)
+    per_model = describe(args, sets, model_pool)
     settings = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None), list, tuple, dict))}
     settings = dict(settings, models=model_pool, data_id=dst_train.fingerprint,  # (which set, which real data)
                     set_id=fingerprint([t.cpu() for _, images, labels in sets for t in (images, labels)]))

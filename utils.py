@@ -529,9 +529,8 @@ def autocast(args):
     """--amp: bfloat16 autocast for the forward and backward passes (condensation, evaluation training and
     testing). The synthetic images, their gradients, optimiser states and losses stay float32 (the
     cross-entropy runs in float32 under autocast; other losses are formed from float32 features). Every
-    layer takes bfloat16 here, as measured on this CPU (1 thread): convolutions, 1-channel ones included,
-    about 2x faster than float32; instance norm (GroupNorm) and ReLU 1.1-1.7x faster on bfloat16 input
-    (GroupNorm still accumulates its statistics in float32), so no layer is kept in float32."""
+    layer takes bfloat16, none is kept in float32: each was faster so (docs/speed.md), and GroupNorm still
+    accumulates its statistics in float32."""
     # no cast cache: a cached bfloat16 copy of a weight would go stale as the weights train inside one context
     return torch.autocast(torch.device(args.device).type, torch.bfloat16, enabled=bool(getattr(args, 'amp', False)),
                           cache_enabled=False)
@@ -989,8 +988,8 @@ def eval_args(args, model_eval):
 
 
 EVAL_GROUP = 10  # --eval_together: at most this many models of an architecture in one batched computation
-# --eval_together: device types on which the models' test passes run one by one, not through vmap: on the
-# CPU its grouped convolutions ran ~2.8x slower (10 ConvNets on 256 CIFAR-10 images, 1 thread; same logits)
+# --eval_together: device types on which the models' test passes run one by one, not through vmap, whose
+# grouped convolutions are slower there (same logits; docs/speed.md)
 TEST_ONE_BY_ONE = ('cpu',)
 
 

@@ -609,6 +609,66 @@ def step(train_iteration, it, syn, real, args, keys, *carried):
         return train_iteration(it, syn, real, args, *carried)
 
 
+class ModelQueue:
+    """Models that train alongside a method's iterations (IDM's queue): each with its optimiser and an
+    accuracy meter of the batches it trained on; at most `size`, the oldest dropped. A method's state across
+    iterations (see condense's method_state): checkpoints keep it, so --resume continues it exactly."""
+
+    def __init__(self, args, size, optimizer):
+        self.args, self.size, self.optimizer = args, size, optimizer  # optimizer(parameters) -> torch optimizer
+        self.models, self.optimizers, self.right, self.seen = [], [], [], []
+
+    def __len__(self):
+        return len(self.models)
+
+    def push(self):
+        """A freshly initialised model (from torch's global generator), with a new optimiser and meter."""
+        a = self.args
+        self.models.append(utils.get_network(a.model, a.channel, a.num_classes, a.im_size, a.device).train())
+        self.optimizers.append(self.optimizer(self.models[-1].parameters()))
+        self.right.append(torch.zeros((), dtype=torch.long, device=a.device))
+        self.seen.append(0)
+        if len(self.models) > self.size:
+            for kept in (self.models, self.optimizers, self.right, self.seen):
+                kept.pop(0)
+
+    def accuracy(self, i):
+        """Model i's accuracy in percent on the batches it trained on since the meters were reset (0 before
+        any), as a device tensor: no host sync."""
+        return self.right[i] * (100.0 / self.seen[i]) if self.seen[i] else torch.zeros((), device=self.args.device)
+
+    def reset_meters(self):
+        self.right = [torch.zeros_like(r) for r in self.right]
+        self.seen = [0] * len(self.seen)
+
+    def train_step(self, i, images, labels):
+        """One optimiser step of model i on a batch (cross-entropy, train mode); its meter counts the batch."""
+        net, optimizer = self.models[i], self.optimizers[i]
+        net.train()
+        logits = net(images)
+        loss = torch.nn.functional.cross_entropy(logits, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        self.right[i] += (logits.detach().argmax(1) == labels).sum()
+        self.seen[i] += len(labels)
+
+    def state_dict(self):
+        return dict(models=[m.state_dict() for m in self.models], optimizers=[o.state_dict() for o in self.optimizers],
+                    right=[int(r) for r in self.right], seen=list(self.seen))
+
+    def load_state_dict(self, state):
+        self.models, self.optimizers, self.right, self.seen = [], [], [], []
+        with torch.random.fork_rng(devices=[]):  # (rebuilding draws initial weights, which the state replaces)
+            for _ in state['models']:
+                self.push()
+        for model, optimizer, s, o in zip(self.models, self.optimizers, state['models'], state['optimizers']):
+            model.load_state_dict(s)
+            optimizer.load_state_dict(o)
+        self.right = [torch.tensor(r, device=self.args.device) for r in state['right']]
+        self.seen = list(state['seen'])
+
+
 class Progress:
     """What a run has done: the finished experiments' synthetic sets (`data`) and accuracies, the
     accuracies of every evaluation (`history`), and the pace of this process's iterations."""
@@ -624,7 +684,8 @@ class Progress:
             self.pace[k] = self.pace.get(k, 0) + v
 
 
-def condense(args, train_iteration, eval_interval, init_images=None, joint_batchnorm=False, method_state=None):
+def condense(args, train_iteration, eval_interval, init_images=None, joint_batchnorm=False, method_state=None,
+             expand=None):
     """The experiment loop of a condensation method.
 
     For each experiment: a fresh synthetic set (from `init_images(real, args)` when given, else as
@@ -639,14 +700,16 @@ def condense(args, train_iteration, eval_interval, init_images=None, joint_batch
 
     `method_state(real, args)`: for a method with state across iterations (e.g. a queue of models), builds
     it at the start of every experiment, after the synthetic set; train_iteration then gets it as a fifth
-    argument, and checkpoints keep it (its state_dict() and load_state_dict(), torch.save-able).
+    argument, and checkpoints keep it (its state_dict() and load_state_dict(), torch.save-able; see ModelQueue).
+    `expand(images, labels)`: the set that evaluation models train on, when the stored set is a compact
+    encoding of it (IDM's mosaics); the set is saved as it is stored.
 
     Under torchrun each process moves the synthetic images of its share of the classes (syn.classes) and
     returns its share of the loss; `joint_batchnorm`: the method puts all classes through a BatchNorm
     model as one batch, so with such a model every process does every class (the same work).
     """
     real, testloader = load_real(args)
-    loop = Condensation(args, train_iteration, eval_interval, init_images, joint_batchnorm, method_state)
+    loop = Condensation(args, train_iteration, eval_interval, init_images, joint_batchnorm, method_state, expand)
     checkpoints = loop.checkpoints
     with stop_signals(), exclusive(os.path.join(args.save_path, f'.lock_{run_name(args)}'), result_path(args)):
         on_main(claim, args, checkpoints)
@@ -671,8 +734,9 @@ class Condensation:
     """The steps of condense(): what stays the same over a run's experiments, and each experiment's
     start, iterations, evaluations and end."""
 
-    def __init__(self, args, train_iteration, eval_interval, init_images, joint_batchnorm, method_state):
+    def __init__(self, args, train_iteration, eval_interval, init_images, joint_batchnorm, method_state, expand):
         self.args, self.train_iteration, self.init_images, self.method_state = args, train_iteration, init_images, method_state
+        self.expand = expand or (lambda images, labels: (images, labels))
         self.model_pool = utils.get_eval_pool(args.eval_mode, args.model, args.model)
         self.eval_its = eval_iterations(args, eval_interval)
         world = utils.WORLD
@@ -735,8 +799,8 @@ class Condensation:
         syn.sync()
         if finished:
             tqdm.write(f'continuing the evaluation at iteration {it}: {len(finished)} model(s) done')
-        accs = utils.evaluate_models(syn.images, syn.labels, self.model_pool, self.args, testloader, (exp, it),
-                                     finished=finished)
+        images, labels = self.expand(syn.images.detach(), syn.labels)
+        accs = utils.evaluate_models(images, labels, self.model_pool, self.args, testloader, (exp, it), finished=finished)
         progress.history.append(dict(exp=exp, it=it, accs=accs))
         on_main(save_vis, syn.images, self.args, exp, it)
         on_main(record_history, self.args, progress.history)

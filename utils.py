@@ -485,6 +485,15 @@ class ClassImages:
         idx = self.indices_class[c]
         return self.images[idx[torch.randperm(len(idx), generator=self.rng(c, stream))[:n].to(idx.device)]]
 
+    def sample(self, n):
+        """n random images of all classes (without replacement, from torch's global generator) and their
+        labels, the class indices of this view."""
+        idx = torch.cat(self.indices_class)
+        labels = torch.arange(len(self.indices_class), device=idx.device).repeat_interleave(
+            torch.tensor([len(i) for i in self.indices_class], device=idx.device))
+        pick = torch.randperm(len(idx))[:n].to(idx.device)
+        return self.images[idx[pick]], labels[pick]
+
 
 # ----------------------------------------------------------------------------------------------------
 # Models
@@ -1480,3 +1489,32 @@ class SynSet:
         with torch.no_grad():
             self.images.copy_(state[0])
         self.optimizer.load_state_dict(state[1])
+
+
+def expand(images, labels, factor=2):
+    """IDM's storage-equal "factor" sets: each stored image is a factor x factor mosaic of smaller images;
+    every tile, upsampled (bilinear) to the full size, becomes a training image with the stored image's
+    label. Tiles are ordered tile-major, column by column (factor 2: top-left, bottom-left, top-right,
+    bottom-right of every image), as in the IDM authors' code. factor 1: the set as it is. (labels may be None.)"""
+    if factor == 1:
+        return images, labels
+    H, W = images.shape[-2:]
+    rows = [(H * i // factor, H * (i + 1) // factor) for i in range(factor)]
+    cols = [(W * j // factor, W * (j + 1) // factor) for j in range(factor)]
+    tiles = [F.interpolate(images[..., r0:r1, c0:c1], size=(H, W), mode='bilinear', align_corners=False)
+             for c0, c1 in cols for r0, r1 in rows]
+    return torch.cat(tiles), None if labels is None else labels.repeat(factor * factor)
+
+
+def mosaic(tiles, factor=2):
+    """The inverse of expand's layout: factor² groups of N images (in expand's tile order), each shrunk
+    (bilinear) into its tile of N mosaics."""
+    N, C, H, W = tiles.shape[0] // factor ** 2, *tiles.shape[1:]
+    out = torch.empty(N, C, H, W, dtype=tiles.dtype, device=tiles.device)
+    groups = iter(tiles.split(N))
+    for j in range(factor):
+        for i in range(factor):
+            r0, r1, c0, c1 = H * i // factor, H * (i + 1) // factor, W * j // factor, W * (j + 1) // factor
+            out[..., r0:r1, c0:c1] = F.interpolate(next(groups), size=(r1 - r0, c1 - c0), mode='bilinear',
+                                                   align_corners=False)
+    return out

@@ -1,0 +1,186 @@
+"""IDM (main_IDM.py): the factor-2 mosaics and their expansion, the model queue, the class-by-class image
+steps, the shared forward, resume and torchrun identity."""
+import argparse
+import glob
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import main_IDM
+import runs
+import utils
+from helpers import one_thread, run, torchrun
+from utils import ClassImages, TensorDataset, load_result
+
+
+def authors_expand(x):
+    """The IDM authors' number_sign_augment, written out: quadrants TL, BL, TR, BR, each upsampled x2."""
+    h = x.shape[2] // 2
+    quads = [x[:, :, :h, :h], x[:, :, h:, :h], x[:, :, :h, h:], x[:, :, h:, h:]]
+    return torch.cat([F.interpolate(q, scale_factor=2, mode='bilinear', align_corners=False) for q in quads])
+
+
+def test_expand_is_the_authors_quadrant_split():
+    x, labels = torch.randn(3, 2, 32, 32), torch.tensor([4, 5, 6])
+    images, expanded = utils.expand(x, labels)
+    assert torch.equal(images, authors_expand(x)) and expanded.tolist() == [4, 5, 6] * 4
+    assert utils.expand(x, labels, factor=1)[0] is x
+
+
+def test_mosaic_init_puts_four_distinct_real_images_in_quadrant_order():
+    """Real images whose every pixel is their own index: each quadrant of a stored image is one real image of
+    its class, shrunk; four different ones per stored image, none used twice, in expand's order."""
+    per_class, C = 12, 3
+    labels = torch.arange(C).repeat_interleave(per_class)
+    index = torch.arange(len(labels)).float()
+    real = ClassImages(TensorDataset(index.view(-1, 1, 1, 1).expand(-1, 1, 16, 16).clone(), labels), C)
+    real.start(0, 'init')
+    args = argparse.Namespace(num_classes=C, ipc=2, factor=2)
+    stored = main_IDM.mosaic_init(real, args)
+    assert stored.shape == (C * 2, 1, 16, 16)
+    tiles, _ = utils.expand(stored, None)  # [TL of every image, BL, TR, BR], each constant
+    ids = tiles.view(4, C * 2, -1)
+    assert torch.equal(ids.amin(-1), ids.amax(-1))  # every tile is exactly one image, upsampled
+    ids = ids[..., 0].long().t()  # [stored image, quadrant] -> real index
+    for k, row in enumerate(ids.tolist()):
+        assert len(set(row)) == 4 and all(labels[i] == k // 2 for i in row)
+    assert len(set(ids.flatten().tolist())) == C * 2 * 4  # no real image twice
+    top_left = stored[:, :, :8, :8].flatten(1)[:, 0].long()
+    assert torch.equal(top_left, ids[:, 0])  # quadrant 0 of expand is the top-left one
+
+
+def tiny_args(**kw):
+    a = dict(model='ConvNet', channel=1, num_classes=3, im_size=(8, 8), device='cpu', lr_net=0.01, net_num=5,
+             net_generate_interval=2, reset_every=3, fetch_net_num=2, model_train_steps=1, trained_bs=4)
+    return argparse.Namespace(**{**a, **kw})
+
+
+def tiny_real(C=3, n=8):
+    labels = torch.arange(C).repeat_interleave(n)
+    return ClassImages(TensorDataset(torch.randn(len(labels), 1, 8, 8) + labels.view(-1, 1, 1, 1), labels), C)
+
+
+def test_the_queue_grows_every_interval_up_to_its_cap_and_resets_its_meters(monkeypatch):
+    args, real = tiny_args(), tiny_real()
+    torch.manual_seed(0)
+    queue = main_IDM.new_queue(real, args)
+    resets, sizes = [], []
+    monkeypatch.setattr(main_IDM, 'match', lambda *a: 0.0)
+    reset = queue.reset_meters
+    for it in range(12):
+        monkeypatch.setattr(queue, 'reset_meters', lambda: resets.append(it) or reset())
+        main_IDM.train_iteration(it, None, real, args, queue)
+        sizes.append(len(queue))
+    assert sizes == [4, 4, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5]  # 3, one more at 0, 2, 4, ...: at most net_num 5
+    assert resets == [3, 6, 9]
+    assert sum(queue.seen) == 2 * 4 * (12 - 9)  # since the last reset: 2 models x 4 images x 3 iterations
+    oldest = queue.models[0]
+    queue.push()
+    assert len(queue) == 5 and queue.models[0] is not oldest  # the oldest dropped
+
+
+def test_queue_accuracy_is_the_percent_right_since_the_reset():
+    args = tiny_args()
+    queue = runs.ModelQueue(args, 3, lambda p: torch.optim.SGD(p, lr=0.0))
+    torch.manual_seed(0)
+    queue.push()
+    images, labels = torch.randn(6, 1, 8, 8), torch.tensor([0, 1, 2, 0, 1, 2])
+    with torch.no_grad():
+        right = (queue.models[0](images).argmax(1) == labels).sum().item()
+    queue.train_step(0, images, labels)  # (lr 0: the weights stay)
+    assert queue.accuracy(0).item() == pytest.approx(100 * right / 6)
+    queue.reset_meters()
+    assert queue.accuracy(0).item() == 0 and queue.seen == [0]
+
+
+def test_class_steps_are_the_authors_sequential_sgd_steps():
+    """One SGD step of the whole set per class, in turn (momentum leaking into the other classes' images),
+    with a loss of each class's own images: bit for bit the authors' loop."""
+    C, ipc = 4, 3
+    x0 = torch.randn(C * ipc, 2, 4, 4)
+    weights = torch.randn(C, 2, 4, 4)
+
+    def class_loss(c, images):
+        return (weights[c] * images).square().sum() + images.sin().sum()
+
+    theirs = x0.clone().requires_grad_(True)
+    opt = torch.optim.SGD([theirs], lr=0.2, momentum=0.5)
+    syn = argparse.Namespace(images=x0.clone().requires_grad_(True), ipc=ipc, num_classes=C, classes=list(range(C)))
+    syn.optimizer = torch.optim.SGD([syn.images], lr=0.2, momentum=0.5)
+    syn.of_classes = lambda: slice(0, C * ipc)
+    for _ in range(3):  # (the momentum buffer carries over between iterations)
+        for c in range(C):
+            opt.zero_grad()
+            class_loss(c, theirs[c * ipc:(c + 1) * ipc]).backward()
+            opt.step()
+        main_IDM.class_steps(syn, class_loss)
+        assert torch.equal(syn.images, theirs)
+    assert torch.equal(syn.optimizer.state[syn.images]['momentum_buffer'], opt.state[theirs]['momentum_buffer'])
+
+
+@pytest.mark.parametrize('model', ['ConvNet', 'ConvNetBN', 'MLP'])
+def test_the_shared_forward_equals_the_separate_ones(model):
+    torch.manual_seed(0)
+    net = utils.get_network(model, 1, 10, (28, 28), 'cpu').eval()
+    x = torch.randn(5, 1, 28, 28)
+    features = net.embed(x)
+    assert torch.equal(net.classifier(features), net(x)) and torch.equal(features, utils.embed(net, x))
+
+
+def test_authors_defaults_by_dataset_and_ipc():
+    d = main_IDM.authors_defaults
+    assert d('CIFAR10', 1) == dict(ce_weight=0.5, eval_interval=100, model_train_steps=10, batch_real=5000,
+                                   net_generate_interval=5)
+    assert d('CIFAR10', 10)['ce_weight'] == 0.5 and d('CIFAR10', 10)['batch_real'] == 256
+    assert d('CIFAR10', 50)['ce_weight'] == 0.1 and d('CIFAR10', 50)['eval_interval'] == 500
+    assert d('CIFAR100', 10)['ce_weight'] == 0.1 and d('CIFAR100', 10)['model_train_steps'] == 50
+    assert d('TinyImageNet', 50) == dict(ce_weight=0.8, eval_interval=1000, model_train_steps=50, batch_real=256,
+                                         net_generate_interval=30)
+
+
+ARGS = ['--dataset', 'MNIST', '--ipc', '2', '--num_eval', '1', '--epoch_eval_train', '1', '--batch_real', '4',
+        '--eval_interval', '2', '--net_generate_interval', '2', '--model_train_steps', '1', '--trained_bs', '8']
+
+
+@pytest.mark.e2e
+def test_a_crashed_run_resumes_bit_identically_queue_and_all(data, tmp_path, monkeypatch):
+    args = [*ARGS, '--Iteration', '4', '--num_exp', '2', '--checkpoint_every', '1', '--data_path', str(data)]
+
+    def run_main(save_path, *extra):
+        monkeypatch.setattr(sys, 'argv', ['main_IDM.py', *args, '--save_path', str(save_path), *extra])
+        main_IDM.main()
+        return load_result(glob.glob(str(save_path / 'res_*.pt'))[0])
+
+    whole = run_main(tmp_path / 'whole')
+    step, calls = main_IDM.train_iteration, []
+
+    def crash(it, *a):
+        calls.append(it)
+        if len(calls) == 4 + 3 + 1:  # iteration 3 of experiment 1: the queue has trained for 7 iterations
+            raise RuntimeError('crash')
+        return step(it, *a)
+
+    monkeypatch.setattr(main_IDM, 'train_iteration', crash)
+    with pytest.raises(RuntimeError, match='crash'):
+        run_main(tmp_path / 'cut')
+    monkeypatch.setattr(main_IDM, 'train_iteration', step)
+    resumed = run_main(tmp_path / 'cut', '--resume', 'auto')
+    for (a, la), (b, lb) in zip(resumed['data'], whole['data']):
+        assert a.shape == (20, 1, 28, 28) and torch.equal(a, b) and torch.equal(la, lb)  # stored unexpanded
+    assert resumed['accs_all_exps'] == whole['accs_all_exps'] and len(resumed['data']) == 2
+    assert resumed['settings']['factor'] == 2
+
+
+@pytest.mark.e2e
+@pytest.mark.torchrun
+def test_two_processes_give_the_single_process_result_bit_for_bit(data, tmp_path):
+    args = [*ARGS, '--Iteration', '3', '--num_exp', '1', '--data_path', data]
+    p = run('main_IDM.py', *args, '--save_path', tmp_path / 'one', timeout=600, env=one_thread())
+    assert p.returncode == 0, p.stderr[-3000:]
+    p = torchrun('main_IDM.py', *args, '--save_path', tmp_path / 'two')
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    one, two = (load_result(glob.glob(os.path.join(tmp_path / d, 'res_*.pt'))[0]) for d in ('one', 'two'))
+    assert torch.equal(one['data'][0][0], two['data'][0][0]) and one['accs_all_exps'] == two['accs_all_exps']

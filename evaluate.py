@@ -23,10 +23,11 @@ from networks import MODELS
 import utils
 from runs import STRATEGY_RULE, ArgumentParser, Interrupted, check_numbers, run_script, writable_folder
 from utils import (CORESETS, DATASETS, EVAL_MODES, NO_STRATEGY, ClassImages, ParamDiffAug, UsageError, atomic_json,
-                   check_strategy, default_strategy, eval_args, evaluate_models, fingerprint, generator, get_dataset,
+                   check_strategy, default_strategy, eval_args, evaluate_models, expand, fingerprint, generator, get_dataset,
                    get_eval_pool, init_distributed, load_result, on_main, pick_device)
 
-DSA_MADE = ['DSA', 'DM', 'CAFE_DSA']  # sets evaluated with DSA augmentation
+DSA_MADE = ['DSA', 'DM', 'CAFE_DSA', 'IDM']  # sets evaluated with DSA augmentation
+MOSAICS = {'IDM': 2}  # methods whose stored images are factor x factor mosaics (see utils.expand)
 DC_MADE = ['DC', 'CAFE', *CORESETS]  # sets evaluated with DC's classic augmentation
 NO_AUG_EPOCHS = {'CAFE': 600, 'CAFE_DSA': 600}  # epochs without augmentation; others 300
 GRAY_MODES = ('1', 'L', 'LA', 'I', 'I;16', 'F')  # PIL modes of one-channel images
@@ -63,6 +64,9 @@ def get_parser():
                       help='S: the training model (BN as its non-BN twin), SS: itself, M/B/W/D/A/P/N: model pools')
     pool.add_argument('--models', nargs='+', choices=list(MODELS), metavar='MODEL',
                       help='evaluate on these models instead of an --eval_mode pool: ' + ', '.join(MODELS))
+    p.add_argument('--factor', type=int, choices=[1, 2],
+                   help='the stored images are factor x factor mosaics (IDM\'s), each expanded to factor² training images '
+                        '(default: from the record, else 2 for sets made by IDM, else 1)')
     p.add_argument('--exp', type=experiment, default='all', help='the experiment of the file to evaluate (0, 1, ...), or all')
     p.add_argument('--num_eval', type=int, default=20, help='models trained per architecture and experiment')
     p.add_argument('--epoch_eval_train', type=int,
@@ -136,6 +140,7 @@ def resolve(args, settings=None):
     args.dataset, args.sources['dataset'] = pick('dataset')
     args.model, args.sources['model'] = pick('model', 'ConvNet')
     args.method, args.sources['method'] = pick('method')
+    args.factor, args.sources['factor'] = pick('factor', MOSAICS.get(args.method, 1))
     if args.dataset is None:
         raise UsageError(f'which dataset made {args.input}? give --dataset ({", ".join([*DATASETS, "ImageFolder"])})')
     if args.dataset not in DATASETS and args.dataset != 'ImageFolder':
@@ -337,6 +342,7 @@ def load(args):
         sets = [(0, (raw.float() / 255 - mean) / std, labels)]
     for k, images, labels in sets:
         check_fit(images, labels, f'{args.input} experiment {k}' if os.path.isfile(args.input) else args.input, args)
+    sets = [(k, *expand(images, labels, args.factor)) for k, images, labels in sets]  # (what the models train on)
     return sets, recorded, dst_train, testloader
 
 
@@ -344,7 +350,7 @@ def load(args):
 # Continuing a stopped evaluation
 # ----------------------------------------------------------------------------------------------------
 
-SAME_FOR_RESUME = ('set_id', 'data_id', 'dataset', 'method', 'model', 'models', 'dsa', 'dsa_strategy', 'epoch_eval_train',
+SAME_FOR_RESUME = ('set_id', 'data_id', 'dataset', 'method', 'model', 'models', 'factor', 'dsa', 'dsa_strategy', 'epoch_eval_train',
                    'lr_net', 'batch_train', 'seed', 'amp', 'eval_together', 'num_eval', 'baseline')  # what the accuracies depend on
 OTHER_DATA = {'set_id': 'another synthetic set under the same name', 'data_id': 'other real data'}
 
@@ -406,9 +412,11 @@ def draw_baselines(args, sets, counts, dst_train):
 def describe(args, sets, model_pool):
     """Say what is evaluated and how; the evaluation settings of every model."""
     made = f'made by {args.method} (from {args.sources["method"]})' if args.method else 'made by an unnamed method'
-    print(f'{args.input}: {len(sets)} experiment(s) of {len(sets[0][1])} images; dataset {args.dataset} '
+    print(f'{args.input}: {len(sets)} experiment(s) of {len(sets[0][1]) // args.factor ** 2} images; dataset {args.dataset} '
           f'(from {args.sources["dataset"]}), {made}, training model {args.model} (from {args.sources["model"]})'
-          + (f'; labels: {args.sources["labels"]}' if 'labels' in args.sources else ''))
+          + (f'; labels: {args.sources["labels"]}' if 'labels' in args.sources else '')
+          + (f'; stored as {args.factor}x{args.factor} mosaics (from {args.sources["factor"]}), expanded to '
+             f'{len(sets[0][1])} training images' if args.factor > 1 else ''))
     per_model = {m: eval_args(args, m) for m in model_pool}
     for m, a in per_model.items():
         print(f'evaluating on {m}: augmentation {augmentation(a)} ({args.sources["augmentation"]}), '

@@ -184,3 +184,22 @@ def test_two_processes_give_the_single_process_result_bit_for_bit(data, tmp_path
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     one, two = (load_result(glob.glob(os.path.join(tmp_path / d, 'res_*.pt'))[0]) for d in ('one', 'two'))
     assert torch.equal(one['data'][0][0], two['data'][0][0]) and one['accs_all_exps'] == two['accs_all_exps']
+
+
+@pytest.mark.parametrize('name,flags,factor', [('res_IDM_MNIST_ConvNet_1ipc.pt', [], 2),  # by the method's name
+                                               ('set.pt', ['--factor', '2', '--dataset', 'MNIST'], 2),  # made elsewhere
+                                               ('res_DM_MNIST_ConvNet_1ipc.pt', [], 1)])
+def test_evaluate_py_expands_mosaic_sets(data, tmp_path, monkeypatch, capsys, name, flags, factor):
+    from helpers import run_in_process
+    stored = torch.randn(10, 1, 28, 28)
+    torch.save({'data': [[stored, torch.arange(10)]]}, tmp_path / name)
+    seen = []
+    evaluate = utils.evaluate_models
+    monkeypatch.setattr(utils, 'evaluate_models', lambda images, labels, *a, **k: seen.append((images, labels))
+                        or evaluate(images, labels, *a, **k))
+    p = run_in_process(monkeypatch, capsys, 'evaluate.py', tmp_path / name, *flags, '--data_path', data, '--num_eval', 1,
+                       '--epoch_eval_train', 1)
+    assert p.returncode == 0, p.stderr[-2000:]
+    (images, labels), = seen
+    assert torch.equal(images.cpu(), utils.expand(stored, None, factor)[0])
+    assert labels.tolist() == list(range(10)) * factor ** 2

@@ -275,11 +275,15 @@ def generator_record(G, arch, dataset, iteration, signature):
                 iteration=iteration, signature=signature, state_dict=G.state_dict())
 
 
+def require_tensors(path, state):
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UsageError(f'{path} holds neither a generator of train_gan.py nor a state dict of tensors')
+
+
 def check_fit(path, G, state):
     """One line saying why the state dict `state` does not fit G, if it does not."""
     ours = G.state_dict()
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise UsageError(f'{path} holds neither a generator of train_gan.py nor a state dict of tensors')
+    require_tensors(path, state)
     missing, unexpected = [k for k in ours if k not in state], [k for k in state if k not in ours]
     if missing or unexpected:
         said = (f'lacks {missing[0]!r}' if missing else '') + (' and ' if missing and unexpected else '') \
@@ -304,6 +308,20 @@ def _check_made_for(path, obj, num_classes, channel, im_size):
         raise UsageError(f'{path}: unknown arch {obj.get("arch")!r}; expected one of {", ".join(ARCHS)}')
 
 
+def _check_authors_data(path, state, num_classes, channel, im_size):
+    """The authors' BigGAN-32 makes 32x32 images of as many classes and channels as its embeddings and last
+    convolution say."""
+    require_tensors(path, state)
+    if im_size != (32, 32):
+        raise UsageError(f'{path}: a bare BigGAN state dict makes 32x32 images; the data are {im_size[0]}x{im_size[1]}')
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    classes, last = shapes.get('blocks.0.0.bn1.gain.weight', ()), shapes.get('output_layer.2.weight', ())
+    if len(classes) == 2 and classes[0] != num_classes:
+        raise UsageError(f'{path} holds a generator of {classes[0]} classes; the data have {num_classes}')
+    if len(last) == 4 and last[0] != channel:
+        raise UsageError(f'{path} holds a generator of {last[0]}-channel images; the data have {channel} channel(s)')
+
+
 def load_generator(path, num_classes, channel, im_size, mean=None, std=None):
     """A frozen generator (eval mode, no gradients for its weights) from `path`: a file of train_gan.py, or
     the authors' bare BigGAN-32 state dict (G_Pretrained_<dataset>_exp<e>.pth). Loaded with weights only
@@ -319,9 +337,7 @@ def load_generator(path, num_classes, channel, im_size, mean=None, std=None):
         mean, std = mean or obj.get('mean'), std or obj.get('std')
     else:  # the authors' files: BigGAN-32's bare state dict
         G, state = build_generator('biggan', num_classes, channel, im_size), obj
-        classes = state.get('blocks.0.0.bn1.gain.weight') if isinstance(state, dict) else None
-        if isinstance(classes, torch.Tensor) and classes.dim() == 2 and classes.shape[0] != num_classes:
-            raise UsageError(f'{path} holds a generator of {classes.shape[0]} classes; the data have {num_classes}')
+        _check_authors_data(path, state, num_classes, channel, im_size)
     check_fit(path, G, state)
     G.load_state_dict(state, strict=True)
     G.mean, G.std = mean, std
@@ -424,7 +440,8 @@ def train_iteration(it, gan, real, args):
     """Iteration `it` (0-based): num_D_steps steps of D, one of G, the moving average; every draw from a
     stream seeded by (seed, it), so that a resumed run repeats an uninterrupted one bit for bit."""
     g = utils.generator(args.seed, 'iteration', it)
-    gan.G.train(), gan.D.train()
+    gan.G.train()
+    gan.D.train()
     for s in range(args.num_D_steps):
         x, y = real_batch(real, (it * args.num_D_steps + s) * args.batch_size, args.batch_size, args, g)
         loss_real, loss_fake = d_step(gan, x, y, args, g)
@@ -473,7 +490,8 @@ def save_samples(G, args):
 
 def save_checkpoint(gan, it, args):
     """The state after `it` iterations, the generator file and the samples."""
-    atomic_save(dict(signature=args.signature, it=it, gan=gan.state_dict()), checkpoint_path(args))
+    atomic_save(dict(signature=args.signature, it=it, finished=it == args.Iteration, gan=gan.state_dict()),
+                checkpoint_path(args))
     atomic_save(generator_record(gan.G_ema, args.arch, args.dataset, it, args.signature), generator_path(args))
     save_samples(gan.G_ema, args)
 
@@ -503,16 +521,26 @@ def resume(gan, args):
     return state['it']
 
 
+def read_signed(path, args):
+    """A file of ours in the save path, refused when a run with other settings wrote it."""
+    obj = load_pt(path)
+    check_record(path, obj.get('signature') if isinstance(obj, dict) else None, args.signature)
+    return obj
+
+
 def claim(args):
-    """Refuse to replace the files of a run with other settings, or an unfinished run's checkpoint, unless
-    --overwrite says so."""
-    if args.overwrite or args.resume != 'none':
+    """Make sure this run may write its files: --overwrite removes those of an earlier run; otherwise they must
+    come from a run with these settings, and an unfinished run's checkpoint is continued (--resume), never
+    silently replaced."""
+    if args.overwrite:
+        for path in (checkpoint_path(args), generator_path(args), vis_path(args)):
+            if os.path.exists(path):
+                os.remove(path)
         return
-    for path in (checkpoint_path(args), generator_path(args)):
-        if os.path.exists(path):
-            obj = load_pt(path)
-            check_record(path, obj.get('signature') if isinstance(obj, dict) else None, args.signature)
-    if os.path.exists(checkpoint_path(args)) and not os.path.exists(generator_path(args)):
+    if os.path.exists(generator_path(args)):
+        read_signed(generator_path(args), args)
+    if args.resume == 'none' and os.path.exists(checkpoint_path(args)) \
+            and not read_signed(checkpoint_path(args), args).get('finished'):
         raise UsageError(f'an unfinished run left {checkpoint_path(args)}: continue it with --resume auto, '
                          'or start afresh with --overwrite')
 

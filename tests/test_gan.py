@@ -108,6 +108,17 @@ def test_an_authors_file_that_does_not_fit_is_refused_in_one_line(tmp_path, dama
     assert message in str(e.value) and '\n' not in str(e.value), str(e.value)
 
 
+@pytest.mark.parametrize('data_shape, message', [
+    ((1, (32, 32)), 'a generator of 3-channel images; the data have 1 channel(s)'),
+    ((3, (28, 28)), 'makes 32x32 images; the data are 28x28'),
+])
+def test_an_authors_file_for_other_images_is_refused_in_one_line(tmp_path, data_shape, message):
+    authors_file(tmp_path / 'G.pth')
+    with pytest.raises(UsageError) as e:
+        tg.load_generator(tmp_path / 'G.pth', 10, *data_shape, [0.5], [0.5])
+    assert message in str(e.value) and '\n' not in str(e.value), str(e.value)
+
+
 def our_file(path, arch='small', num_classes=3, channel=1, im_size=(12, 12)):
     G = tg.build_generator(arch, num_classes, channel, im_size)
     G.mean, G.std = [0.2861] * channel, [0.3530] * channel
@@ -198,10 +209,11 @@ def test_render_without_a_normalisation_says_so_in_one_line():
 # ----------------------------------------------------------------------------------------------------
 
 def test_spectral_norm_brings_the_largest_singular_value_to_one_and_keeps_u_in_eval_mode():
+    torch.manual_seed(0)
     conv = tg.SNConv2d(4, 8)
     with torch.no_grad():
         conv.weight.mul_(10)
-        for _ in range(30):
+        for _ in range(200):
             w = conv.normalised_weight()
     assert torch.linalg.matrix_norm(w.flatten(1), ord=2).item() == pytest.approx(1, abs=1e-3)
     assert conv.sv0.item() == pytest.approx(torch.linalg.matrix_norm(conv.weight.flatten(1), ord=2).item(), rel=1e-3)
@@ -313,6 +325,7 @@ def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(data, tmp_p
         p = train_gan(*args, '--save_path', tmp_path / 'cut')
     assert p.returncode == 130 and len(calls) == 3, p.stderr[-2000:]
     assert utils.load_pt(tmp_path / 'cut' / 'checkpoint_GAN_MNIST_small.pt')['it'] == 2
+    assert_one_line_error(train_gan(*args, '--save_path', tmp_path / 'cut'), 'an unfinished run left', '--resume auto')
     p = train_gan(*args, '--save_path', tmp_path / 'cut', '--resume', 'auto')
     assert p.returncode == 0 and 'resuming from' in p.stdout, p.stderr[-2000:]
     whole, cut = (utils.load_pt(tmp_path / d / 'checkpoint_GAN_MNIST_small.pt') for d in ('whole', 'cut'))
@@ -345,4 +358,6 @@ def test_files_of_a_run_with_other_settings_are_not_replaced(data, tmp_path, tra
     p = train_gan(*TINY, '--data_path', data, '--save_path', tmp_path, '--Iteration', 1, '--seed', 1)
     assert_one_line_error(p, 'other settings', '--seed 0 there, 1 here', '--overwrite')
     p = train_gan(*TINY, '--data_path', data, '--save_path', tmp_path, '--Iteration', 2, '--seed', 1, '--resume', 'auto')
-    assert_one_line_error(p, 'was made with other settings')
+    assert_one_line_error(p, 'other settings', '--seed 0 there, 1 here')
+    p = train_gan(*TINY, '--data_path', data, '--save_path', tmp_path, '--Iteration', 1, '--seed', 1, '--overwrite')
+    assert p.returncode == 0 and tg.load_generator(tmp_path / 'G_MNIST_small.pt', 10, 1, (28, 28)) is not None

@@ -1,122 +1,153 @@
 """The figures of docs/results.md, made from the runs' own files, so anyone can redo them.
 
     python docs/figures.py RUN_FOLDER [RUN_FOLDER ...] --out docs/img [--evals EVAL_JSON ...]
+    python docs/figures.py --update --curves full_dc_fmnist_1 dm_f32 ...   # redraw from docs/img alone
 
-For every run folder (a --save_path): its synthetic images at the last evaluation (the run's own
-vis_*.png, copied, shrunk when large) as docs/img/<run>.png, and a summary docs/img/runs.json of each
-run's record (accuracies at every evaluation, the final mean +- std, the settings). With matplotlib
-installed (optional, for this script only), also docs/img/curves.png: accuracy against iterations for
-every run that was evaluated more than once (or those named with `--curves`). A run of an older version
-without the history in its record is read from its log (`--logs`, the run's stdout saved as <folder>.out).
-With `--update`, the runs already in docs/img/runs.json and not given here are kept (their records from
-runs.json, their grids as they are), so one new run can be added without the others' folders.
+Everything is read from the runs' JSON records (res_<method>_<dataset>_<model>_<ipc>ipc.json, written by
+runs.summarise: status, signature, protocol, results, history [{exp, it, accs}], pace), never from printed
+output. For every run folder (a --save_path) and every record in it: its synthetic images at the last
+evaluation (the run's own vis_*.png, copied, shrunk when large) as <out>/<run>.png, and a summary
+<out>/runs.json of each run's record (accuracies at every evaluation, the final results, the pace, the
+settings). A run is named after its folder (<folder>_<method>_<dataset>_<model>_<ipc>ipc when the folder
+holds several records). With matplotlib installed (optional, for this script only), also <out>/curves.png:
+accuracy against iterations, one panel per dataset, for every run evaluated at more than one iteration
+(or those named with `--curves`); each point is the mean +- std over all the run's experiments and models
+at that iteration.
+With `--update`, the runs already in <out>/runs.json and not given here are kept (their records from
+runs.json, their grids as they are), and so are the evaluations in <out>/evaluations.json: one new run can
+be added without the others' folders, and the figures redrawn from <out> alone.
 evaluate.py's outputs given with `--evals` (<set>_eval.json, e.g. a cross-architecture evaluation) become
-one table, a row per file and a column per model: docs/img/evaluations.md, with their results in
-docs/img/evaluations.json.
+one table, a row per file and a column per model: <out>/evaluations.md, with their results in
+<out>/evaluations.json.
 """
 import argparse
 import glob
 import json
 import os
 import re
-
-from PIL import Image
+import sys
 
 MAX_SIDE = 640  # pixels: grids larger than this are shrunk
+KEPT = ('method', 'dataset', 'model', 'ipc', 'Iteration', 'num_eval', 'num_exp', 'eval_mode', 'dsa_strategy',
+        'epoch_eval_train', 'seed', 'amp')  # the settings runs.json keeps
+MARKERS = {'DC': 'o', 'DSA': 's', 'DM': '^', 'CAFE': 'D', 'CAFE_DSA': 'P'}  # a marker per method (curves that
+# lie on each other stay told apart); --amp runs are drawn dashed
+EVAL_SETTINGS = ('input', 'dataset', 'method', 'model', 'ipc', 'eval_mode', 'dsa_strategy', 'num_eval',
+                 'epoch_eval_train', 'seed')
 
 
-def run_name(folder):
-    """A run's name: its folder's."""
-    return os.path.basename(os.path.normpath(folder))
+def read(path):
+    with open(path) as f:
+        return json.load(f)
 
 
-def record(folder, logs):
-    """The run's record (res_*.json), with its history (from the record, else parsed from its log)."""
-    paths = glob.glob(os.path.join(folder, 'res_*.json'))
-    if not paths:
-        return None
-    with open(paths[0]) as f:
-        rec = json.load(f)
-    if not rec.get('history') and logs:
-        log = os.path.join(logs, run_name(folder) + '.out')
-        if os.path.exists(log):
-            rec['history'] = parse_log(open(log).read())
-    rec['name'] = os.path.basename(paths[0])[4:-5]
-    return rec
+def is_record(obj):
+    """Whether `obj` is a run's record (runs.summarise), not e.g. evaluate.py's <set>_eval.json beside it."""
+    return isinstance(obj, dict) and isinstance(obj.get('protocol'), dict) and 'signature' in obj
 
 
-def parse_log(text):
-    """[{exp, it, accs: {model: [mean]}}] from a run's stdout: the evaluation iterations it printed and each
-    evaluation's 'Evaluate N random MODEL, mean = x std = y' lines."""
-    its = json.loads(re.search(r'at iterations (\[[0-9, ]*\])', text).group(1))
-    means = re.findall(r'Evaluate \d+ random (\S+), mean = ([0-9.]+) std = ([0-9.]+)', text)
-    models = list(dict.fromkeys(m for m, _, _ in means))
-    history = []
-    for k in range(len(means) // len(models)):
-        chunk = means[k * len(models):(k + 1) * len(models)]
-        history.append(dict(exp=k // len(its), it=its[k % len(its)], mean={m: float(x) for m, x, _ in chunk},
-                            std={m: float(s) for m, _, s in chunk}))
-    return history
+def records(folder):
+    """The run records in a run folder, each with its name (res_<name>.json) and its run name."""
+    found = []
+    for path in sorted(glob.glob(os.path.join(folder, 'res_*.json'))):
+        rec = read(path)
+        if is_record(rec):
+            found.append(dict(rec, name=os.path.basename(path)[4:-5]))
+    base = os.path.basename(os.path.normpath(folder))
+    for rec in found:
+        rec['run'] = base if len(found) == 1 else f"{base}_{rec['name']}"
+    return found
 
 
-def point(entry, model):
-    """(mean, std) of one evaluation."""
-    if 'accs' in entry:
-        accs = entry['accs'][model]
-        mean = sum(accs) / len(accs)
-        return mean, (sum((a - mean) ** 2 for a in accs) / len(accs)) ** 0.5
-    return entry['mean'][model], entry['std'][model]
-
-
-def grid(folder, out, name):
-    """The run's images at its last evaluation, shrunk to at most MAX_SIDE pixels a side."""
-    vis = sorted(glob.glob(os.path.join(folder, 'vis_*.png')), key=lambda p: [int(n) for n in re.findall(r'\d+', p)[-2:]])
+def grid(folder, name, out, run):
+    """The run's images at its last evaluation (vis_<name>_exp<e>_iter<it>.png), shrunk to at most MAX_SIDE
+    pixels a side, as <out>/<run>.png; None when it drew none."""
+    pattern = re.compile(re.escape(f'vis_{name}_exp') + r'(\d+)_iter(\d+)\.png')
+    vis = sorted((tuple(map(int, m.groups())), f) for f in os.listdir(folder) for m in [pattern.fullmatch(f)] if m)
     if not vis:
         return None
-    img = Image.open(vis[-1])
+    from PIL import Image
+    img = Image.open(os.path.join(folder, vis[-1][1]))
     img.thumbnail((MAX_SIDE, MAX_SIDE), Image.NEAREST)
-    img.save(os.path.join(out, name + '.png'), optimize=True)
-    return name + '.png'
+    img.save(os.path.join(out, run + '.png'), optimize=True)
+    return run + '.png'
 
 
-def curves(records, out):
-    try:
-        import matplotlib
-        matplotlib.use('Agg')
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print('matplotlib is not installed: no curves.png (pip install matplotlib)')
-        return
-    fig, ax = plt.subplots(figsize=(9, 4))
-    ax.set_prop_cycle(color=plt.cm.tab20.colors)  # 20 distinct colours: the default 10 repeat from the 11th run
-    for rec in records:
-        hist = [h for h in rec.get('history', []) if h['exp'] == 0]
-        if len(hist) < 2:
-            continue
-        model = rec['protocol']['model'] if rec['protocol']['model'] in (hist[0].get('accs') or hist[0]['mean']) \
-            else next(iter(hist[0].get('accs') or hist[0]['mean']))
-        pts = [(h['it'], *point(h, model)) for h in hist]
-        its, means, stds = zip(*pts)
-        ax.errorbar(its, [100 * m for m in means], yerr=[100 * s for s in stds], marker='o', capsize=3,
-                    label=f"{rec['run']} ({rec['protocol']['method']}, {rec['protocol']['dataset']}, ipc {rec['protocol']['ipc']})")
-    ax.set_xlabel('iteration')
-    ax.set_ylabel('test accuracy (%)')
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc='upper left', bbox_to_anchor=(1.01, 1))  # beside the axes: it hides no point
+def summary(rec):
+    """What runs.json keeps of a record."""
+    return {k: rec.get(k) for k in ('run', 'name', 'status', 'results', 'history', 'grid')} | \
+        ({'pace': rec['pace']} if rec.get('pace') else {}) | {'protocol': {k: rec['protocol'].get(k) for k in KEPT}}
+
+
+def curve(rec):
+    """[(iteration, mean, std)] of the run's training model (else the first model evaluated): at each
+    evaluated iteration, over the accuracies of all its experiments' models."""
+    history = rec.get('history') or []
+    if not history:
+        return []
+    model = rec['protocol']['model'] if rec['protocol']['model'] in history[0]['accs'] else next(iter(history[0]['accs']))
+    pooled = {}
+    for h in history:
+        pooled.setdefault(h['it'], []).extend(h['accs'].get(model, []))
+    points = []
+    for it, accs in sorted(pooled.items()):
+        if accs:
+            mean = sum(accs) / len(accs)
+            points.append((it, mean, (sum((a - mean) ** 2 for a in accs) / len(accs)) ** 0.5))
+    return points
+
+
+def curves(recs):
+    """Accuracy against iterations, one panel per dataset (in the order they first appear), a curve per run
+    evaluated at more than one iteration. Returns the matplotlib figure (None without such runs); raises
+    ImportError without matplotlib."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FixedLocator, NullLocator
+    panels = {}
+    for rec in recs:
+        points = curve(rec)
+        if len(points) > 1:
+            panels.setdefault(rec['protocol']['dataset'], []).append((rec, points))
+    if not panels:
+        return None
+    fig, axes = plt.subplots(len(panels), 1, figsize=(9, 3.2 * len(panels)), squeeze=False)
+    for ax, (dataset, runs) in zip(axes[:, 0], panels.items()):
+        ax.set_prop_cycle(color=plt.cm.tab20.colors)  # 20 distinct colours: the default 10 repeat from the 11th run
+        for rec, points in runs:
+            its, means, stds = zip(*points)
+            p = rec['protocol']
+            amp = ', --amp' if p.get('amp') else ''
+            ax.errorbar(its, [100 * m for m in means], yerr=[100 * s for s in stds], capsize=3, markersize=5,
+                        marker=MARKERS.get(p['method'], 'o'), linestyle='--' if amp else '-',
+                        label=f"{rec['run']} ({p['method']}, ipc {p['ipc']}, {max(its)} it{amp})")
+        # iterations on a symmetric log scale (linear up to 10): runs of 50 and of 2000 iterations both show
+        ticks = sorted({it for _, points in runs for it, *_ in points})
+        ax.set_xscale('symlog', linthresh=10, linscale=0.5)
+        ax.xaxis.set_major_locator(FixedLocator(ticks))
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.set_xticklabels([str(t) for t in ticks])
+        ax.set_xlim(-1, max(ticks) * 1.3)
+        ax.set_title(dataset, fontsize=10, loc='left')
+        ax.set_ylabel('test accuracy (%)')
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc='upper left', bbox_to_anchor=(1.01, 1))  # beside the axes: it hides no point
+    axes[-1, 0].set_xlabel('iteration (symmetric log scale)')
     fig.tight_layout()
-    fig.savefig(os.path.join(out, 'curves.png'), dpi=120, bbox_inches='tight')
+    return fig
 
 
-def evaluations(paths, out):
+def evaluation_entry(path):
+    """What evaluations.json keeps of one evaluate.py output."""
+    rec = read(path)
+    st = rec['settings']
+    return dict(file=os.path.basename(path), finished=rec.get('finished'), results=rec['results'],
+                settings={k: st.get(k) for k in EVAL_SETTINGS})
+
+
+def evaluations_table(evals):
     """A markdown table of evaluate.py's results (mean +- std (n) in %), a row per file, a column per model."""
-    evals = []
-    for path in paths:
-        with open(path) as f:
-            rec = json.load(f)
-        st = rec['settings']
-        evals.append(dict(file=os.path.basename(path), finished=rec.get('finished'), results=rec['results'],
-                          settings={k: st.get(k) for k in ('input', 'dataset', 'method', 'model', 'ipc', 'eval_mode',
-                                                           'dsa_strategy', 'num_eval', 'epoch_eval_train', 'seed')}))
     models = list(dict.fromkeys(m for e in evals for m in e['results']))
     cell = lambda r: f"{100 * r['mean']:.2f} ± {100 * r['std']:.2f} (n={r['n']})" if r else '—'
     lines = ['| set | ' + ' | '.join(models) + ' |', '|---|' + '---|' * len(models)]
@@ -124,55 +155,67 @@ def evaluations(paths, out):
         st = e['settings']
         name = f"{st['method']}, {st['dataset']}, ipc {st['ipc']}" + ('' if e['finished'] else ' (unfinished)')
         lines.append(f'| {name} | ' + ' | '.join(cell(e['results'].get(m)) for m in models) + ' |')
-    table = '\n'.join(lines) + '\n'
-    print(table, end='')
-    with open(os.path.join(out, 'evaluations.md'), 'w') as f:
-        f.write(table)
-    with open(os.path.join(out, 'evaluations.json'), 'w') as f:
-        json.dump(evals, f, indent=1)
+    return '\n'.join(lines) + '\n'
 
 
-def main():
+def merged(path, key, new):
+    """The entries of the JSON list at `path` (if any), each replaced by the entry of `new` with the same `key`
+    where there is one, in their order; then the other entries of `new`."""
+    new_by_key = {e[key]: e for e in new}
+    old = read(path) if os.path.exists(path) else []
+    return [new_by_key.pop(e[key], e) for e in old] + list(new_by_key.values())
+
+
+def main(argv=None):
+    """Returns the curves figure (None when none was drawn)."""
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('runs', nargs='*', help='run folders (--save_path of each run)')
     p.add_argument('--evals', nargs='+', default=[], help="evaluate.py's outputs (<set>_eval.json) for one table")
     p.add_argument('--out', default=os.path.join(os.path.dirname(os.path.abspath(__file__)), 'img'))
-    p.add_argument('--curves', nargs='+', help='the run folders whose curves to draw (default: every run evaluated more than once)')
-    p.add_argument('--logs', help='a folder of the runs\' stdout, <run folder name>.out (for older records)')
-    p.add_argument('--update', action='store_true', help='keep the runs of <out>/runs.json that are not given')
-    a = p.parse_args()
+    p.add_argument('--curves', nargs='+', help='the runs whose curves to draw (default: every run evaluated more than once)')
+    p.add_argument('--update', action='store_true',
+                   help='keep the runs of <out>/runs.json and the evaluations of <out>/evaluations.json not given')
+    a = p.parse_args(argv)
     if not a.runs and not a.evals and not a.update:
         p.error('give run folders, --evals files, or --update')
     os.makedirs(a.out, exist_ok=True)
-    records = []
+    recs = []
     for folder in a.runs:
-        rec = record(folder, a.logs)
-        if rec is None:
-            print(f'{folder}: no record (res_*.json): skipped')
-            continue
-        rec['run'] = run_name(folder)
-        rec['grid'] = grid(folder, a.out, rec['run'])
-        records.append(rec)
-    summary = os.path.join(a.out, 'runs.json')
-    if a.update and os.path.exists(summary):
-        given = {r['run'] for r in records}
-        with open(summary) as f:
-            kept = [r | {'run': r.get('run') or os.path.splitext(r['grid'])[0]} for r in json.load(f)]
-        records = [r for r in kept if r['run'] not in given] + records
+        found = records(folder)
+        if not found:
+            print(f'{folder}: no run record (res_*.json): skipped', file=sys.stderr)
+        for rec in found:
+            rec['grid'] = grid(folder, rec['name'], a.out, rec['run'])
+            recs.append(rec)
+    runs_json = os.path.join(a.out, 'runs.json')
+    if a.update:
+        recs = merged(runs_json, 'run', recs)
+    fig = None
     if a.runs or a.update:
-        with open(summary, 'w') as f:
-            json.dump([{k: r.get(k) for k in ('run', 'name', 'status', 'results', 'history', 'grid')} |
-                       {'protocol': {k: r['protocol'].get(k) for k in ('method', 'dataset', 'model', 'ipc', 'Iteration',
-                                                                       'num_eval', 'num_exp', 'eval_mode', 'dsa_strategy',
-                                                                       'epoch_eval_train', 'seed', 'amp')}}
-                       for r in records], f, indent=1)
-        drawn = {run_name(c) for c in a.curves} if a.curves else None
-        missing = sorted(drawn - {r['run'] for r in records}) if drawn else []
+        with open(runs_json, 'w') as f:
+            json.dump([summary(r) for r in recs], f, indent=1)
+        drawn = {os.path.basename(os.path.normpath(c)) for c in a.curves} if a.curves else None
+        missing = sorted(drawn - {r['run'] for r in recs}) if drawn else []
         if missing:
             p.error(f"--curves names runs not given (with a record): {' '.join(missing)}")
-        curves([r for r in records if drawn is None or r['run'] in drawn], a.out)
-    if a.evals:
-        evaluations(a.evals, a.out)
+        try:
+            fig = curves([r for r in recs if drawn is None or r['run'] in drawn])
+        except ImportError:
+            print('matplotlib is not installed: no curves.png (pip install matplotlib)', file=sys.stderr)
+        if fig is not None:
+            fig.savefig(os.path.join(a.out, 'curves.png'), dpi=120, bbox_inches='tight')
+    evals_json = os.path.join(a.out, 'evaluations.json')
+    evals = [evaluation_entry(path) for path in a.evals]
+    if a.update:
+        evals = merged(evals_json, 'file', evals)
+    if a.evals or (a.update and evals):
+        table = evaluations_table(evals)
+        print(table, end='')
+        with open(os.path.join(a.out, 'evaluations.md'), 'w') as f:
+            f.write(table)
+        with open(evals_json, 'w') as f:
+            json.dump(evals, f, indent=1)
+    return fig
 
 
 if __name__ == '__main__':

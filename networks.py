@@ -51,6 +51,12 @@ class Net(nn.Module):
     def embed(self, x):
         return self.features(x).flatten(1)
 
+    @property
+    def module(self):
+        """The model itself: the papers' main_DM.py reaches `net.module.embed` on machines with several GPUs,
+        where their get_network wrapped it in DataParallel (ours never does)."""
+        return self
+
     def forward(self, x):
         return self.classifier(self.embed(x))
 

@@ -865,7 +865,7 @@ def augmented(images, args, generator=None):
     """The method's training-time augmentation: DSA's (every image its own draw) or DC's classic one."""
     if args.dsa:
         return DiffAugment(images, args.dsa_strategy, param=args.dsa_param, generator=generator)
-    return augment(images, args.dc_aug_param, generator=generator)
+    return augment(images, getattr(args, 'dc_aug_param', None), generator=generator)  # (main_DM.py sets none)
 
 
 def run_epoch(mode, dataloader, net, optimizer, criterion, args, aug):

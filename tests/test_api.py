@@ -1,5 +1,6 @@
 """The papers' API is a contract: follow-up code imports these names from utils.py and networks.py, with the
 papers' signatures and return values, and utils.py stays importable (and copyable) without the harness."""
+import argparse
 import inspect
 import os
 import subprocess
@@ -210,3 +211,17 @@ def test_the_papers_calls_run_on_our_files(tmp_path, method):
     assert [r[2] for r in result] == ['ConvNet']
     loss, acc_test = float(result[0][3]), float(result[0][5])
     assert loss > 0 and acc_test * 20 == round(acc_test * 20)  # a fraction of the 20 test images
+
+
+def test_the_papers_main_dm_cases_run_on_our_files():
+    """main_DM.py with --dsa_strategy none never sets args.dc_aug_param; on several GPUs it reaches
+    net.module.embed (their get_network wrapped the net in DataParallel there)."""
+    torch.manual_seed(0)
+    net = utils.get_network('ConvNet', 1, 3, (28, 28), 'cpu')
+    x = torch.randn(4, 1, 28, 28)
+    assert torch.equal(net.module.embed(x), net.embed(x))
+    args = argparse.Namespace(device='cpu', lr_net=0.01, epoch_eval_train=1, batch_train=4, dsa=False)
+    labels = torch.tensor([0, 1, 2, 0])
+    test = [(x, labels)]
+    _, acc_train, acc_test = utils.evaluate_synset(0, net, x, labels, test, args)
+    assert acc_test * 4 == round(acc_test * 4) and acc_train * 4 == round(acc_train * 4)

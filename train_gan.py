@@ -1,29 +1,31 @@
 """IT-GAN's generator: train a class-conditional GAN on a dataset of the toolkit, and load one back.
 
 IT-GAN (Zhao & Bilen, "Synthesizing Informative Training Samples with GAN", 2022) learns latent vectors of a
-frozen class-conditional generator: the authors' DiffAugment-BigGAN for CIFAR (Zhao et al., "Differentiable
+frozen class-conditional generator: the DiffAugment-BigGAN for CIFAR of Zhao et al. ("Differentiable
 Augmentation for Data-Efficient GAN Training", 2020). This file holds
 
-- that generator (`--arch biggan`: 64 channels per unit of width, dim_z 128, bottom width 4, BigGAN's own
-  spectral norm, class-conditional BatchNorm, tanh output in [-1, 1]) under the authors' parameter and buffer
-  names, so that their released `G_Pretrained_<dataset>_exp<e>.pth` loads with strict=True, and a narrower
-  one for CPU budgets (`--arch small`: 16 channels per unit; about an hour for Fashion-MNIST on 2 cores);
+- that generator (`--arch biggan`: G_ch 64, dim_z 128, bottom width 4, BigGAN's own spectral norm with u0/sv0
+  buffers, class-conditional BatchNorm, tanh output in [-1, 1]) under the authors' parameter and buffer names,
+  so that their released `G_Pretrained_<dataset>_exp<e>.pth` loads with strict=True; and a narrower one for
+  CPU budgets (`--arch small`: 32 channels instead of 256, two upsampling blocks from a quarter of the image
+  size; 3000 iterations, about an hour of one CPU core for Fashion-MNIST);
 - `render(G, z, labels)`: images in the dataset's normalisation, and `load_generator(path, ...)`, which
   reads our generator files or the authors' bare state dicts without running code from them;
-- the training recipe of DiffAugment-BigGAN-CIFAR: hinge loss, spectral norm in G and D, a projection
-  discriminator, Adam (lr 2e-4, betas 0 and 0.999) with 4 D steps per G step, batch 50, DiffAugment on
-  real and fake images before D, mirrored real images, and an exponential moving average of G's weights
-  (decay 0.9999 from iteration 1000) that is the generator saved.
+- the training recipe of DiffAugment-biggan-cifar10.sh: hinge loss, spectral norm in G and D, a projection
+  discriminator, Adam (lr 2e-4, betas 0 and 0.999), 4 D steps per G step, batch 50, DiffAugment on real and
+  generated images before D (here color_crop_cutout: every transformation, drawn per image), mirrored real
+  images, and a moving average of G's weights (decay 0.9999 from iteration 1000): the generator saved.
 
-Images of any size are generated at bottom_width * 2**k >= the size and centre-cropped to it (28x28:
-generated at 32x32, 2 pixels cropped at each side), so one-channel 28x28 data works with both archs.
+Sizes that bottom_width * 2**k does not reach exactly are generated larger and centre-cropped: BigGAN-32
+makes 28x28 images (MNIST, Fashion-MNIST) as 32x32 with 2 pixels cropped at each side; the small arch makes
+them exactly (7 -> 14 -> 28).
 
     python train_gan.py --dataset FashionMNIST --arch small
     python train_gan.py --dataset CIFAR10 --arch biggan --Iteration 2000 --resume auto
 
-Writes in --save_path: G_<dataset>_<arch>.pt (the generator, for load_generator), vis_GAN_<dataset>_<arch>.png
-(samples of the EMA generator, one row per class) and checkpoint_GAN_<dataset>_<arch>.pt (every
---checkpoint_every iterations and at the end: --resume continues bit-identically, also to a larger --Iteration).
+Writes in --save_path: G_<dataset>_<arch>.pt (the moving average of G, for load_generator),
+vis_GAN_<dataset>_<arch>.png (its samples, one row per class) and checkpoint_GAN_<dataset>_<arch>.pt, every
+--checkpoint_every iterations and at the end; --resume auto continues bit for bit, also to a larger --Iteration.
 """
 import argparse
 import functools
@@ -46,8 +48,8 @@ ARCHS = {  # the networks (G_ch, D_ch: channels per unit of width; each block ha
     'small': dict(G_ch=8, D_ch=8, dim_z=128, bottom_width=None),  # None: a quarter of the size (7 for 28x28)
 }
 RECIPES = {  # the training defaults of each arch (biggan: DiffAugment-biggan-cifar10.sh)
-    'biggan': dict(Iteration=100000, batch_size=50, num_D_steps=4, ema_decay=0.9999, ema_start=1000),
-    'small': dict(Iteration=4000, batch_size=50, num_D_steps=2, ema_decay=0.999, ema_start=1000),
+    'biggan': dict(Iteration=250000, batch_size=50, num_D_steps=4, ema_decay=0.9999, ema_start=1000),  # 1000 epochs
+    'small': dict(Iteration=3000, batch_size=50, num_D_steps=2, ema_decay=0.999, ema_start=1000),  # ~1 CPU-hour
 }
 BN_EPS, SN_EPS = 1e-5, 1e-8  # the authors' BN_eps and SN_eps
 STRATEGY = 'color_crop_cutout'  # DiffAugment's color,translation,cutout in the toolkit's names
@@ -566,11 +568,12 @@ def train(gan, real, start, args):
 
 def parser():
     p = ArgumentParser(description=__doc__.split('\n\n')[0])
-    p.add_argument('--dataset', default='FashionMNIST', choices=[*DATASETS, 'ImageFolder'],
+    p.add_argument('--dataset', default='CIFAR10', choices=[*DATASETS, 'ImageFolder'],
                    help='dataset (ImageFolder: your own images in --data_path/train|test/<class>/)')
-    p.add_argument('--arch', default='small', choices=list(ARCHS),
-                   help="biggan: the authors' BigGAN-32; small: a 16-channel one for CPU budgets")
-    p.add_argument('--Iteration', type=int, default=None, help='G steps (default: 4000 for small, 100000 for biggan)')
+    p.add_argument('--arch', default='biggan', choices=list(ARCHS),
+                   help="biggan: the authors' BigGAN-32 (256 channels); small: 32 channels, for CPU budgets")
+    p.add_argument('--Iteration', type=int, default=None,
+                   help="G steps (default: 250000 for biggan, the recipe's 1000 epochs of CIFAR-10; 3000 for small)")
     p.add_argument('--batch_size', type=int, default=None, help='images per D and G step (default: 50)')
     p.add_argument('--num_D_steps', type=int, default=None, help='D steps per G step (default: 2 for small, 4 for biggan)')
     p.add_argument('--lr_G', type=float, default=2e-4, help="G's Adam learning rate")
@@ -638,9 +641,8 @@ def load_data(args):
      dst_train, _, _) = utils.get_dataset(args.dataset, args.data_path, args.im_size, args.device)
     args.data_id = dst_train.fingerprint
     args.signature = {k: v for k, v in runs.signature(args).items() if k not in ('Iteration', 'samples_per_class')}
-    images = dst_train.images
-    images.mul_(torch.tensor(args.std, device=images.device).view(-1, 1, 1)).add_(
-        torch.tensor(args.mean, device=images.device).view(-1, 1, 1)).mul_(2).sub_(1)
+    images = dst_train.images  # (to_gan_range, in place: the dataset is held once)
+    images.mul_(_stats(args.std, images)).add_(_stats(args.mean, images)).mul_(2).sub_(1)
     return images, dst_train.labels
 
 

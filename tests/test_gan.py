@@ -306,7 +306,7 @@ def test_the_sample_grid_has_one_row_per_class(tmp_path):
 # The script
 # ----------------------------------------------------------------------------------------------------
 
-TINY = ['--dataset', 'MNIST', '--batch_size', 4, '--num_D_steps', 1, '--samples_per_class', 1]
+TINY = ['--dataset', 'MNIST', '--arch', 'small', '--batch_size', 4, '--num_D_steps', 1, '--samples_per_class', 1]
 
 
 @pytest.fixture

@@ -217,9 +217,9 @@ def centre_crop(x, im_size):
 
 
 class Discriminator(nn.Module):
-    """BigGAN's projection discriminator for 32x32 images (D_arch[32], wide): residual blocks that halve the
-    size down to 8x8 or less, two more, global sum pooling, a linear output plus the projection onto a
-    class embedding."""
+    """BigGAN's projection discriminator for 32x32 images (the authors' Discriminator(D_ch=64, D_wide=True,
+    resolution=32, D_attn='0'), under its state-dict names): residual blocks that halve the size down to 8x8
+    or less, two more, global sum pooling, a linear output plus the projection onto a class embedding."""
 
     def __init__(self, num_classes, channel=3, im_size=(32, 32), D_ch=64):
         super().__init__()
@@ -228,14 +228,14 @@ class Discriminator(nn.Module):
             downsample.append(True)
             size = math.ceil(size / 2)
         widths = [channel] + [4 * D_ch] * (len(downsample) + 2)
-        self.blocks = nn.ModuleList([DBlock(widths[i], widths[i + 1], i > 0, down)
+        self.blocks = nn.ModuleList([nn.ModuleList([DBlock(widths[i], widths[i + 1], i > 0, down)])
                                      for i, down in enumerate(downsample + [False, False])])
         self.linear = SNLinear(widths[-1], 1)
         self.embed = SNEmbedding(num_classes, widths[-1])
         init_n02(self)
 
     def forward(self, x, y):
-        for block in self.blocks:
+        for (block,) in self.blocks:
             x = block(x)
         h = F.relu(x).sum((2, 3))
         return (self.linear(h) + (self.embed(y) * h).sum(1, keepdim=True)).squeeze(1)

@@ -145,7 +145,8 @@ class GBlock(nn.Module):
         super().__init__()
         self.conv1, self.conv2 = SNConv2d(in_channels, out_channels), SNConv2d(out_channels, out_channels)
         self.conv_sc = SNConv2d(in_channels, out_channels, kernel_size=1, padding=0)
-        self.bn1, self.bn2 = ConditionalBatchNorm(in_channels, num_classes), ConditionalBatchNorm(out_channels, num_classes)
+        self.bn1 = ConditionalBatchNorm(in_channels, num_classes)
+        self.bn2 = ConditionalBatchNorm(out_channels, num_classes)
 
     def forward(self, x, y):
         h = F.interpolate(F.relu(self.bn1(x, y)), scale_factor=2)
@@ -200,7 +201,8 @@ class Generator(nn.Module):
         self.mean = self.std = None  # the dataset's normalisation, for render (set by its maker)
         n_blocks = max(1, math.ceil(math.log2(max(im_size) / bottom_width)))
         self.linear = SNLinear(dim_z, self.width * bottom_width ** 2)
-        self.blocks = nn.ModuleList([nn.ModuleList([GBlock(self.width, self.width, num_classes)]) for _ in range(n_blocks)])
+        self.blocks = nn.ModuleList([nn.ModuleList([GBlock(self.width, self.width, num_classes)])
+                                     for _ in range(n_blocks)])
         self.output_layer = nn.Sequential(BatchNorm(self.width), nn.ReLU(), SNConv2d(self.width, channel))
         init_n02(self)
 
@@ -575,11 +577,12 @@ def parser():
     p.add_argument('--Iteration', type=int, default=None,
                    help="G steps (default: 250000 for biggan, the recipe's 1000 epochs of CIFAR-10; 3000 for small)")
     p.add_argument('--batch_size', type=int, default=None, help='images per D and G step (default: 50)')
-    p.add_argument('--num_D_steps', type=int, default=None, help='D steps per G step (default: 2 for small, 4 for biggan)')
+    p.add_argument('--num_D_steps', type=int, default=None,
+                   help='D steps per G step (default: 4 for biggan, 2 for small)')
     p.add_argument('--lr_G', type=float, default=2e-4, help="G's Adam learning rate")
     p.add_argument('--lr_D', type=float, default=2e-4, help="D's Adam learning rate")
     p.add_argument('--ema_decay', type=float, default=None,
-                   help="decay of the moving average of G's weights (default: 0.999 for small, 0.9999 for biggan)")
+                   help="decay of the moving average of G's weights (default: 0.9999 for biggan, 0.999 for small)")
     p.add_argument('--ema_start', type=int, default=None, help='the moving average copies G before this iteration '
                                                                 '(default: 1000)')
     p.add_argument('--dsa_strategy', default=STRATEGY,
@@ -590,7 +593,8 @@ def parser():
     p.add_argument('--samples_per_class', type=int, default=10, help='images per class in the sample grid')
     p.add_argument('--data_path', default='data', help='dataset path')
     p.add_argument('--save_path', default='result', help='where the generator, samples and checkpoints go')
-    p.add_argument('--im_size', type=int, nargs='+', default=None, help='image size for --dataset ImageFolder (default: 32x32)')
+    p.add_argument('--im_size', type=int, nargs='+', default=None,
+                   help='image size for --dataset ImageFolder (default: 32x32)')
     p.add_argument('--seed', type=int, default=0, help='the same seed gives the same generator')
     p.add_argument('--device', default='auto', help='auto (CUDA when present), cpu, cuda or cuda:<i>')
     p.add_argument('--amp', action='store_true', help='bfloat16 autocast for G and D (weights, optimiser states and '
@@ -603,6 +607,28 @@ def parser():
     return p
 
 
+def check_flags(args):
+    """Numbers in their ranges, --im_size only for ImageFolder, a known strategy, a --resume file that exists."""
+    for k in ('Iteration', 'batch_size', 'num_D_steps', 'samples_per_class', 'checkpoint_every'):
+        least = 0 if k == 'Iteration' else 1
+        if getattr(args, k) is not None and getattr(args, k) < least:
+            raise UsageError(f'--{k} must be at least {least}, got {getattr(args, k)}')
+    for k in ('lr_G', 'lr_D'):
+        if not (getattr(args, k) > 0 and math.isfinite(getattr(args, k))):
+            raise UsageError(f'--{k} must be a positive number, got {getattr(args, k)}')
+    if not 0 <= args.ema_decay < 1 or args.ema_start < 0:
+        raise UsageError(f'--ema_decay must lie in [0, 1) and --ema_start be at least 0, '
+                         f'got {args.ema_decay} and {args.ema_start}')
+    if args.im_size is not None and (args.dataset != 'ImageFolder' or len(args.im_size) not in (1, 2)
+                                     or min(args.im_size) < 8):
+        raise UsageError('--im_size is for --dataset ImageFolder: one or two sizes of at least 8 pixels')
+    utils.check_strategy(args.dsa_strategy)
+    if args.resume not in ('none', 'auto') and not os.path.isfile(args.resume):
+        raise UsageError(f'--resume {args.resume}: no such checkpoint file (use auto to pick ours)')
+    if args.resume != 'none' and args.overwrite:
+        raise UsageError('--resume continues a run and --overwrite replaces it: give one of them')
+
+
 def configure(args):
     """Resolve the defaults of the arch and the dataset, check the flags, prepare the device and folder."""
     for k, v in RECIPES[args.arch].items():
@@ -610,24 +636,11 @@ def configure(args):
             setattr(args, k, v)
     if args.mirror is None:
         args.mirror = args.dataset not in DIGITS
-    for k in ('Iteration', 'batch_size', 'num_D_steps', 'samples_per_class', 'checkpoint_every'):
-        if getattr(args, k) is not None and getattr(args, k) < (0 if k == 'Iteration' else 1):
-            raise UsageError(f'--{k} must be at least {0 if k == "Iteration" else 1}, got {getattr(args, k)}')
-    for k in ('lr_G', 'lr_D'):
-        if not (getattr(args, k) > 0 and math.isfinite(getattr(args, k))):
-            raise UsageError(f'--{k} must be a positive number, got {getattr(args, k)}')
-    if not 0 <= args.ema_decay < 1 or args.ema_start < 0:
-        raise UsageError(f'--ema_decay must lie in [0, 1) and --ema_start be at least 0, got {args.ema_decay}, {args.ema_start}')
-    if args.im_size is not None and (args.dataset != 'ImageFolder' or len(args.im_size) not in (1, 2) or min(args.im_size) < 8):
-        raise UsageError('--im_size is for --dataset ImageFolder: one or two sizes of at least 8 pixels')
-    args.im_size = args.im_size and tuple(args.im_size) * (3 - len(args.im_size))
-    utils.check_strategy(args.dsa_strategy)
+    check_flags(args)
+    if args.im_size is not None:
+        args.im_size = tuple(args.im_size) * (3 - len(args.im_size))
     args.diff_param = utils.ParamDiffAug()
     args.diff_param.aug_mode = 'M'  # every transformation in turn, as DiffAugment does
-    if args.resume not in ('none', 'auto') and not os.path.isfile(args.resume):
-        raise UsageError(f'--resume {args.resume}: no such checkpoint file (use auto to pick ours)')
-    if args.resume != 'none' and args.overwrite:
-        raise UsageError('--resume continues a run and --overwrite replaces it: give one of them')
     args.device = utils.pick_device(args.device)
     writable_folder(args.save_path)
     return args

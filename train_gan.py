@@ -637,6 +637,8 @@ def configure(args):
     if args.mirror is None:
         args.mirror = args.dataset not in DIGITS
     check_flags(args)
+    if int(os.environ.get('WORLD_SIZE', 1)) > 1:
+        raise UsageError('train_gan.py trains in one process; start it without torchrun')
     if args.im_size is not None:
         args.im_size = tuple(args.im_size) * (3 - len(args.im_size))
     args.diff_param = utils.ParamDiffAug()

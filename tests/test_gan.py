@@ -353,6 +353,11 @@ def test_bad_flags_end_in_one_line(data, tmp_path, train_gan, flags, parts):
     assert_one_line_error(p, *parts)
 
 
+def test_torchrun_is_refused_in_one_line(data, tmp_path, train_gan, monkeypatch):
+    monkeypatch.setenv('WORLD_SIZE', '2')
+    assert_one_line_error(train_gan(*TINY, '--data_path', data, '--save_path', tmp_path), 'without torchrun')
+
+
 def test_files_of_a_run_with_other_settings_are_not_replaced(data, tmp_path, train_gan):
     p = train_gan(*TINY, '--data_path', data, '--save_path', tmp_path, '--Iteration', 1)
     assert p.returncode == 0, p.stderr[-2000:]

@@ -21,10 +21,10 @@ from tqdm import trange
 import main as dc_dsa
 import main_DM as dm
 import utils
-from runs import (STRATEGY_RULE, check_record, differences, exclusive, get_parser, load_real, new_synset, read_json,
-                  refuse, run_script, setup, signature, step)
-from utils import (Diverged, UsageError, atomic_json, atomic_save, evaluate_models, gather_objects, get_loops, load_result,
-                   on_main, select_coreset, set_dsa, set_seed, tensor_loader)
+from runs import (STRATEGY_RULE, check_record, differences, exclusive, get_parser, load_real, new_synset, on_main,
+                  read_json, refuse, run_script, set_dsa, setup, signature, step)
+from utils import (Diverged, UsageError, atomic_json, atomic_save, evaluate_models, gather_objects, get_loops,
+                   load_result, select_coreset, set_seed, tensor_loader)
 
 MEMORY_NAMES = {'herding': 'cl_herding', 'DSA': 'cl_res_DSA', 'DM': 'cl_DM'}  # the papers' file names
 SCRIPTS = {'DSA': dc_dsa, 'DM': dm}  # the condensation methods: their iteration and their own defaults

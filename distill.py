@@ -11,9 +11,9 @@ from collections import deque
 import torch
 import torch.nn.functional as F
 
-from runs import STRATEGY_RULE, condense, get_parser, run_script, setup
-from utils import (UsageError, all_reduce, broadcast_shards, correct, exact_sum, get_network, has_batchnorm, run_epoch,
-                   set_dsa, shard, siamese_augment, tensor_loader)
+from runs import STRATEGY_RULE, condense, get_parser, run_script, set_dsa, setup
+from utils import (UsageError, all_reduce, broadcast_shards, correct, exact_sum, get_network, has_batchnorm,
+                   run_epoch, shard, siamese_augment, tensor_loader)
 
 
 def features(net, images, grad):

@@ -21,10 +21,11 @@ import torch
 
 from networks import MODELS
 import utils
-from runs import STRATEGY_RULE, ArgumentParser, Interrupted, check_numbers, run_script, writable_folder
+from runs import (STRATEGY_RULE, ArgumentParser, Interrupted, check_numbers, init_distributed, on_main, run_script,
+                  writable_folder)
 from utils import (CORESETS, DATASETS, EVAL_MODES, NO_STRATEGY, ClassImages, ParamDiffAug, UsageError, atomic_json,
-                   check_strategy, default_strategy, eval_args, evaluate_models, expand, fingerprint, generator, get_dataset,
-                   get_eval_pool, init_distributed, load_result, on_main, pick_device)
+                   check_strategy, default_strategy, eval_args, evaluate_models, expand, fingerprint, generator,
+                   get_dataset, get_eval_pool, load_result, pick_device)
 
 DSA_MADE = ['DSA', 'DM', 'CAFE_DSA', 'IDM']  # sets evaluated with DSA augmentation
 MOSAICS = {'IDM': 2}  # methods whose stored images are factor x factor mosaics (see utils.expand)

@@ -9,9 +9,9 @@ epochs on the synthetic set.
 """
 import torch
 
-from runs import STRATEGY_RULE, condense, get_parser, refuse, run_script, setup
-from utils import (CORESETS, batchnorm_layers, class_gradients, get_loops, get_network, has_batchnorm, match_loss, run_epoch,
-                   select_coreset, set_dsa, siamese_augment, tensor_loader)
+from runs import STRATEGY_RULE, condense, get_parser, refuse, run_script, set_dsa, setup
+from utils import (CORESETS, batchnorm_layers, class_gradients, get_loops, get_network, has_batchnorm, match_loss,
+                   run_epoch, select_coreset, siamese_augment, tensor_loader)
 
 BN_IMAGES_PER_CLASS = 16
 

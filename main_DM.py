@@ -5,8 +5,8 @@ network and moves the synthetic images so that the mean embeddings of each class
 """
 import torch
 
-from runs import STRATEGY_RULE, condense, get_parser, run_script, setup
-from utils import embed, get_network, has_batchnorm, set_dsa, siamese_augment
+from runs import STRATEGY_RULE, condense, get_parser, run_script, set_dsa, setup
+from utils import embed, get_network, has_batchnorm, siamese_augment
 
 
 def train_iteration(it, syn, real, args):

@@ -13,8 +13,8 @@ on random real images.
 import torch
 import torch.nn.functional as F
 
-from runs import ModelQueue, condense, get_parser, run_script, setup
-from utils import UsageError, embed, expand, mosaic, set_dsa, siamese_augment
+from runs import ModelQueue, condense, get_parser, run_script, set_dsa, setup
+from utils import UsageError, embed, expand, siamese_augment
 
 
 def train_iteration(it, syn, real, args, queue):
@@ -94,6 +94,20 @@ def mosaic_init(real, args):
         raise UsageError(f'--ipc {args.ipc} with --factor {args.factor} starts from {n} real images per class; the '
                          f'smallest class has {fewest}')
     return torch.cat([mosaic(real.get_images(c, n), args.factor) for c in range(args.num_classes)])
+
+
+def mosaic(tiles, factor=2):
+    """The inverse of expand's layout: factor² groups of N images (in expand's tile order), each shrunk
+    (bilinear) into its tile of N mosaics."""
+    N, C, H, W = tiles.shape[0] // factor ** 2, *tiles.shape[1:]
+    out = torch.empty(N, C, H, W, dtype=tiles.dtype, device=tiles.device)
+    groups = iter(tiles.split(N))
+    for j in range(factor):
+        for i in range(factor):
+            r0, r1, c0, c1 = H * i // factor, H * (i + 1) // factor, W * j // factor, W * (j + 1) // factor
+            out[..., r0:r1, c0:c1] = F.interpolate(next(groups), size=(r1 - r0, c1 - c0), mode='bilinear',
+                                                   align_corners=False)
+    return out
 
 
 def new_queue(real, args):

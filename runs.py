@@ -8,6 +8,7 @@ utils reaches it and the torchrun rank is read where it lives.
 import argparse
 import contextlib
 import ctypes
+import functools
 import json
 import math
 import os
@@ -24,7 +25,7 @@ from tqdm import tqdm
 import utils
 from networks import MODELS
 from utils import (DATASETS, DIGITS, EVAL_MODES, FULL_STRATEGY, Diverged, StopRun, UsageError, atomic_json, atomic_save,
-                   atomic_write, denormalise, load_pt, on_main, remove_stale_temporaries)
+                   atomic_write, denormalise, load_pt, remove_stale_temporaries)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -127,6 +128,50 @@ def run_script(main):
 
 
 # ----------------------------------------------------------------------------------------------------
+# Many processes (torchrun): joining, and who writes
+# ----------------------------------------------------------------------------------------------------
+
+def init_distributed(device):
+    """Started by torchrun (RANK and WORLD_SIZE in the environment), join the process group: NCCL on CUDA
+    with one device per local rank, gloo on the CPU; only rank 0 prints logs and progress bars. Returns the
+    device to use. Started plainly, nothing changes."""
+    if 'RANK' not in os.environ or 'WORLD_SIZE' not in os.environ:
+        return device
+    import datetime
+    import torch.distributed as dist
+    if torch.device(device).type == 'cuda':
+        device = f'cuda:{int(os.environ.get("LOCAL_RANK", 0))}'
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group('nccl' if device.startswith('cuda') else 'gloo',
+                                timeout=datetime.timedelta(seconds=utils.DIST_TIMEOUT))
+    utils.RANK, utils.WORLD = dist.get_rank(), dist.get_world_size()  # (where evaluation reads them)
+    if utils.RANK:
+        sys.stdout = open(os.devnull, 'w')
+        tqdm.__init__ = functools.partialmethod(tqdm.__init__, disable=True)
+    return device
+
+
+def on_main(fn, *args):
+    """fn(*args) on rank 0 only (checking and writing files); its result, or the usage error it raised, on
+    every process (whose own copy of the error prints nothing: rank 0 says it)."""
+    if utils.WORLD == 1:
+        return fn(*args)
+    out = [None]
+    if utils.RANK == 0:
+        try:
+            out[0] = (fn(*args), None)
+        except StopRun as e:
+            out[0] = (None, e)
+    torch.distributed.broadcast_object_list(out, src=0)
+    result, error = out[0]
+    if error is not None:
+        error.quiet = utils.RANK > 0
+        raise error
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------
 # The command line
 # ----------------------------------------------------------------------------------------------------
 
@@ -175,6 +220,20 @@ def refuse(args, flags, reason):
     for flag in flags:
         if flag in args.given:
             raise UsageError(f'--{flag} {reason}')
+
+
+def set_dsa(args, augments):
+    """args.dsa and args.dsa_strategy. A method that matches with DSA augmentation (`augments`: DSA, DM,
+    continual learning) uses the DSA paper's strategy for the dataset unless --dsa_strategy is given; DC
+    matches and evaluates without augmentation, so it takes no strategy; the coresets evaluate with DSA
+    augmentation when a strategy is named. An explicit --dsa_strategy always wins."""
+    if augments and 'dsa_strategy' not in getattr(args, 'given', ()):
+        args.dsa_strategy = utils.default_strategy(args.dataset)
+    args.dsa = args.dsa_strategy not in utils.NO_STRATEGY
+    if args.method == 'DC' and args.dsa:
+        raise UsageError('--dsa_strategy goes with --method DSA; DC matches and evaluates without it')
+    if args.method == 'DSA' and not args.dsa:
+        raise UsageError('--method DSA needs a --dsa_strategy; --method DC works without augmentation')
 
 
 STRATEGY_RULE = f'default: {FULL_STRATEGY}, without flip for {" and ".join(DIGITS)}'
@@ -291,7 +350,7 @@ def setup(args):
     utils.check_strategy(args.dsa_strategy)
     if args.eval_mode in 'WDAPN' and not args.model.startswith('ConvNet'):
         raise UsageError(f'--eval_mode {args.eval_mode} compares ConvNet variants; it needs a ConvNet --model, not {args.model}')
-    args.device = utils.init_distributed(utils.pick_device(args.device))
+    args.device = init_distributed(utils.pick_device(args.device))
     args.dsa_param = utils.ParamDiffAug()
     if args.resume not in ('none', 'auto') and not os.path.isfile(args.resume):
         raise UsageError(f'--resume {args.resume}: no such checkpoint file (use auto to pick the newest)')

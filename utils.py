@@ -21,7 +21,6 @@ import random
 import re
 import socket
 import struct
-import sys
 import time
 import warnings
 import zipfile
@@ -724,20 +723,6 @@ def default_strategy(dataset):
     return FULL_STRATEGY.replace('flip_', '') if dataset in DIGITS else FULL_STRATEGY
 
 
-def set_dsa(args, augments):
-    """args.dsa and args.dsa_strategy. A method that matches with DSA augmentation (`augments`: DSA, DM,
-    continual learning) uses the DSA paper's strategy for the dataset unless --dsa_strategy is given; DC
-    matches and evaluates without augmentation, so it takes no strategy; the coresets evaluate with DSA
-    augmentation when a strategy is named. An explicit --dsa_strategy always wins."""
-    if augments and 'dsa_strategy' not in getattr(args, 'given', ()):
-        args.dsa_strategy = default_strategy(args.dataset)
-    args.dsa = args.dsa_strategy not in NO_STRATEGY
-    if args.method == 'DC' and args.dsa:
-        raise UsageError('--dsa_strategy goes with --method DSA; DC matches and evaluates without it')
-    if args.method == 'DSA' and not args.dsa:
-        raise UsageError('--method DSA needs a --dsa_strategy; --method DC works without augmentation')
-
-
 def check_strategy(strategy):
     if strategy in NO_STRATEGY:
         return
@@ -1329,28 +1314,6 @@ COMMUNICATED = [0]  # bytes of tensors this process has sent to or received from
 DIST_TIMEOUT = 900  # seconds a collective waits for the other processes before the job fails
 
 
-def init_distributed(device):
-    """Started by torchrun (RANK and WORLD_SIZE in the environment), join the process group: NCCL on CUDA
-    with one device per local rank, gloo on the CPU; only rank 0 prints logs and progress bars. Returns the
-    device to use. Started plainly, nothing changes."""
-    global RANK, WORLD
-    if 'RANK' not in os.environ or 'WORLD_SIZE' not in os.environ:
-        return device
-    import datetime
-    import torch.distributed as dist
-    if torch.device(device).type == 'cuda':
-        device = f'cuda:{int(os.environ.get("LOCAL_RANK", 0))}'
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group('nccl' if device.startswith('cuda') else 'gloo',
-                                timeout=datetime.timedelta(seconds=DIST_TIMEOUT))
-    RANK, WORLD = dist.get_rank(), dist.get_world_size()
-    if RANK:
-        sys.stdout = open(os.devnull, 'w')
-        tqdm.__init__ = functools.partialmethod(tqdm.__init__, disable=True)
-    return device
-
-
 def shard(n):
     """This process's contiguous share of range(n): all of it in a single process."""
     return range(n * RANK // WORLD, n * (RANK + 1) // WORLD)
@@ -1410,25 +1373,6 @@ def gather_objects(obj):
     out = [None] * WORLD
     torch.distributed.all_gather_object(out, obj)
     return out
-
-
-def on_main(fn, *args):
-    """fn(*args) on rank 0 only (checking and writing files); its result, or the usage error it raised, on
-    every process (whose own copy of the error prints nothing: rank 0 says it)."""
-    if WORLD == 1:
-        return fn(*args)
-    out = [None]
-    if RANK == 0:
-        try:
-            out[0] = (fn(*args), None)
-        except StopRun as e:
-            out[0] = (None, e)
-    torch.distributed.broadcast_object_list(out, src=0)
-    result, error = out[0]
-    if error is not None:
-        error.quiet = RANK > 0
-        raise error
-    return result
 
 
 
@@ -1504,17 +1448,3 @@ def expand(images, labels, factor=2):
     tiles = [F.interpolate(images[..., r0:r1, c0:c1], size=(H, W), mode='bilinear', align_corners=False)
              for c0, c1 in cols for r0, r1 in rows]
     return torch.cat(tiles), None if labels is None else labels.repeat(factor * factor)
-
-
-def mosaic(tiles, factor=2):
-    """The inverse of expand's layout: factor² groups of N images (in expand's tile order), each shrunk
-    (bilinear) into its tile of N mosaics."""
-    N, C, H, W = tiles.shape[0] // factor ** 2, *tiles.shape[1:]
-    out = torch.empty(N, C, H, W, dtype=tiles.dtype, device=tiles.device)
-    groups = iter(tiles.split(N))
-    for j in range(factor):
-        for i in range(factor):
-            r0, r1, c0, c1 = H * i // factor, H * (i + 1) // factor, W * j // factor, W * (j + 1) // factor
-            out[..., r0:r1, c0:c1] = F.interpolate(next(groups), size=(r1 - r0, c1 - c0), mode='bilinear',
-                                                   align_corners=False)
-    return out

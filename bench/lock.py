@@ -12,6 +12,7 @@ import argparse
 import glob
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -115,6 +116,7 @@ def main():
         finally:
             subprocess.run(['git', 'worktree', 'remove', '--force', other], cwd=ROOT)
         open(os.path.join(theirs, '.done'), 'w').close()
+    shutil.rmtree(ours, ignore_errors=True)  # (this checkout's outputs are always made afresh)
     run_all(ROOT, ours, data_path)
     differ = compare(ours, theirs)
     print(f'{differ} file(s) differ' if differ else f'every result is identical to {args.against}\'s')

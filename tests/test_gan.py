@@ -14,6 +14,16 @@ from helpers import assert_one_line_error, run_in_process, stopped_at_call
 from utils import DATASETS, UsageError
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These tests compute on tiny tensors, where a second thread only adds synchronisation: on a loaded 2-core
+    machine, two threads made this module about ten times slower (2 minutes instead of 13 s)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def authors_biggan32_keys(num_classes=10, channel=3):
     """The keys and shapes of the authors' generator state dict (G_Pretrained_<dataset>_exp<e>.pth), in its
     order, as read from VICO-UoE/IT-GAN: BigGAN.Generator(G_ch=64, dim_z=128, bottom_width=4, resolution=32,

@@ -1,3 +1,6 @@
+"""What the tests share (a plain module, imported by the test modules and by conftest.py): starting a script,
+the one-line error check, tiny datasets in the real on-disk layouts, small in-memory problems.
+No test module imports another test module: what two of them need is here."""
 import gzip
 import os
 import pickle
@@ -5,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -26,10 +30,73 @@ def require_fashion():
         pytest.skip(reason)
 
 
-def run(script, *args, timeout=900):
-    """Run a script of the project as a user would; returns the CompletedProcess."""
-    return subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], capture_output=True,
-                          text=True, timeout=timeout, cwd=ROOT)
+# ----------------------------------------------------------------------------------------------------
+# Starting a script: the one way (a subprocess, as a user runs it), and in this process
+# ----------------------------------------------------------------------------------------------------
+
+def command(script, *args):
+    """The command line of a script of the project (or any .py path) with these arguments."""
+    return [sys.executable, script if os.path.isabs(str(script)) else os.path.join(ROOT, script), *map(str, args)]
+
+
+def run(script, *args, timeout=900, env=None):
+    """Run a script of the project as a user would, to its end; returns the CompletedProcess."""
+    return subprocess.run(command(script, *args), capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
+
+
+def start(script, *args, env=None, **popen):
+    """Start a script of the project (to be signalled or killed); returns the Popen, its output piped as text."""
+    popen = {'stdout': subprocess.PIPE, 'stderr': subprocess.PIPE, **popen}
+    return subprocess.Popen(command(script, *args), text=True, cwd=ROOT, env=env, **popen)
+
+
+def one_thread():
+    """The environment for a process with one thread, as every torchrun process has: for comparing their
+    results bit for bit. (Read at the call: the test's environment, offline PYTHONPATH included.)"""
+    return {**os.environ, 'OMP_NUM_THREADS': '1'}
+
+
+def torchrun_command(script, *args, nproc=2):
+    return [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', str(nproc),
+            *command(script, *args)[1:]]
+
+
+def torchrun(script, *args, nproc=2, timeout=600):
+    """Run a script under torchrun on the CPU, one thread per process."""
+    return subprocess.run(torchrun_command(script, *args, nproc=nproc), capture_output=True, text=True, timeout=timeout,
+                          cwd=ROOT, env=one_thread())
+
+
+def run_in_process(monkeypatch, capsys, script, *args, main=None):
+    """A script's entry point run in this process, as `python script args` would run it (seconds faster
+    than a subprocess): its exit status and output, like a CompletedProcess. `main`: run this function
+    under runs.run_script instead of the script's `__main__` block."""
+    import runpy
+
+    import runs
+    monkeypatch.setattr(sys, 'argv', [os.path.basename(script), *map(str, args)])
+    with pytest.raises(SystemExit) as end:
+        if main is None:
+            runpy.run_path(os.path.join(ROOT, script), run_name='__main__')
+        else:
+            runs.run_script(main)
+        sys.exit(0)
+    out = capsys.readouterr()
+    return SimpleNamespace(returncode=end.value.code or 0, stdout=out.out, stderr=out.err)
+
+
+def assert_one_line_error(proc, *parts, code=2, match=None):
+    """The script ended as bad input must: exit status `code` and exactly one line on stderr, no traceback;
+    the line contains every one of `parts` and matches the regular expression `match`.
+    `proc`: a CompletedProcess or run_in_process's result. Returns the line."""
+    import re
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == code and len(lines) == 1 and 'Traceback' not in proc.stderr, \
+        f'exit status {proc.returncode} (expected {code}); stderr:\n{proc.stderr[-3000:]}'
+    for part in parts:
+        assert part in lines[0], lines[0]
+    assert match is None or re.search(match, lines[0]), lines[0]
+    return lines[0]
 
 
 def stopped_at_call(n, fn, calls):
@@ -42,6 +109,20 @@ def stopped_at_call(n, fn, calls):
         return fn(*a, **k)
     return wrapped
 
+
+def dm_args(data, save_path, *flags):
+    """main_DM's args for a tiny in-process run on `data` (MNIST layout), as its command line and configure()
+    resolve them: setup, then the script's own rules."""
+    import main_DM
+    from runs import setup
+    os.makedirs(save_path, exist_ok=True)
+    return main_DM.configure(setup(main_DM.parser().parse_args(
+        ['--dataset', 'MNIST', '--data_path', str(data), '--save_path', str(save_path), *map(str, flags)])))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tiny datasets in the real on-disk layouts
+# ----------------------------------------------------------------------------------------------------
 
 def idx_bytes(arr):
     header = bytes([0, 0, 8, arr.ndim]) + b''.join(int(s).to_bytes(4, 'big') for s in arr.shape)
@@ -86,6 +167,31 @@ def write_cifar(root, name='CIFAR10', n=4, seed=0, protocol=pickle.DEFAULT_PROTO
     return d
 
 
+def patterns(labels, rng):
+    """1x28x28 uint8 images: class c is a bright 7x7 square in cell c of a 4x4 grid, on dark noise."""
+    x = rng.integers(0, 60, (len(labels), 28, 28))
+    for i, c in enumerate(labels):
+        r, s = divmod(int(c), 4)
+        x[i, 7 * r:7 * r + 7, 7 * s:7 * s + 7] = 255
+    return x.astype(np.uint8)
+
+
+def write_patterns(root, name, n_train=40, n_test=40):
+    """A dataset in the MNIST layout whose classes are told apart by the place of a square (learnable in a few
+    epochs: a test of accuracy above chance)."""
+    raw = root / name / 'raw'
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for split, n in (('train', n_train), ('t10k', n_test)):
+        labels = np.arange(n) % 10
+        (raw / f'{split}-images-idx3-ubyte').write_bytes(idx_bytes(patterns(labels, rng)))
+        (raw / f'{split}-labels-idx1-ubyte').write_bytes(idx_bytes(labels))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Small problems in memory
+# ----------------------------------------------------------------------------------------------------
+
 def tiny(num_classes=3, per_class=8, channel=1, size=12, seed=0):
     """Real images of a few classes, class c around the value c (small, separable), held as ClassImages."""
     import torch
@@ -94,3 +200,15 @@ def tiny(num_classes=3, per_class=8, channel=1, size=12, seed=0):
     labels = torch.arange(num_classes).repeat_interleave(per_class)
     images = torch.randn(len(labels), channel, size, size, generator=g) + labels.view(-1, 1, 1, 1)
     return ClassImages(TensorDataset(images, labels), num_classes)
+
+
+def separable(n_per_class, seed):
+    """10 classes of 1x12x12 images: class c has a bright 3x3 square at a class-specific place, plus noise."""
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(10).repeat_interleave(n_per_class)
+    x = torch.randn(len(labels), 1, 12, 12, generator=g) * 0.3
+    for c in range(10):
+        r, s = divmod(c, 4)
+        x[labels == c, 0, 3 * r:3 * r + 3, 3 * s:3 * s + 3] += 2.0
+    return x, labels

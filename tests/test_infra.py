@@ -8,6 +8,8 @@ import pytest
 
 import helpers
 
+OFFLINE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'offline')  # (see conftest.py)
+
 CONNECT_OUT = '''
 import socket, sys
 for connect in (lambda: socket.create_connection(('8.8.8.8', 53), timeout=5),
@@ -51,6 +53,12 @@ def test_a_process_started_by_a_test_cannot_connect_out_but_loopback_works(serve
     conn, _ = server.accept()
     with conn:
         assert conn.recv(100) == b'loopback works'
+
+
+def test_every_way_a_test_starts_a_process_keeps_it_offline():
+    for env in (os.environ, helpers.one_thread()):  # (run, start, run_in_process; torchrun)
+        assert OFFLINE in env['PYTHONPATH'].split(os.pathsep) and env['CUDA_VISIBLE_DEVICES'] == ''
+    assert helpers.command('main.py', '--ipc', 1)[1:] == [os.path.join(helpers.ROOT, 'main.py'), '--ipc', '1']
 
 
 def test_tests_and_their_processes_see_no_gpu():

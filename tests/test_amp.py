@@ -9,7 +9,7 @@ import distill
 import main
 import main_DM
 import utils
-from helpers import tiny
+from helpers import separable, tiny
 from utils import ParamDiffAug, SynSet, autocast, tensor_loader
 
 
@@ -57,12 +57,12 @@ def test_amp_computes_in_bfloat16_and_only_when_asked():
         assert net.features[0](x).dtype == torch.float32
 
 
+@pytest.mark.slow
 def test_evaluation_under_amp_learns():
-    from test_evaluate import separable  # 10 classes: a bright square at a class-specific place, plus noise
     x, y = separable(5, 0)
     xt, yt = separable(20, 1)
-    args = namespace(num_eval=2, epoch_eval_train=40, dsa=False, dc_aug_param=None, dataset='X', epoch_eval_noaug=300,
-                     seed=0, channel=1, num_classes=10)
+    args = namespace(num_eval=2, epoch_eval_train=20, lr_net=0.03, dsa=False, dc_aug_param=None, dataset='X',
+                     epoch_eval_noaug=300, seed=0, channel=1, num_classes=10)  # (bfloat16 on a CPU is slow: few epochs)
     for amp in (True, False):
         args.amp = amp
         accs = utils.evaluate_models(x, y, ['ConvNetW32'], args, tensor_loader(xt, yt, 256))['ConvNetW32']

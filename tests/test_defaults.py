@@ -1,8 +1,8 @@
-"""Every script's defaults, flag by flag, against the papers' code (seeds/) and SPEC.md; the rules that pick a
-default (DSA strategy, evaluation epochs, DM's learning rate); DM's loss and its BatchNorm path."""
+"""Every script's defaults, flag by flag, against the papers' public code (their argument parsers and READMEs,
+as the specification quotes them); the rules each script's configure() applies to pick a default (DSA strategy,
+evaluation epochs, DM's learning rate, CAFE's layer weights, the continual-learning methods' own settings);
+DM's loss and its BatchNorm path."""
 import argparse
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -13,8 +13,8 @@ import distill
 import main
 import main_DM
 import utils
-from helpers import ROOT
-from utils import ClassImages, ParamDiffAug, SynSet, TensorDataset, default_strategy, eval_args, set_dsa
+from helpers import run_in_process
+from utils import ClassImages, ParamDiffAug, SynSet, TensorDataset, default_strategy, eval_args
 
 COMMON = dict(dataset='CIFAR10', model='ConvNet', lr_net=0.01, batch_train=256, data_path='data', seed=0)
 CONDENSE = dict(COMMON, batch_real=256, save_path='result', eval_mode='S', num_eval=20, dsa_strategy='None')
@@ -38,16 +38,40 @@ def test_every_default_is_the_papers(script):
     assert args.given == set()
 
 
+def configured(script, *argv):
+    """The script's args for this command line, as its configure() resolves them."""
+    return script.configure(script.parser().parse_args(list(argv)))
+
+
 def test_rule_based_defaults():
-    args = main_DM.parser().parse_args([])
-    set_dsa(args, augments=True)
+    args = configured(main_DM)
     assert args.dsa and args.dsa_strategy == 'color_crop_cutout_flip_scale_rotate' and args.eval_mode == 'SS'
-    assert distill.default_layer_weights(4) == [0.1, 0.1, 1.0, 1.0]  # the public code's, for a depth-3 ConvNet
+    assert args.lr_img == 1.0 and configured(main_DM, '--ipc', '100').lr_img == 10.0  # CIFAR10 at ipc >= 100
+    assert configured(main_DM, '--ipc', '100', '--dataset', 'CIFAR100').lr_img == 1.0
+    cafe = configured(distill)
+    assert cafe.layer_weights == [0.1, 0.1, 1.0, 1.0]  # the public code's, for a depth-3 ConvNet
+    assert cafe.milestones == [1200, 1600, 1800] and cafe.method == 'CAFE' and not cafe.dsa
+    assert configured(distill, '--method', 'DSA').method == 'CAFE_DSA'
+    assert configured(distill, '--model', 'ConvNetD4').layer_weights == [0.1, 0.1, 0.1, 1.0, 1.0]
+    assert configured(distill, '--first_weight', '0.5', '--fourth_weight', '2').layer_weights == [2.0, 0.1, 1.0, 0.5]
+    assert (configured(main).outer_loop, configured(main).inner_loop) == (1, 1)
+    assert (configured(main, '--ipc', '10').outer_loop, configured(main, '--ipc', '10').inner_loop) == (10, 50)
     assert main_DM.parser().get_default('epoch_eval_noaug') == 300 and distill.parser().get_default('epoch_eval_noaug') == 600
 
 
+@pytest.mark.parametrize('method,expected', [('random', (0, 0.1, 'real')), ('herding', (0, 0.1, 'real')),
+                                             ('DSA', (1000, 0.1, 'noise')), ('DM', (20000, 1.0, 'real'))])
+def test_continual_learning_takes_each_methods_own_defaults(method, expected):
+    args = configured(CL_DM, '--method', method)
+    assert (args.Iteration, args.lr_img, args.init) == expected
+    assert args.dsa and args.dsa_strategy == 'color_crop_cutout_flip_scale_rotate'  # CIFAR100: every transformation
+    if method in ('DSA', 'DM'):  # given flags win over the method's own
+        args = configured(CL_DM, '--method', method, '--Iteration', '7', '--lr_img', '0.3', '--init', 'noise')
+        assert (args.Iteration, args.lr_img, args.init) == (7, 0.3, 'noise')
+
+
 def test_dm_evaluates_the_training_model_itself_by_default():
-    args = main_DM.parser().parse_args(['--model', 'ConvNetBN'])
+    args = configured(main_DM, '--model', 'ConvNetBN')
     assert utils.get_eval_pool(args.eval_mode, args.model, args.model) == ['ConvNetBN']  # not its non-BN twin
 
 
@@ -58,27 +82,20 @@ def test_dm_evaluates_the_training_model_itself_by_default():
                                               ('CIFAR100', 'color_crop_cutout_flip_scale_rotate')])
 def test_a_script_that_picks_the_dsa_strategy_leaves_flip_out_for_digits(dataset, expected):
     assert default_strategy(dataset) == expected
-    for parser, argv in [(main.parser, ['--method', 'DSA']), (main_DM.parser, []), (CL_DM.parser, ['--method', 'DM']),
-                         (distill.parser, ['--method', 'DSA'])]:
-        args = parser().parse_args(['--dataset', dataset, *argv])
-        set_dsa(args, augments=True)
-        assert args.dsa and args.dsa_strategy == expected, parser.__module__
+    for script, argv in [(main, ['--method', 'DSA']), (main_DM, []), (CL_DM, ['--method', 'DM']),
+                         (distill, ['--method', 'DSA'])]:
+        args = configured(script, '--dataset', dataset, *argv)
+        assert args.dsa and args.dsa_strategy == expected, script.__name__
         # an explicit strategy always wins, flip included
-        args = parser().parse_args(['--dataset', dataset, *argv, '--dsa_strategy', 'flip_crop'])
-        set_dsa(args, augments=True)
-        assert args.dsa_strategy == 'flip_crop'
-    args = main.parser().parse_args(['--dataset', dataset])  # DC: no augmentation
-    set_dsa(args, augments=False)
-    assert not args.dsa
-    args = main.parser().parse_args(['--dataset', dataset, '--method', 'herding', '--dsa_strategy', 'crop_flip'])
-    set_dsa(args, augments=False)  # a coreset evaluated with the DSA augmentation it names
-    assert args.dsa and args.dsa_strategy == 'crop_flip'
+        assert configured(script, '--dataset', dataset, *argv, '--dsa_strategy', 'flip_crop').dsa_strategy == 'flip_crop'
+    assert not configured(main, '--dataset', dataset).dsa  # DC: no augmentation
+    assert not configured(distill, '--dataset', dataset).dsa  # CAFE: none either
+    args = configured(main, '--dataset', dataset, '--method', 'herding', '--dsa_strategy', 'crop_flip')
+    assert args.dsa and args.dsa_strategy == 'crop_flip'  # a coreset evaluated with the DSA augmentation it names
 
 
 def test_dm_without_augmentation_when_asked():
-    args = main_DM.parser().parse_args(['--dsa_strategy', 'none'])
-    set_dsa(args, augments=True)
-    assert not args.dsa
+    assert not configured(main_DM, '--dsa_strategy', 'none').dsa
 
 
 def eval_namespace(**kw):
@@ -100,11 +117,14 @@ def test_evaluation_epochs_follow_the_rule():
 def test_dm_learning_rate_rule():
     assert main_DM.default_lr_img('CIFAR10', 10) == 1.0 and main_DM.default_lr_img('CIFAR10', 100) == 10.0
     assert main_DM.default_lr_img('CIFAR100', 100) == 1.0 and main_DM.default_lr_img('FashionMNIST', 50) == 1.0
+    assert configured(main_DM, '--ipc', '100', '--lr_img', '0.5').lr_img == 0.5  # a given rate wins
 
 
 @pytest.mark.parametrize('script', ['main.py', 'main_DM.py', 'distill.py', 'CL_DM.py'])
-def test_help_shows_every_default(script):
-    out = subprocess.run([sys.executable, script, '--help'], capture_output=True, text=True, cwd=ROOT).stdout
+def test_help_shows_every_default(script, monkeypatch, capsys):
+    p = run_in_process(monkeypatch, capsys, script, '--help')
+    assert p.returncode == 0, p.stderr
+    out = p.stdout
     parser = __import__(script[:-3]).parser()
     text = ' '.join(out.split())
     for action in parser._actions:

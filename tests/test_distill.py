@@ -1,5 +1,6 @@
 """CAFE (distill.py): the loss by hand, gradients of every term, the dynamic loops, end-to-end runs."""
 import argparse
+import itertools
 import json
 import math
 
@@ -10,7 +11,7 @@ import torch.nn.functional as F
 
 import distill
 import utils
-from helpers import needs_fashion, run
+from helpers import needs_fashion, run, tiny
 from utils import ParamDiffAug, get_network, load_result
 
 
@@ -24,7 +25,7 @@ class Toy(nn.Module):
 
 def test_losses_equal_a_hand_computation():
     real = torch.tensor([[[1., 2.], [3., 4.]], [[0., 1.], [1., 1.]]]).view(2, 2, 1, 1, 2)  # 2 classes x 2 images
-    syn = torch.tensor([[2., 2.], [0., 0.]]).view(2, 1, 1, 1, 2)  # 1 image per class
+    syn = torch.tensor([[2., 2.], [0., 0.]]).view(2, 1, 1, 1, 2).requires_grad_()  # 1 image per class
     args = argparse.Namespace(layer_weights=[0.5, 3.0])
     alignment, centre_loss, centres, embeddings = distill.cafe_losses(Toy(), real, syn, args)
     # class means of the real images: (2, 3) and (0.5, 1); stage 1 doubles them, stage 2 sums them
@@ -38,8 +39,16 @@ def test_losses_equal_a_hand_computation():
     for e, label in [(3, 0), (7, 0), (1, 1), (2, 1)]:
         logits = [e * 4, e * 0]
         ce += -logits[label] + math.log(sum(math.exp(v) for v in logits))
-    value, grads = distill.discrimination(embeddings, [0, 1], centres.detach())
+    surrogate, value = distill.discrimination(centres, embeddings, [0, 1], 2, sharded=False)
     assert value == pytest.approx(ce, rel=1e-5)
+    # d ce / d centre_k = sum over real embeddings e of (softmax_k - [label = k]) e, by hand
+    grad = [0.0, 0.0]
+    for e, label in [(3, 0), (7, 0), (1, 1), (2, 1)]:
+        p0 = 1 / (1 + math.exp(e * 0 - e * 4))
+        grad[0] += (p0 - (label == 0)) * e
+        grad[1] += (1 - p0 - (label == 1)) * e
+    (g,) = torch.autograd.grad(surrogate, centres)
+    assert g.flatten().tolist() == pytest.approx(grad, rel=1e-5)
 
 
 def test_the_discrimination_gradient_is_the_cross_entropys_summed_over_classes():
@@ -48,23 +57,30 @@ def test_the_discrimination_gradient_is_the_cross_entropys_summed_over_classes()
     logits = embeddings.flatten(0, 1) @ centres.t()
     ce = F.cross_entropy(logits, torch.arange(3).repeat_interleave(5), reduction='sum')
     (expected,) = torch.autograd.grad(ce, centres)
-    value, grads = distill.discrimination(embeddings, [0, 1, 2], centres.detach())
+    surrogate, value = distill.discrimination(centres, embeddings, [0, 1, 2], 3, sharded=False)
     assert value == pytest.approx(ce.item(), rel=1e-5)
-    assert torch.allclose(utils.exact_sum(grads, centres), expected, atol=1e-5)
-    # exact: the same sum whichever way the terms are grouped (as in processes)
-    assert torch.equal(utils.exact_sum(grads, centres), utils.exact_sum(grads[::-1], centres))
-    assert torch.equal(utils.exact_sum([sum(grads[:2], torch.zeros(3, 4)) * 0 + grads[0], grads[1], grads[2]], centres),
-                       utils.exact_sum(grads, centres))
+    (g,) = torch.autograd.grad(surrogate, centres)
+    assert torch.allclose(g, expected, atol=1e-5)  # the surrogate's gradient: autograd's of the summed cross-entropy
+    # the hand-derived per-class terms, summed exactly (utils.exact_sum): the same sum whichever way the
+    # terms are grouped (as in processes), bit for bit; it is what the surrogate's gradient holds
+    parts = []
+    for c, e in enumerate(embeddings.detach()):
+        p = torch.softmax(e @ centres.detach().t(), dim=1)
+        p[:, c] -= 1
+        parts.append(p.t() @ e)
+    exact = utils.exact_sum(parts, centres)
+    assert torch.allclose(exact, g, atol=1e-6)
+    for order in itertools.permutations(range(3)):
+        assert torch.equal(utils.exact_sum([parts[k] for k in order], centres), exact)
 
 
 def test_gradients_reach_the_synthetic_images_from_every_term():
     torch.manual_seed(0)
     net = get_network('ConvNetW32', 1, 3, (12, 12), 'cpu').requires_grad_(False)
     real, syn = torch.randn(3, 8, 1, 12, 12), torch.randn(3, 2, 1, 12, 12, requires_grad=True)
-    args = argparse.Namespace(layer_weights=distill.default_layer_weights(len(net.taps)))
+    args = distill.configure(distill.parser().parse_args(['--model', 'ConvNetW32']))  # the default layer weights
     alignment, centre_loss, centres, embeddings = distill.cafe_losses(net, real, syn, args)
-    _, grads = distill.discrimination(embeddings, [0, 1, 2], centres.detach())
-    surrogate = (centres * utils.exact_sum(grads, centres)).sum()  # its gradient: the discrimination's
+    surrogate, _ = distill.discrimination(centres, embeddings, [0, 1, 2], 3, sharded=False)
     for term in (alignment, centre_loss, surrogate):
         (g,) = torch.autograd.grad(term, syn, retain_graph=True)
         assert torch.isfinite(g).all() and g.abs().sum() > 0
@@ -114,8 +130,6 @@ def cafe_args(**kw):
 
 
 def test_an_iteration_moves_the_images_and_follows_the_learning_rate_schedule():
-    import utils
-    from test_main import tiny
     torch.manual_seed(0)
     real, args = tiny(), cafe_args()
     syn = utils.SynSet(real, args)
@@ -127,17 +141,20 @@ def test_an_iteration_moves_the_images_and_follows_the_learning_rate_schedule():
     assert syn.optimizer.param_groups[0]['lr'] == pytest.approx(0.1 * 0.25)  # halved at 6 and at 8
 
 
+@pytest.mark.e2e
 @needs_fashion
 def test_end_to_end_on_real_fashion_mnist(tmp_path):
     # one channel: the public code only runs on 3x32x32
-    p = run('distill.py', '--dataset', 'FashionMNIST', '--ipc', 1, '--Iteration', 1, '--num_exp', 1, '--num_eval', 1,
+    # ConvNetW32: the ConvNet family at a quarter of the width, so that testing on the 10,000 real test images is quick
+    p = run('distill.py', '--dataset', 'FashionMNIST', '--model', 'ConvNetW32', '--ipc', 1, '--Iteration', 1, '--num_exp', 1, '--num_eval', 1,
             '--epoch_eval_train', 2, '--batch_real', 16, '--query', 8, '--window', 3, '--max_outer', 3, '--max_inner', 3,
             '--eval_mode', 'SS', '--data_path', tmp_path / 'data', '--save_path', tmp_path)
     assert p.returncode == 0, p.stderr[-2000:]
-    images, labels = load_result(tmp_path / 'res_CAFE_FashionMNIST_ConvNet_1ipc.pt')['data'][0]
+    images, labels = load_result(tmp_path / 'res_CAFE_FashionMNIST_ConvNetW32_1ipc.pt')['data'][0]
     assert images.shape == (10, 1, 28, 28) and labels.tolist() == list(range(10)) and torch.isfinite(images).all()
 
 
+@pytest.mark.e2e
 def test_end_to_end_on_a_100_class_three_channel_fixture(tmp_path):
     import pickle
     import numpy as np

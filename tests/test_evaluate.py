@@ -1,19 +1,13 @@
+"""The evaluation protocol: evaluate_synset learns, the model pools of every --eval_mode, models trained
+together (--eval_together) as each would be alone."""
 import argparse
 
+import pytest
 import torch
 
+import utils
+from helpers import separable
 from utils import ParamDiffAug, TensorDataset, evaluate_synset, get_eval_pool, get_network, tensor_loader
-
-
-def separable(n_per_class, seed):
-    """10 classes of 1x12x12 images: class c has a bright 3x3 square at a class-specific place, plus noise."""
-    g = torch.Generator().manual_seed(seed)
-    labels = torch.arange(10).repeat_interleave(n_per_class)
-    x = torch.randn(len(labels), 1, 12, 12, generator=g) * 0.3
-    for c in range(10):
-        r, s = divmod(c, 4)
-        x[labels == c, 0, 3 * r:3 * r + 3, 3 * s:3 * s + 3] += 2.0
-    return x, labels
 
 
 def args(**kw):
@@ -47,20 +41,35 @@ def test_evaluate_synset_with_dsa_and_a_plain_dataloader():
     assert acc > 0.6
 
 
-def test_eval_pools():
-    assert get_eval_pool('S', 'ConvNetBN', 'ConvNetBN') == ['ConvNet']
+SPEC_POOLS = {  # the specification's model pools, in its order
+    'M': ['MLP', 'ConvNet', 'LeNet', 'AlexNet', 'VGG11', 'ResNet18'],
+    'B': ['ConvNetBN', 'ConvNetASwishBN', 'AlexNetBN', 'VGG11BN', 'ResNet18BN'],
+    'W': ['ConvNetW32', 'ConvNetW64', 'ConvNetW128', 'ConvNetW256'],
+    'D': ['ConvNetD1', 'ConvNetD2', 'ConvNetD3', 'ConvNetD4'],
+    'A': ['ConvNetAS', 'ConvNetAR', 'ConvNetAL', 'ConvNetASwish'],
+    'P': ['ConvNetNP', 'ConvNetMP', 'ConvNetAP'],
+    'N': ['ConvNetNN', 'ConvNetBN', 'ConvNetLN', 'ConvNetIN', 'ConvNetGN'],
+}
+
+
+@pytest.mark.parametrize('mode', SPEC_POOLS)
+def test_eval_pools_are_the_specifications(mode):
+    assert get_eval_pool(mode, 'ConvNet', 'ConvNet') == SPEC_POOLS[mode]
+    assert get_eval_pool(mode, 'ConvNetBN', 'ConvNetBN') == SPEC_POOLS[mode]  # whatever the training model
+
+
+def test_eval_pools_s_and_ss():
+    assert get_eval_pool('S', 'ConvNetBN', 'ConvNetBN') == ['ConvNet']  # a BN model as its non-BN twin
     assert get_eval_pool('S', 'ResNet18BN_AP', 'ResNet18BN_AP') == ['ResNet18']
-    assert get_eval_pool('SS', 'ConvNetBN', 'ConvNetBN') == ['ConvNetBN']
-    assert get_eval_pool('M', 'ConvNet', 'ConvNet') == ['MLP', 'ConvNet', 'LeNet', 'AlexNet', 'VGG11', 'ResNet18']
-    assert get_eval_pool('N', 'ConvNet', 'ConvNet')[1] == 'ConvNetBN'
-    assert len(get_eval_pool('A', 'ConvNet', 'ConvNet')) == 4
+    assert get_eval_pool('S', 'VGG11BN', 'VGG11BN') == ['VGG11'] and get_eval_pool('S', 'LeNet', 'LeNet') == ['LeNet']
+    assert get_eval_pool('SS', 'ConvNetBN', 'ConvNetBN') == ['ConvNetBN']  # the model itself
+    assert set(utils.EVAL_MODES) == {'S', 'SS', *SPEC_POOLS}
 
 
 def test_models_trained_together_learn_each_on_its_own_stream(monkeypatch):
-    import utils
     x, y = separable(5, 0)
     xt, yt = separable(20, 1)
-    a = args(epoch_eval_train=40, num_eval=3, seed=0, channel=1, num_classes=10, im_size=(12, 12), dataset='X',
+    a = args(epoch_eval_train=20, lr_net=0.03, num_eval=3, seed=0, channel=1, num_classes=10, im_size=(12, 12), dataset='X',
              epoch_eval_noaug=300, eval_together=True, model='ConvNetW32', ipc=5)
     loader = tensor_loader(xt, yt, 256)
     together = utils.evaluate_models(x, y, ['ConvNetW32'], a, loader)['ConvNetW32']
@@ -81,4 +90,6 @@ def test_models_trained_together_learn_each_on_its_own_stream(monkeypatch):
     assert not torch.equal(*inits)
     a.num_eval = 1
     bn = utils.evaluate_models(x, y, ['ConvNetBN'], a, loader)['ConvNetBN']  # BatchNorm: one at a time
-    assert len(bn) == 1 and 0 <= bn[0] <= 1
+    a.eval_together = False
+    assert utils.evaluate_models(x, y, ['ConvNetBN'], a, loader)['ConvNetBN'] == bn  # as without --eval_together
+    assert len(bn) == 1 and bn[0] > 0.5  # (chance: 0.1)

@@ -6,10 +6,12 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import main
+import runs
 import utils
-from helpers import needs_fashion, run, tiny, write_mnist
+from helpers import needs_fashion, run, tiny
 from utils import (EVAL_POOLS, ParamDiffAug, SynSet, class_gradients, get_eval_pool,
                    get_loops, get_network, load_result, match_loss, tensor_loader)
 
@@ -109,58 +111,113 @@ def test_batchnorm_statistics_are_measured_on_real_images_then_frozen():
     assert torch.equal(bn.running_mean, stats)
 
 
-def test_a_batchnorm_model_condenses(monkeypatch):
+def test_a_batchnorm_model_matches_with_the_statistics_of_real_images_frozen(monkeypatch):
+    """One outer step of DC with ConvNetBN against a hand computation of the protocol: the BN statistics of 16
+    real images per class (here the whole class), then BN frozen while the real and the synthetic gradients
+    are matched; one SGD step of the images (lr 0.1, the momentum buffer starts at the gradient)."""
     torch.manual_seed(0)
-    real, args = tiny(), step_args(model='ConvNetBN', outer_loop=2, inner_loop=2)
+    real, args = tiny(), step_args(model='ConvNetBN', outer_loop=1, batch_real=8)  # 8 = the class size
+    fixed = get_network('ConvNetBN', 1, 3, (12, 12), 'cpu')
+    used = []
+    monkeypatch.setattr(main, 'get_network', lambda *a, **k: used.append(copy.deepcopy(fixed)) or used[-1])
     syn = SynSet(real, args)
-    assert math.isfinite(main.train_iteration(0, syn, real, args))
+    before = syn.images.detach().clone()
+    loss = main.train_iteration(0, syn, real, args)
+
+    def matching(net, images):
+        total = 0
+        for c in range(3):
+            x = real.images[real.indices_class[c]]
+            gw_real = [g.detach() for g in torch.autograd.grad(F.cross_entropy(net(x), torch.full((8,), c)),
+                                                                list(net.parameters()))]
+            gw_syn = torch.autograd.grad(F.cross_entropy(net(images[2 * c:2 * c + 2]), torch.full((2,), c)),
+                                         list(net.parameters()), create_graph=True)
+            total = total + match_loss(gw_syn, gw_real, args)
+        return total
+
+    net = copy.deepcopy(fixed).train()
+    with torch.no_grad():
+        net(real.images)  # the statistics of the real images (every class)
+    bns = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for m in bns:
+        m.eval()
+    images = before.clone().requires_grad_()
+    expected = matching(net, images)
+    (grad,) = torch.autograd.grad(expected, images)
+    assert loss == pytest.approx(expected.item() / 3, rel=1e-4)
+    assert torch.allclose(syn.images.detach(), before - 0.1 * grad, atol=1e-6, rtol=1e-4)  # moved down the gradient
+    # the network of the iteration: BN frozen on the real images' statistics; no synthetic batch changed them
+    (used_net,) = used
+    for a, b in zip([m for m in used_net.modules() if isinstance(m, torch.nn.BatchNorm2d)], bns):
+        assert not a.training and a.num_batches_tracked == 1
+        assert torch.allclose(a.running_mean, b.running_mean, atol=1e-5) and torch.allclose(a.running_var, b.running_var, atol=1e-4)
+    # the path matters: with BN in train mode (each batch's own statistics) the loss is another
+    net_train = copy.deepcopy(fixed).train()
+    assert abs(matching(net_train, before.clone().requires_grad_()).item() / 3 - loss) > 1e-3
 
 
-@pytest.mark.parametrize('channel,size', [(1, 28), (3, 32)])
-def test_every_evaluation_pool_runs(channel, size):
+def test_every_evaluation_pool_trains_and_tests_each_of_its_models(monkeypatch):
+    """(Every model on every input shape: test_networks.py.)"""
     torch.manual_seed(0)
+    channel, size = 1, 28
     images, labels = torch.randn(20, channel, size, size), torch.arange(10).repeat(2)
     testloader = tensor_loader(torch.randn(10, channel, size, size), torch.arange(10), 256)
-    args = argparse.Namespace(seed=0, device='cpu', num_eval=1, dsa=False, dataset='MNIST', model='ConvNet', ipc=2,
+    args = argparse.Namespace(seed=0, device='cpu', num_eval=1, dsa=False, dataset='FashionMNIST', model='ConvNet', ipc=2,
                               epoch_eval_train=1, epoch_eval_noaug=300, lr_net=0.01, batch_train=256, channel=channel,
                               num_classes=10, im_size=(size, size), dsa_strategy='none', dsa_param=ParamDiffAug())
+    built, trained = [], []
+    network, train = utils.get_network, utils.evaluate_synset
+    monkeypatch.setattr(utils, 'get_network', lambda *a, **k: built.append(a) or network(*a, **k))
+    monkeypatch.setattr(utils, 'evaluate_synset', lambda *a, **k: trained.append(a[1]) or train(*a, **k))
     for mode in ['S', 'SS', *EVAL_POOLS]:
         pool = get_eval_pool(mode, 'ConvNet', 'ConvNet')
+        built.clear()
+        trained.clear()
         accs = utils.evaluate_models(images, labels, pool, args, testloader)
-        assert list(accs) == pool and all(0 <= a[0] <= 1 for a in accs.values())
+        assert list(accs) == pool and all(len(a) == 1 for a in accs.values()), (mode, accs)
+        # a fresh model of every architecture, built for the data's shape, trained once
+        assert [a[0] for a in built] == pool and all(a[1:4] == (channel, 10, (size, size)) for a in built)
+        assert len(trained) == len(pool) and len(set(map(id, trained))) == len(pool)
+        for a in accs.values():  # accuracies on the 10 test images: whole tenths
+            assert abs(10 * a[0] - round(10 * a[0])) < 1e-6, (mode, accs)
 
 
 def test_evaluation_iterations():
     a = argparse.Namespace(Iteration=1200, eval_mode='S')
-    assert utils.eval_iterations(a, 500) == [0, 500, 1000, 1200]  # the last one always
-    a.eval_mode = 'M'
-    assert utils.eval_iterations(a, 500) == [1200]
+    assert runs.eval_iterations(a, 500) == [0, 500, 1000, 1200]  # the last one always
+    a.Iteration = 1000
+    assert runs.eval_iterations(a, 500) == [0, 500, 1000]
+    a.eval_mode, a.Iteration = 'M', 1200
+    assert runs.eval_iterations(a, 500) == [1200]
 
 
-def test_dc_summary_lists_every_model_of_the_pool(tmp_path):
-    write_mnist(tmp_path / 'data', n_train=40, n_test=20)
+@pytest.mark.e2e
+def test_dc_summary_lists_every_model_of_the_pool(tmp_path, data):
     p = run('main.py', '--dataset', 'MNIST', '--ipc', 1, '--Iteration', 1, '--num_exp', 1, '--num_eval', 1,
-            '--epoch_eval_train', 1, '--batch_real', 4, '--eval_mode', 'M', '--data_path', tmp_path / 'data',
+            '--epoch_eval_train', 1, '--batch_real', 4, '--eval_mode', 'M', '--data_path', data,
             '--save_path', tmp_path / 'res', timeout=600)
     assert p.returncode == 0, p.stderr[-2000:]
     for m in EVAL_POOLS['M']:
         assert f'evaluate 1 random {m},' in p.stdout
-    assert set(load_result(tmp_path / 'res' / 'res_DC_MNIST_ConvNet_1ipc.pt')['accs_all_exps']) == set(EVAL_POOLS['M'])
+    accs = load_result(tmp_path / 'res' / 'res_DC_MNIST_ConvNet_1ipc.pt')['accs_all_exps']
+    assert list(accs) == EVAL_POOLS['M'] and all(len(a) == 1 for a in accs.values())  # one model each, at the end only
 
 
-FAST = ['--dataset', 'FashionMNIST', '--ipc', 2, '--Iteration', 2, '--num_exp', 1, '--num_eval', 1,
+# ConvNetW32: the ConvNet family at a quarter of the width, so that testing on the 10,000 real test images is quick
+FAST = ['--dataset', 'FashionMNIST', '--model', 'ConvNetW32', '--ipc', 2, '--Iteration', 2, '--num_exp', 1, '--num_eval', 1,
         '--epoch_eval_train', 60, '--batch_real', 32, '--eval_mode', 'SS', '--init', 'real']
 
 
+@pytest.mark.e2e
 @needs_fashion
 @pytest.mark.parametrize('method', ['DC', 'DSA'])
 def test_end_to_end_on_real_fashion_mnist(tmp_path, method):
     p = run('main.py', '--method', method, *FAST, '--data_path', tmp_path / 'data', '--save_path', tmp_path)
     assert p.returncode == 0, p.stderr[-2000:]
-    images, labels = load_result(tmp_path / f'res_{method}_FashionMNIST_ConvNet_2ipc.pt')['data'][0]
+    images, labels = load_result(tmp_path / f'res_{method}_FashionMNIST_ConvNetW32_2ipc.pt')['data'][0]
     assert images.shape == (20, 1, 28, 28) and torch.isfinite(images).all()
     assert labels.tolist() == [c for c in range(10) for _ in range(2)]
-    assert (tmp_path / f'vis_{method}_FashionMNIST_ConvNet_2ipc_exp0_iter2.png').exists()
-    assert load_result(tmp_path / f'res_{method}_FashionMNIST_ConvNet_2ipc.pt')['accs_all_exps']['ConvNet'][0] > 0.35
+    assert (tmp_path / f'vis_{method}_FashionMNIST_ConvNetW32_2ipc_exp0_iter2.png').exists()
+    assert load_result(tmp_path / f'res_{method}_FashionMNIST_ConvNetW32_2ipc.pt')['accs_all_exps']['ConvNetW32'][0] > 0.35
     if method == 'DSA':
         assert "'dsa_strategy': 'color_crop_cutout_flip_scale_rotate'" in p.stdout  # the DSA paper's default

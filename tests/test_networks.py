@@ -1,3 +1,4 @@
+"""The model families: every model on every input shape, the papers' padding conventions, the variants."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -5,23 +6,28 @@ import torch.nn.functional as F
 from networks import MODELS, AvgPool2x2
 from utils import UsageError, get_network
 
-SHAPES = [(1, (28, 28)), (3, (32, 32)), (3, (64, 64))]
+SHAPES = [(1, (28, 28), 10), (3, (32, 32), 100), (3, (64, 64), 200)]  # (MNIST, CIFAR-100, TinyImageNet)
+RESNETS = ['ResNet18', 'ResNet18BN', 'ResNet18BN_AP']
 
 
 @pytest.mark.parametrize('name', list(MODELS))
 def test_every_model_on_every_input_size(name):
     torch.manual_seed(0)
-    for channel, im_size in SHAPES:
-        for num_classes in (10, 200):
-            net = get_network(name, channel, num_classes, im_size, device='cpu')
-            x = torch.randn(2, channel, *im_size)
-            out, emb = net(x), net.embed(x)
-            assert out.shape == (2, num_classes)
-            assert emb.shape == (2, net.classifier.in_features)  # the features before the last linear layer
-            assert torch.allclose(net.classifier(emb), out, atol=1e-5)
-            stages, logits = net.stages(x)
-            assert len(stages) >= 1 and torch.allclose(logits, out, atol=1e-5)
-            assert stages[-1].flatten(1).shape == emb.shape
+    for channel, im_size, num_classes in SHAPES:
+        net = get_network(name, channel, num_classes, im_size, device='cpu')
+        x = torch.randn(2, channel, *im_size)
+        out, emb = net(x), net.embed(x)
+        assert out.shape == (2, num_classes)
+        assert emb.shape == (2, net.classifier.in_features)  # the features before the last linear layer
+        assert torch.allclose(net.classifier(emb), out, atol=1e-5)
+        stages, logits = net.stages(x)
+        assert len(stages) >= 1 and torch.allclose(logits, out, atol=1e-5)
+        assert stages[-1].flatten(1).shape == emb.shape
+        if name in RESNETS:  # as the papers' networks.py: the first convolution padded by 1 for every input, so
+            # ResNet18BN_AP keeps a 3x3 map on 28x28 input (512 x 3 x 3 features)
+            assert net.features[0].padding == (1, 1)
+            side = im_size[0] // 8 if name == 'ResNet18BN_AP' else 1
+            assert emb.shape == (2, 512 * side * side)
 
 
 def test_28x28_inputs_give_the_feature_maps_of_32x32():
@@ -30,20 +36,6 @@ def test_28x28_inputs_give_the_feature_maps_of_32x32():
         a = get_network(name, 1, 10, (28, 28), 'cpu').embed(torch.randn(1, 1, 28, 28))
         b = get_network(name, 3, 10, (32, 32), 'cpu').embed(torch.randn(1, 3, 32, 32))
         assert a.shape == b.shape, name
-
-
-@pytest.mark.parametrize('name', ['ResNet18', 'ResNet18BN', 'ResNet18BN_AP'])
-def test_resnets_pad_their_first_convolution_by_1_for_every_input(name):
-    # as the papers' networks.py: no 28x28 special case, so ResNet18BN_AP keeps a 3x3 map on 28x28 input
-    for channel, size in [(1, 28), (3, 32)]:
-        net = get_network(name, channel, 10, (size, size), 'cpu')
-        assert net.features[0].padding == (1, 1)
-        net.eval()
-        emb = net.embed(torch.randn(2, channel, size, size))
-        side = size // 8 if name == 'ResNet18BN_AP' else 1
-        assert emb.shape == (2, 512 * side * side)
-    assert get_network('ResNet18BN_AP', 1, 10, (28, 28), 'cpu').classifier.in_features == 512 * 3 * 3
-    assert get_network('ResNet18BN_AP', 3, 10, (32, 32), 'cpu').classifier.in_features == 512 * 4 * 4
 
 
 def test_convnet_stages_are_block_outputs_and_final_map():

@@ -4,8 +4,6 @@ import argparse
 import json
 import os
 import re
-import runpy
-import sys
 
 import numpy as np
 import pytest
@@ -14,8 +12,10 @@ from PIL import Image
 
 import evaluate
 import utils
-from helpers import ROOT, idx_bytes, needs_fashion, run, stopped_at_call, write_mnist
-from utils import default_strategy, get_dataset, summarise
+from helpers import (assert_one_line_error, needs_fashion, patterns, run, run_in_process, stopped_at_call, write_mnist,
+                     write_patterns)
+from runs import summarise
+from utils import default_strategy, get_dataset
 
 FAST = ['--epoch_eval_train', 2, '--num_eval', 1]
 FASHION_FOLDERS = ['T-shirt_top', 'trouser', 'Pullover', 'dress', 'Coat', 'sandal', 'Shirt', 'sneaker', 'Bag', 'ankle boot']
@@ -33,26 +33,6 @@ def papers_file(path, n_exp=2, ipc=2, shape=(1, 28, 28), num_classes=10, accs=Tr
 
 def report_of(path):
     return json.loads(open(path).read())
-
-
-def patterns(labels, rng):
-    """1x28x28 uint8 images: class c is a bright 7x7 square in cell c of a 4x4 grid, on dark noise."""
-    x = rng.integers(0, 60, (len(labels), 28, 28))
-    for i, c in enumerate(labels):
-        r, s = divmod(int(c), 4)
-        x[i, 7 * r:7 * r + 7, 7 * s:7 * s + 7] = 255
-    return x.astype(np.uint8)
-
-
-def write_patterns(root, name, n_train=40, n_test=40):
-    """A dataset in the MNIST layout whose classes are told apart by the place of a square."""
-    raw = root / name / 'raw'
-    raw.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for split, n in (('train', n_train), ('t10k', n_test)):
-        labels = np.arange(n) % 10
-        (raw / f'{split}-images-idx3-ubyte').write_bytes(idx_bytes(patterns(labels, rng)))
-        (raw / f'{split}-labels-idx1-ubyte').write_bytes(idx_bytes(labels))
 
 
 def write_png(path, array, mode):
@@ -111,18 +91,13 @@ def test_folder_labels_by_name_or_in_sorted_order():
 # End to end on small fixtures
 # ----------------------------------------------------------------------------------------------------
 
-@pytest.fixture
-def data(tmp_path):
-    write_mnist(tmp_path / 'data', n_train=100, n_test=20)
-    return tmp_path / 'data'
-
-
 def train_losses(stdout):
     """The final training loss of every evaluation model, as evaluate_synset logs it."""
     return re.findall(r'train loss = ([0-9.]+)', stdout)
 
 
-def test_a_papers_file_with_numpy_scalars_every_experiment_and_the_same_seed(tmp_path, data):
+@pytest.mark.e2e
+def test_a_papers_file_with_numpy_scalars_every_experiment_and_the_same_seed(tmp_path, data, monkeypatch, capsys):
     path = tmp_path / 'res_DSA_MNIST_ConvNet_2ipc.pt'
     papers_file(path)
     p = run('evaluate.py', path, *FAST, '--data_path', data)
@@ -135,7 +110,8 @@ def test_a_papers_file_with_numpy_scalars_every_experiment_and_the_same_seed(tmp
     assert s['sources']['dataset'] == 'the file name'
     r = report['results']['ConvNet']
     assert r['n'] == 2 and list(r['per_exp']) == ['0', '1'] and all(len(a) == 1 for a in r['per_exp'].values())
-    assert r['accs'] == r['per_exp']['0'] + r['per_exp']['1'] and all(0 <= a <= 1 for a in r['accs'])
+    assert r['accs'] == r['per_exp']['0'] + r['per_exp']['1']
+    assert all(float(40 * a).is_integer() for a in r['accs']), r['accs']  # tested on the 40 real test images
     assert r['mean'] == pytest.approx(np.mean(r['accs'])) and r['std'] == pytest.approx(np.std(r['accs']))
     assert (r['epochs'], r['augmentation']) == (2, 'DSA ' + DIGITS_STRATEGY)
     assert report['recorded']['ConvNet'] == pytest.approx(dict(mean=0.55, std=0.05, n=2, accs=[0.5, 0.6]))
@@ -144,23 +120,27 @@ def test_a_papers_file_with_numpy_scalars_every_experiment_and_the_same_seed(tmp
     losses = train_losses(p.stdout)
     assert len(losses) == 2
 
-    # the same seed gives the same models (the same accuracies); another seed other models; one
-    # experiment alone gets that experiment's accuracies
-    p = run('evaluate.py', path, *FAST, '--data_path', data, '--save_path', tmp_path / 'again')
+    # the same seed gives the same models (the same accuracies, here in this process); another seed other
+    # models; one experiment alone gets that experiment's accuracies
+    p = run_in_process(monkeypatch, capsys, 'evaluate.py', path, *FAST, '--data_path', data, '--save_path', tmp_path / 'again',
+                       main=evaluate.main)
     assert p.returncode == 0, p.stderr[-2000:]
     assert report_of(tmp_path / 'again' / 'res_DSA_MNIST_ConvNet_2ipc_eval.json')['results'] == report['results']
     assert train_losses(p.stdout) == losses
-    p = run('evaluate.py', path, *FAST, '--data_path', data, '--save_path', tmp_path / 'one', '--exp', 1, '--seed', 1)
+    p = run_in_process(monkeypatch, capsys, 'evaluate.py', path, *FAST, '--data_path', data, '--save_path', tmp_path / 'one',
+                       '--exp', 1, '--seed', 1, main=evaluate.main)
     assert p.returncode == 0, p.stderr[-2000:]
     assert train_losses(p.stdout)[0] != losses[1]
-    p = run('evaluate.py', path, *FAST, '--data_path', data, '--save_path', tmp_path / 'one', '--exp', 1)
+    p = run_in_process(monkeypatch, capsys, 'evaluate.py', path, *FAST, '--data_path', data, '--save_path', tmp_path / 'one',
+                       '--exp', 1, main=evaluate.main)
     assert p.returncode == 0, p.stderr[-2000:]
     one = report_of(tmp_path / 'one' / 'res_DSA_MNIST_ConvNet_2ipc_eval.json')['results']['ConvNet']
     assert one['per_exp'] == {'1': r['per_exp']['1']} and one['n'] == 1 and train_losses(p.stdout) == losses[1:]
 
 
+@pytest.mark.e2e
 def test_our_result_file_takes_its_settings_from_the_record_beside_it(tmp_path, data):
-    """A record as utils.summarise writes it; the file name (renamed) says nothing."""
+    """A record as runs.summarise writes it; the file name (renamed) says nothing."""
     made = argparse.Namespace(method='DM', dataset='MNIST', model='ConvNetD1', ipc=2, num_exp=1, save_path=str(tmp_path),
                               dsa=True, dsa_strategy='crop', epoch_eval_noaug=300, Iteration=3, im_size=(28, 28))
     summarise(made, {'ConvNetD1': [0.25]})
@@ -176,6 +156,7 @@ def test_our_result_file_takes_its_settings_from_the_record_beside_it(tmp_path, 
     assert f'(from the record {tmp_path / "res_mine.json"})' in p.stdout
 
 
+@pytest.mark.e2e
 def test_an_image_folder_matched_to_class_names_learns_its_classes(tmp_path):
     """The set's folders are named after Fashion-MNIST's classes in another order than sorted; a model
     trained on it classifies the test images correctly only when the labels follow the names."""
@@ -193,6 +174,7 @@ def test_an_image_folder_matched_to_class_names_learns_its_classes(tmp_path):
     assert report['settings']['ipc'] == 2 and report['results']['ConvNetD1']['augmentation'] == 'none'
 
 
+@pytest.mark.e2e
 def test_an_image_folder_for_a_users_image_folder_dataset(tmp_path):
     """--dataset ImageFolder: the real tree (24x24) is read at the set's size (16x16) and normalised with its
     own mean/std."""
@@ -207,17 +189,18 @@ def test_an_image_folder_for_a_users_image_folder_dataset(tmp_path):
                 train += [image] * (split == 'train')
     for name, colour in colours.items():
         write_png(tmp_path / 'syn' / name / '0.jpg', np.full((16, 16, 3), colour, np.uint8), 'RGB')
-    p = run('evaluate.py', tmp_path / 'syn', '--dataset', 'ImageFolder', '--data_path', tmp_path / 'tree', *FAST,
-            '--models', 'ConvNetD1', '--save_path', tmp_path / 'out')
+    p = run('evaluate.py', tmp_path / 'syn', '--dataset', 'ImageFolder', '--data_path', tmp_path / 'tree', '--num_eval', 1,
+            '--epoch_eval_train', 30, '--lr_net', 0.05, '--models', 'ConvNetD1', '--save_path', tmp_path / 'out')
     assert p.returncode == 0, p.stderr[-2000:]
     report = report_of(tmp_path / 'out' / 'syn_eval.json')
     s = report['settings']
     assert (s['im_size'], s['num_classes'], s['channel']) == ([16, 16], 2, 3)
     assert s['mean'] == pytest.approx((np.stack(train) / 255).mean((0, 1, 2)), abs=0.01)  # of the images at 16x16
     assert s['sources']['labels'] == 'folder names matched to class names'
-    assert 0 <= report['results']['ConvNetD1']['mean'] <= 1
+    assert report['results']['ConvNetD1']['mean'] == 1  # one pure colour per class: every test image (blue or red) right
 
 
+@pytest.mark.e2e
 def test_the_random_baseline_draws_as_many_real_images_per_class_as_the_set_has(tmp_path, data):
     labels = torch.tensor([0, 0, 0] + [c for c in range(1, 10) for _ in range(2)])  # class 0 has 3 images
     torch.save({'data': [[torch.randn(len(labels), 1, 28, 28), labels]] * 2, 'accs_all_exps': {}}, tmp_path / 'set.pt')
@@ -234,29 +217,23 @@ def test_the_random_baseline_draws_as_many_real_images_per_class_as_the_set_has(
     assert indices['0'] != indices['1']  # a fresh draw per experiment
 
 
-def evaluate_in_process(monkeypatch, *args):
-    """evaluate.py's main as run_script runs it (stop signals become a saved state and an exit status)."""
-    monkeypatch.setattr(sys, 'argv', ['evaluate.py', *map(str, args)])
-    with pytest.raises(SystemExit) as end:
-        utils.run_script(evaluate.main)
-        sys.exit(0)
-    return end.value.code
-
-
 def test_a_stopped_evaluation_continues_with_resume_and_gives_the_uninterrupted_accuracies(tmp_path, data, monkeypatch,
                                                                                            capsys):
+    def evaluate_in_process(*args):  # evaluate.py's main as run_script runs it (a stop: a saved state, an exit status)
+        return run_in_process(monkeypatch, capsys, 'evaluate.py', *args, main=evaluate.main)
+
     path = tmp_path / 'res_DSA_MNIST_ConvNet_2ipc.pt'
     papers_file(path)  # 2 experiments; per experiment 2 models on the set, then 2 on random real images
     flags = ['--epoch_eval_train', 2, '--num_eval', 2, '--baseline', 'random', '--data_path', data]
-    assert evaluate_in_process(monkeypatch, path, *flags, '--save_path', tmp_path / 'whole') == 0
+    assert evaluate_in_process(path, *flags, '--save_path', tmp_path / 'whole').returncode == 0
     whole = report_of(tmp_path / 'whole' / 'res_DSA_MNIST_ConvNet_2ipc_eval.json')
 
     train = utils.evaluate_synset
     out = tmp_path / 'cut' / 'res_DSA_MNIST_ConvNet_2ipc_eval.json'
     # stopped in the second model of the second experiment's set: its first model is done
     monkeypatch.setattr(utils, 'evaluate_synset', stopped_at_call(6, train, []))
-    assert evaluate_in_process(monkeypatch, path, *flags, '--save_path', out.parent) == 130
-    assert f'the 5 model(s) finished are in {out}; continue with --resume' in capsys.readouterr().err
+    p = evaluate_in_process(path, *flags, '--save_path', out.parent)
+    assert p.returncode == 130 and f'the 5 model(s) finished are in {out}; continue with --resume' in p.stderr, p.stderr
     cut = report_of(out)
     assert not cut['finished'] and list(cut['results']['ConvNet']['per_exp']) == ['0']
     assert sorted((d['set'], d['exp'], d['numbers'][0]) for d in cut['done']) == \
@@ -264,24 +241,25 @@ def test_a_stopped_evaluation_continues_with_resume_and_gives_the_uninterrupted_
 
     calls = []
     monkeypatch.setattr(utils, 'evaluate_synset', stopped_at_call(0, train, calls))  # counts, never stops
-    assert evaluate_in_process(monkeypatch, path, *flags, '--save_path', out.parent, '--resume') == 0
+    p = evaluate_in_process(path, *flags, '--save_path', out.parent, '--resume')
+    assert p.returncode == 0, p.stderr
     assert len(calls) == 3  # the set's second model of experiment 1 and its 2 random-image models
     resumed = report_of(out)
     assert resumed['finished'] and resumed['results'] == whole['results'] and resumed['baseline'] == whole['baseline']
-    assert 'continuing the evaluation' in capsys.readouterr().out
+    assert 'continuing the evaluation' in p.stdout
 
     # refused: other settings, or nothing to continue
-    assert evaluate_in_process(monkeypatch, path, *flags, '--save_path', out.parent, '--resume', '--lr_net', 0.02) == 2
-    assert "was made with other settings (lr_net 0.01, now 0.02)" in capsys.readouterr().err
-    assert evaluate_in_process(monkeypatch, path, *flags, '--save_path', tmp_path / 'none', '--resume') == 2
-    assert 'there is no evaluation to continue' in capsys.readouterr().err
+    assert_one_line_error(evaluate_in_process(path, *flags, '--save_path', out.parent, '--resume', '--lr_net', 0.02),
+                          'was made with other settings (lr_net 0.01, now 0.02)')
+    assert_one_line_error(evaluate_in_process(path, *flags, '--save_path', tmp_path / 'none', '--resume'),
+                          'there is no evaluation to continue')
     (tmp_path / 'other').mkdir()
     papers_file(tmp_path / 'other' / path.name, n_exp=1)  # another set of the same name
-    assert evaluate_in_process(monkeypatch, tmp_path / 'other' / path.name, *flags, '--save_path', out.parent,
-                               '--resume') == 2
-    assert 'was made with other settings (another synthetic set under the same name)' in capsys.readouterr().err
+    assert_one_line_error(evaluate_in_process(tmp_path / 'other' / path.name, *flags, '--save_path', out.parent, '--resume'),
+                          'was made with other settings (another synthetic set under the same name)')
 
 
+@pytest.mark.e2e
 @needs_fashion
 def test_random_real_images_of_fashion_mnist_are_clearly_above_chance(tmp_path):
     dst_train = get_dataset('FashionMNIST', str(tmp_path / 'data'))[6]
@@ -289,13 +267,13 @@ def test_random_real_images_of_fashion_mnist_are_clearly_above_chance(tmp_path):
     idx = torch.cat([torch.nonzero(dst_train.labels == c).flatten()[torch.randperm(6000, generator=g)[:10]]
                      for c in range(10)])
     torch.save({'data': [[dst_train.images[idx], dst_train.labels[idx]]], 'accs_all_exps': {}},
-               tmp_path / 'res_random_FashionMNIST_ConvNet_10ipc.pt')
-    p = run('evaluate.py', tmp_path / 'res_random_FashionMNIST_ConvNet_10ipc.pt', '--epoch_eval_train', 20, '--num_eval', 1,
+               tmp_path / 'res_random_FashionMNIST_ConvNetW32_10ipc.pt')  # (a narrow ConvNet: testing is quick)
+    p = run('evaluate.py', tmp_path / 'res_random_FashionMNIST_ConvNetW32_10ipc.pt', '--epoch_eval_train', 20, '--num_eval', 1,
             '--baseline', 'random', '--data_path', tmp_path / 'data')
     assert p.returncode == 0, p.stderr[-2000:]
-    report = report_of(tmp_path / 'res_random_FashionMNIST_ConvNet_10ipc_eval.json')
-    assert report['results']['ConvNet']['augmentation'] == 'none'  # a coreset: DC's augmentation, none here
-    assert report['results']['ConvNet']['mean'] > 0.5 and report['baseline']['results']['ConvNet']['mean'] > 0.5
+    report = report_of(tmp_path / 'res_random_FashionMNIST_ConvNetW32_10ipc_eval.json')
+    assert report['results']['ConvNetW32']['augmentation'] == 'none'  # a coreset: DC's augmentation, none here
+    assert report['results']['ConvNetW32']['mean'] > 0.5 and report['baseline']['results']['ConvNetW32']['mean'] > 0.5
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -399,7 +377,7 @@ def bad_inputs(tmp_path_factory):
     for name, text in (('garbage', 'not json'), ('other', json.dumps({'settings': {
             'dataset': 'MNIST', 'method': 'DSA', 'model': 'ConvNet', 'models': ['ConvNet'], 'dsa': True,
             'dsa_strategy': DIGITS_STRATEGY, 'epoch_eval_train': None, 'lr_net': 0.01, 'batch_train': 256, 'seed': 1,
-            'amp': False, 'eval_together': False, 'num_eval': 20, 'baseline': 'none', 'data_id': None}}))):
+            'amp': False, 'eval_together': False, 'num_eval': 20, 'baseline': 'none', 'data_id': None, 'factor': 1}}))):
         (reports / name).mkdir(parents=True)
         (reports / name / 'res_DSA_MNIST_ConvNet_2ipc_eval.json').write_text(text)
     return tmp
@@ -413,17 +391,11 @@ def arguments(tmp, args):
 @pytest.mark.parametrize('args,expected', BAD, ids=[' '.join(a).replace('{tmp}/', '') for a, _ in BAD])
 def test_bad_input(bad_inputs, capsys, monkeypatch, args, expected):
     """Runs evaluate.py's entry point in this process (as `python evaluate.py ...` would)."""
-    monkeypatch.setattr(sys, 'argv', ['evaluate.py', *arguments(bad_inputs, args)])
-    with pytest.raises(SystemExit) as e:
-        runpy.run_path(os.path.join(ROOT, 'evaluate.py'), run_name='__main__')
-    out = capsys.readouterr()
-    assert e.value.code == 2, out.err
-    assert len(out.err.strip().splitlines()) == 1 and 'Traceback' not in out.err, out.err
-    assert expected.replace('{tmp}', str(bad_inputs)) in out.err, out.err
+    p = run_in_process(monkeypatch, capsys, 'evaluate.py', *arguments(bad_inputs, args))
+    assert_one_line_error(p, expected.replace('{tmp}', str(bad_inputs)))
     assert not list(bad_inputs.rglob('*_eval.json'))  # nothing written
 
 
-@pytest.mark.parametrize('args', [['{tmp}/nope.pt'], ['{tmp}/not_images', '--dataset', 'MNIST'], ['{tmp}/unsafe.pt']])
-def test_bad_input_in_a_real_process(bad_inputs, args):
-    p = run('evaluate.py', *arguments(bad_inputs, args), timeout=120)
-    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and 'Traceback' not in p.stderr, p.stderr
+def test_bad_input_in_a_real_process(bad_inputs):
+    """(The cases above in this process, as its entry point runs them; here one in a process of its own.)"""
+    assert_one_line_error(run('evaluate.py', *arguments(bad_inputs, ['{tmp}/unsafe.pt']), timeout=120), 'safely')

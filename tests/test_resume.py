@@ -1,4 +1,5 @@
-"""Long runs survive: checkpoints, resume, signals, divergence, safe loading, full disks."""
+"""Long runs survive: checkpoints, resume, signals, divergence, safe loading, full disks; and what identifies a
+run (its signature: the flags, not the attributes a script derives from them)."""
 import errno
 import glob
 import json
@@ -13,27 +14,18 @@ import numpy as np
 import pytest
 import torch
 
+import main_DM
+import runs
 import utils
-from helpers import ROOT, run, stopped_at_call, write_mnist
+from helpers import assert_one_line_error, dm_args, run, run_in_process, start, stopped_at_call
 from utils import Diverged, UsageError, load_pt, load_result
 
 DM = ['--dataset', 'MNIST', '--ipc', 2, '--num_exp', 2, '--num_eval', 1, '--epoch_eval_train', 1, '--batch_real', 8,
       '--eval_mode', 'SS', '--checkpoint_every', 1]
 
 
-@pytest.fixture
-def data(tmp_path):
-    write_mnist(tmp_path / 'data', n_train=100, n_test=20)
-    return tmp_path / 'data'
-
-
 def final_images(save_path):
     return [d[0] for d in load_result(os.path.join(save_path, 'res_DM_MNIST_ConvNet_2ipc.pt'))['data']]
-
-
-def start(args, save_path):
-    return subprocess.Popen([sys.executable, os.path.join(ROOT, 'main_DM.py'), *map(str, args), '--save_path', save_path],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
 
 
 def wait_for_checkpoint(proc, save_path, progress):
@@ -45,14 +37,22 @@ def wait_for_checkpoint(proc, save_path, progress):
         time.sleep(0.01)
 
 
-def test_sigkill_then_resume_gives_the_uninterrupted_result(data, tmp_path):
+@pytest.fixture
+def main_dm(monkeypatch, capsys):
+    """main_DM.py's main run in this process (as run_script runs it): its exit status and output."""
+    return lambda *args: run_in_process(monkeypatch, capsys, 'main_DM.py', *args, main=main_DM.main)
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_sigkill_then_resume_gives_the_uninterrupted_result(data, tmp_path, main_dm):
     args = [*DM, '--Iteration', 12, '--data_path', data]
-    p = run('main_DM.py', *args, '--save_path', tmp_path / 'whole')
+    p = main_dm(*args, '--save_path', tmp_path / 'whole')
     assert p.returncode == 0, p.stderr[-2000:]
     whole = final_images(tmp_path / 'whole')
 
     cut = tmp_path / 'cut'
-    proc = start(args, cut)
+    proc = start('main_DM.py', *args, '--save_path', cut)
     wait_for_checkpoint(proc, cut, 13 + 5)  # in the second experiment
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -68,13 +68,14 @@ def test_sigkill_then_resume_gives_the_uninterrupted_result(data, tmp_path):
     assert 'warning: skipping' in p.stdout + p.stderr and 'resuming from' in p.stdout
     assert not glob.glob(str(cut / '*.tmp*'))  # the killed run's half-written files are gone
     for a, b in zip(whole, final_images(cut)):
-        assert torch.equal(a, b)  # bit-identical on the CPU
+        assert torch.equal(a, b)  # bit-identical on the CPU (and in this process as in another)
     assert len(glob.glob(str(cut / 'checkpoint_*.pt'))) == 2
 
 
+@pytest.mark.e2e
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(data, tmp_path):
-    args = [*DM, '--num_exp', 1, '--Iteration', 200, '--data_path', data, '--checkpoint_every', 3]
-    proc = start(args, tmp_path)
+    proc = start('main_DM.py', *DM, '--num_exp', 1, '--Iteration', 200, '--data_path', data, '--checkpoint_every', 3,
+                 '--save_path', tmp_path)
     wait_for_checkpoint(proc, tmp_path, 3)  # three iterations done
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
@@ -85,24 +86,19 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(data, tmp_path):
     assert 3 <= state['it'] < 200  # saved at the iteration where it stopped
 
 
-def test_resume_with_other_settings_is_refused(data, tmp_path):
+@pytest.mark.e2e
+def test_resume_with_other_settings_is_refused(data, tmp_path, main_dm):
     args = [*DM, '--num_exp', 1, '--Iteration', 2, '--data_path', data, '--save_path', tmp_path]
-    assert run('main_DM.py', *args).returncode == 0
-    p = run('main_DM.py', *args, '--resume', 'auto', '--lr_img', 0.5)
-    assert p.returncode == 2 and '--lr_img' in p.stderr and len(p.stderr.strip().splitlines()) == 1
-    p = run('main_DM.py', *args, '--resume', 'auto', '--num_exp', 2)  # more experiments: continues
-    assert p.returncode == 0 and len(load_result(tmp_path / 'res_DM_MNIST_ConvNet_2ipc.pt')['data']) == 2
+    assert main_dm(*args).returncode == 0
+    assert_one_line_error(main_dm(*args, '--resume', 'auto', '--lr_img', 0.5), '--lr_img 1.0 there, 0.5 here')
+    p = main_dm(*args, '--resume', 'auto', '--num_exp', 2)  # more experiments: continues
+    assert p.returncode == 0 and len(load_result(tmp_path / 'res_DM_MNIST_ConvNet_2ipc.pt')['data']) == 2, p.stderr
 
 
-def small_args(data, tmp_path, *extra):
-    tmp_path.mkdir(exist_ok=True)
-    parser = utils.get_parser('test', method='DM', init='real', lr_img=1.0, dsa_strategy='color_crop_cutout_flip_scale_rotate')
-    args = parser.parse_args(['--dataset', 'MNIST', '--data_path', str(data), '--save_path', str(tmp_path), '--ipc', '1',
-                              '--Iteration', '4', '--num_eval', '1', '--epoch_eval_train', '1', '--checkpoint_every', '1',
-                              '--eval_mode', 'SS', *extra])
-    args = utils.setup(args)
-    args.dsa = True
-    return args
+def small_args(data, save_path, *extra):
+    """main_DM's args for an in-process condense() of 4 iterations, a checkpoint after each."""
+    return dm_args(data, save_path, '--ipc', 1, '--Iteration', 4, '--num_eval', 1, '--epoch_eval_train', 1,
+                   '--checkpoint_every', 1, '--eval_mode', 'SS', *extra)
 
 
 def test_nan_in_the_images_stops_the_run_and_keeps_what_was_written(data, tmp_path):
@@ -114,7 +110,7 @@ def test_nan_in_the_images_stops_the_run_and_keeps_what_was_written(data, tmp_pa
 
     args = small_args(data, tmp_path, '--num_exp', '2')
     with pytest.raises(Diverged, match='iteration 2 of experiment 0') as e:
-        utils.condense(args, poisoned, eval_interval=2000)
+        runs.condense(args, poisoned, eval_interval=2000)
     assert 'checkpoint_DM_MNIST_ConvNet_1ipc_0000000002.pt' in str(e.value)
     state = load_pt(tmp_path / 'checkpoint_DM_MNIST_ConvNet_1ipc_0000000002.pt')
     assert torch.isfinite(state['images']).all()  # the last good state, not overwritten by the NaN
@@ -187,10 +183,10 @@ def test_really_full_disk(tmp_path):
         subprocess.run(['umount', str(mnt)])
 
 
+@pytest.mark.e2e
 def test_a_stop_during_evaluation_cuts_it_short_and_resume_redoes_it(data, tmp_path, monkeypatch):
-    import main_DM
     whole = small_args(data, tmp_path / 'whole')
-    utils.condense(whole, main_DM.train_iteration, eval_interval=2)
+    runs.condense(whole, main_DM.train_iteration, eval_interval=2)
     expected = load_result(tmp_path / 'whole' / 'res_DM_MNIST_ConvNet_1ipc.pt')['data'][0][0]
 
     evaluate = utils.evaluate_models
@@ -198,50 +194,50 @@ def test_a_stop_during_evaluation_cuts_it_short_and_resume_redoes_it(data, tmp_p
     monkeypatch.setattr(utils, 'evaluate_models', stopped_at_call(2, evaluate, []))
     cut = small_args(data, tmp_path / 'cut')
     t = time.time()
-    with pytest.raises(utils.Interrupted, match='SIGINT at iteration 2'):
-        utils.condense(cut, main_DM.train_iteration, eval_interval=2)
+    with pytest.raises(runs.Interrupted, match='SIGINT at iteration 2'):
+        runs.condense(cut, main_DM.train_iteration, eval_interval=2)
     assert time.time() - t < 50  # the evaluation did not run to its end
     state = load_pt(sorted(glob.glob(str(tmp_path / 'cut' / 'checkpoint_*.pt')))[-1])
     assert state['it'] == 2 and state['evaluated'] is False
     monkeypatch.setattr(utils, 'evaluate_models', evaluate)
-    utils.condense(small_args(data, tmp_path / 'cut', '--resume', 'auto'), main_DM.train_iteration, eval_interval=2)
+    runs.condense(small_args(data, tmp_path / 'cut', '--resume', 'auto'), main_DM.train_iteration, eval_interval=2)
     assert torch.equal(load_result(tmp_path / 'cut' / 'res_DM_MNIST_ConvNet_1ipc.pt')['data'][0][0], expected)
 
 
+@pytest.mark.e2e
 def test_a_stopped_evaluation_continues_with_the_models_not_yet_trained(data, tmp_path, monkeypatch):
     """Evaluations are long (DM at ipc 10 on CIFAR-10: 5 models, half an hour on a CPU): a stop keeps the
     accuracies of the models already trained, and the resumed run trains only the others, with the same
     accuracies as an uninterrupted run."""
-    import main_DM
     three = ('--num_eval', '3', '--num_exp', '1')
-    utils.condense(small_args(data, tmp_path / 'whole', *three), main_DM.train_iteration, eval_interval=2)
+    runs.condense(small_args(data, tmp_path / 'whole', *three), main_DM.train_iteration, eval_interval=2)
     whole = json.load(open(tmp_path / 'whole' / 'res_DM_MNIST_ConvNet_1ipc.json'))['history']
 
     train = utils.evaluate_synset
     calls = []  # models 1-3: iteration 0; 4-6: iteration 2, stopped in the third
     monkeypatch.setattr(utils, 'evaluate_synset', stopped_at_call(6, train, calls))
-    with pytest.raises(utils.Interrupted, match='SIGINT at iteration 2'):
-        utils.condense(small_args(data, tmp_path / 'cut', *three), main_DM.train_iteration, eval_interval=2)
+    with pytest.raises(runs.Interrupted, match='SIGINT at iteration 2'):
+        runs.condense(small_args(data, tmp_path / 'cut', *three), main_DM.train_iteration, eval_interval=2)
     state = load_pt(sorted(glob.glob(str(tmp_path / 'cut' / 'checkpoint_*.pt')))[-1])
     assert state['it'] == 2 and state['evaluated'] is False
     assert sorted(state['finished']) == [('ConvNet', (0,)), ('ConvNet', (1,))]
 
     calls.clear()
     monkeypatch.setattr(utils, 'evaluate_synset', lambda *a, **k: calls.append(1) or train(*a, **k))
-    utils.condense(small_args(data, tmp_path / 'cut', *three, '--resume', 'auto'), main_DM.train_iteration, eval_interval=2)
+    runs.condense(small_args(data, tmp_path / 'cut', *three, '--resume', 'auto'), main_DM.train_iteration, eval_interval=2)
     assert len(calls) == 1 + 3  # the third model of iteration 2, then the three of iteration 4
     cut = json.load(open(tmp_path / 'cut' / 'res_DM_MNIST_ConvNet_1ipc.json'))['history']
     assert [(h['it'], h['accs']) for h in cut] == [(h['it'], h['accs']) for h in whole]
 
 
-@pytest.mark.parametrize('script,flags', [
-    ('main', ['--method', 'DC']),
+@pytest.mark.e2e
+@pytest.mark.parametrize('script,flags', [  # (DC: test_runs.py, a stop in the middle of an iteration; DM: above)
     ('main', ['--method', 'DSA', '--dsa_strategy', 'crop_flip']),
     ('distill', ['--query', '2', '--window', '2', '--max_outer', '3', '--max_inner', '2', '--eval_mode', 'SS']),
 ])
 def test_every_method_resumes_bit_identically_after_a_crash(data, tmp_path, monkeypatch, script, flags):
     module = __import__(script)
-    args = ['--dataset', 'MNIST', '--ipc', '2', '--Iteration', '4', '--num_exp', '2', '--num_eval', '1',
+    args = ['--dataset', 'MNIST', '--model', 'ConvNetW32', '--ipc', '2', '--Iteration', '4', '--num_exp', '2', '--num_eval', '1',
             '--epoch_eval_train', '1', '--batch_real', '4', '--checkpoint_every', '1', '--data_path', str(data), *flags]
 
     def run_main(save_path, *extra):
@@ -282,3 +278,74 @@ def test_a_file_torch_did_not_write_or_a_truncated_one_is_named_as_such(tmp_path
     with pytest.raises(UsageError, match=r'cannot load .*cut.pt safely: it is truncated or damaged$'):
         load_pt(tmp_path / 'cut.pt')
     assert torch.equal(load_pt(tmp_path / 'good.pt')['images'], torch.zeros(4, 3))
+
+
+# ----------------------------------------------------------------------------------------------------
+# What identifies a run: the flags (as the script resolved them) and the data, not every attribute
+# ----------------------------------------------------------------------------------------------------
+
+def pull(it, syn, real, args):
+    """A stand-in method: one step of the images towards the mean of a fresh draw of 2 real images per class."""
+    target = torch.stack([real.get_images(c, 2).mean(0) for c in range(args.num_classes)]).repeat_interleave(args.ipc, 0)
+    loss = (syn.images - target).square().sum()
+    syn.step(loss)
+    return loss.item()
+
+
+def test_the_signature_is_the_flags_and_the_data(data, tmp_path):
+    args = small_args(data, tmp_path)
+    runs.load_real(args)  # (records the identity of the data: data_id)
+    sig = runs.signature(args)
+    assert set(sig) == (set(args.flags) - runs.RESUMABLE) | {'data_id'}
+    assert sig['dsa_strategy'] == 'color_crop_cutout_scale_rotate' and sig['lr_img'] == 1.0  # as configure() resolved them
+    assert 'dsa' not in sig and 'channel' not in sig and 'num_classes' not in sig  # derived, not flags
+    args.something_new = 3  # a later version derives one more attribute from the flags
+    args.num_classes = 11
+    assert runs.signature(args) == sig
+    assert runs.settings(args)['something_new'] == 3  # (the record's protocol still shows it)
+    other = small_args(data, tmp_path / 'b', '--lr_img', 0.5, '--checkpoint_every', 2, '--device', 'cpu')
+    runs.load_real(other)
+    assert runs.differences(sig, runs.signature(other)) == '--lr_img 1.0 there, 0.5 here'  # resumable flags aside
+    # an older version's signature held more keys: only this version's are compared
+    assert runs.differences({**sig, 'outer_loop': 7}, sig) == ''
+    assert runs.differences({k: v for k, v in sig.items() if k != 'amp'}, sig) == '--amp None there, False here'
+
+
+def test_a_run_resumes_after_a_script_derives_another_attribute(data, tmp_path, monkeypatch):
+    """Checkpoints and the record written before a new derived attribute (or by an older version, whose
+    signature held more keys) are this run's: --resume continues them, to the uninterrupted result."""
+    monkeypatch.setattr(utils, 'evaluate_models', lambda images, labels, pool, *a, **k: {m: [0.5] for m in pool})
+    flags = ['--num_exp', 2, '--ipc', 2]
+    runs.condense(small_args(data, tmp_path / 'whole', *flags), pull, eval_interval=2000)
+    whole = load_result(tmp_path / 'whole' / 'res_DM_MNIST_ConvNet_2ipc.pt')['data']
+    calls = []
+
+    def crash_in_the_second_experiment(it, *a):
+        calls.append(it)
+        if len(calls) == 4 + 3:  # iteration 2 of experiment 1
+            raise RuntimeError('crash')
+        return pull(it, *a)
+
+    cut = tmp_path / 'cut'
+    with pytest.raises(RuntimeError, match='crash'):
+        runs.condense(small_args(data, cut, *flags), crash_in_the_second_experiment, eval_interval=2000)
+    newest = sorted(glob.glob(str(cut / 'checkpoint_*.pt')))[-1]
+    state = load_pt(newest)
+    assert (state['exp'], state['it']) == (1, 2) and 'something_new' not in state['signature']
+    record = json.loads((cut / 'res_DM_MNIST_ConvNet_2ipc.json').read_text())
+    assert record['status'] == 'running'
+    for sig in (state['signature'], record['signature']):  # as an older version would have written them
+        sig['outer_loop'] = 7
+    torch.save(state, newest)
+    (cut / 'res_DM_MNIST_ConvNet_2ipc.json').write_text(json.dumps(record))
+
+    args = small_args(data, cut, *flags, '--resume', 'auto')
+    args.something_new = 3
+    calls.clear()
+    runs.condense(args, lambda it, *a: calls.append(it) or pull(it, *a), eval_interval=2000)
+    assert calls == [2, 3]  # continued where it stopped
+    resumed = load_result(cut / 'res_DM_MNIST_ConvNet_2ipc.pt')['data']
+    assert len(resumed) == len(whole) == 2 and all(torch.equal(a[0], b[0]) for a, b in zip(resumed, whole))
+    record = json.loads((cut / 'res_DM_MNIST_ConvNet_2ipc.json').read_text())
+    assert record['status'] == 'finished' and record['protocol']['something_new'] == 3
+    assert record['signature'] == json.loads((tmp_path / 'whole' / 'res_DM_MNIST_ConvNet_2ipc.json').read_text())['signature']

@@ -1,30 +1,47 @@
 """One results folder, many runs: no run overwrites or deletes another's files; checkpoints in every
 experiment and never onto other data; stop signals honoured within seconds and never mistaken for a
-corrupt file; only our own temporaries are cleaned; renames are made durable."""
+corrupt file; only our own temporaries are cleaned; renames are made durable.
+
+One finished run of main_DM.py (the module's `finished` fixture) is what most tests run against: each
+copies its folder, and runs the script's main() again in this process."""
 import glob
 import os
+import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 
 import pytest
 import torch
 
+import main
+import main_DM
+import runs
 import utils
-from helpers import ROOT, run, write_mnist
-from utils import Interrupted, load_pt, load_result
+from helpers import assert_one_line_error, dm_args, run, run_in_process, start, write_mnist
+from runs import Interrupted
+from utils import load_pt, load_result
 
 DM = ['--dataset', 'MNIST', '--ipc', 1, '--num_exp', 1, '--num_eval', 1, '--epoch_eval_train', 1, '--batch_real', 4,
-      '--eval_mode', 'SS', '--Iteration', 2]
+      '--eval_mode', 'SS', '--Iteration', 2, '--checkpoint_every', 1]
 RES = 'res_DM_MNIST_ConvNet_1ipc.pt'
 
 
+@pytest.fixture(scope='module')
+def finished(tmp_path_factory, data):
+    """The save path of one finished main_DM.py run (DM flags, a checkpoint after every iteration) on `data`."""
+    res = tmp_path_factory.mktemp('finished') / 'res'
+    p = run('main_DM.py', *DM, '--data_path', data, '--save_path', res)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert glob.glob(str(res / 'checkpoint_*.pt')) and (res / RES).exists()
+    return res
+
+
 @pytest.fixture
-def data(tmp_path):
-    write_mnist(tmp_path / 'data', n_train=60, n_test=20)
-    return tmp_path / 'data'
+def main_dm(monkeypatch, capsys):
+    """main_DM.py's main run in this process (as run_script runs it): its exit status and output."""
+    return lambda *args: run_in_process(monkeypatch, capsys, 'main_DM.py', *args, main=main_DM.main)
 
 
 def files(folder):
@@ -33,84 +50,76 @@ def files(folder):
             if os.path.isfile(os.path.join(folder, f)) and not f.startswith('.lock_') and '.tmp' not in f}
 
 
-def one_line(p, *parts):
-    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and 'Traceback' not in p.stderr, p.stderr
-    for part in parts:
-        assert part in p.stderr, p.stderr
-
-
+@pytest.mark.e2e
 @pytest.mark.parametrize('other', [['--seed', 1], ['--lr_img', 0.5], ['--Iteration', 3], ['--num_eval', 2]])
-def test_a_run_with_other_settings_never_touches_the_files_of_another(data, tmp_path, other):
-    res = tmp_path / 'res'
-    assert run('main_DM.py', *DM, '--data_path', data, '--save_path', res).returncode == 0
+def test_a_run_with_other_settings_never_touches_the_files_of_another(finished, data, tmp_path, main_dm, other):
+    res = shutil.copytree(finished, tmp_path / 'res')
     before = files(res)
-    args = [*DM, *other]  # (a later value of a flag wins)
-    p = run('main_DM.py', *args, '--data_path', data, '--save_path', res)
-    one_line(p, 'belongs to a run with other settings', f'--{other[0][2:]}', '--save_path', '--overwrite')
+    args = [*DM, *other, '--data_path', data, '--save_path', res]  # (a later value of a flag wins)
+    assert_one_line_error(main_dm(*args), 'belongs to a run with other settings', f'--{other[0][2:]}', '--save_path',
+                          '--overwrite')
     assert files(res) == before
-    p = run('main_DM.py', *args, '--data_path', data, '--save_path', res, '--overwrite')
+    p = main_dm(*args, '--overwrite')
     assert p.returncode == 0, p.stderr[-2000:]
     assert load_result(res / RES)['settings'][other[0][2:]] == other[1]
 
 
-def test_a_result_file_without_a_record_is_not_ours_to_replace(data, tmp_path):
+def test_a_result_file_without_a_record_is_not_ours_to_replace(data, tmp_path, main_dm):
     res = tmp_path / 'res'
     res.mkdir()
     torch.save({'data': [], 'accs_all_exps': {}}, res / RES)  # e.g. the papers' released file
     before = files(res)
-    one_line(run('main_DM.py', *DM, '--data_path', data, '--save_path', res), 'has no record', '--overwrite')
+    assert_one_line_error(main_dm(*DM, '--data_path', data, '--save_path', res), 'has no record', '--overwrite')
     assert files(res) == before
 
 
-def test_checkpoints_are_never_resumed_onto_other_data(tmp_path):
-    write_mnist(tmp_path / 'a', n_train=60, n_test=20, seed=0)
-    write_mnist(tmp_path / 'b', n_train=60, n_test=20, seed=1)
-    res = tmp_path / 'res'
-    assert run('main_DM.py', *DM, '--checkpoint_every', 1, '--data_path', tmp_path / 'a', '--save_path', res).returncode == 0
-    for p in [run('main_DM.py', *DM, '--data_path', tmp_path / 'b', '--save_path', res, '--resume', 'auto'),
-              run('main_DM.py', *DM, '--data_path', tmp_path / 'b', '--save_path', res)]:
-        one_line(p, 'other data')
+@pytest.mark.e2e
+def test_checkpoints_are_never_resumed_onto_other_data(finished, tmp_path, main_dm):
+    res = shutil.copytree(finished, tmp_path / 'res')
+    write_mnist(tmp_path / 'b', n_train=100, n_test=40, seed=1)  # the same shapes and labels, other images
+    before = files(res)
+    for extra in (['--resume', 'auto'], []):
+        assert_one_line_error(main_dm(*DM, '--data_path', tmp_path / 'b', '--save_path', res, *extra), 'other data')
+    assert files(res) == before
 
 
-def test_a_rerun_without_resume_never_deletes_an_unfinished_run(data, tmp_path, monkeypatch):
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_a_rerun_without_resume_never_deletes_an_unfinished_run(data, tmp_path, main_dm):
     res = tmp_path / 'res'
-    args = [*DM, '--Iteration', 200, '--checkpoint_every', 1, '--data_path', data, '--save_path', res]
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, 'main_DM.py'), *map(str, args)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+    args = [*DM, '--Iteration', 60, '--data_path', data, '--save_path', res]  # (a few seconds)
+    proc = start('main_DM.py', *args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     while proc.poll() is None and len(glob.glob(str(res / 'checkpoint_*.pt'))) < 2:
         time.sleep(0.05)
-    one_line(run('main_DM.py', *args), 'another run is writing')  # while it runs: its lock
+    assert_one_line_error(main_dm(*args), 'another run is writing')  # while it runs: its lock
     proc.kill()
     proc.wait()
     before = files(res)
-    one_line(run('main_DM.py', *args), 'unfinished run', '--resume auto', '--overwrite')
+    assert_one_line_error(main_dm(*args), 'unfinished run', '--resume auto', '--overwrite')
     assert files(res) == before
-    p = run('main_DM.py', *args, '--Iteration', 200, '--resume', 'auto')
+    p = main_dm(*args, '--resume', 'auto')
     assert p.returncode == 0 and 'resuming from' in p.stdout, p.stderr[-2000:]
-    p = run('main_DM.py', *args)  # the same command again after it finished: a fresh run that replaces it
-    assert p.returncode == 0 and load_result(res / RES)['settings']['Iteration'] == 200, p.stderr[-2000:]
+    p = main_dm(*args)  # the same command again after it finished: a fresh run that replaces it
+    assert p.returncode == 0 and 'resuming from' not in p.stdout, p.stderr[-2000:]
+    assert load_result(res / RES)['settings']['Iteration'] == 60
 
 
 def test_periodic_checkpoints_in_every_experiment(data, tmp_path, monkeypatch):
     monkeypatch.setattr(utils, 'evaluate_models', lambda images, labels, pool, *a, **k: {m: [0.5] for m in pool})
     saved = []
-    save = utils.Checkpoints.save
-    monkeypatch.setattr(utils.Checkpoints, 'save', lambda self, exp, it, *a, **k: saved.append((exp, it)) or save(self, exp, it, *a, **k))
-    parser = utils.get_parser('test', method='DM', init='real', lr_img=1.0)
-    args = utils.setup(parser.parse_args(['--dataset', 'MNIST', '--data_path', str(data), '--save_path', str(tmp_path / 'r'),
-                                          '--ipc', '1', '--Iteration', '7', '--num_exp', '3', '--eval_mode', 'M',
-                                          '--checkpoint_every', '3', '--dsa_strategy', 'none']))
-    args.dsa = False
-    utils.condense(args, lambda it, syn, real, a: 0.0, eval_interval=2000)
+    save = runs.Checkpoints.save
+    monkeypatch.setattr(runs.Checkpoints, 'save', lambda self, exp, it, *a, **k: saved.append((exp, it)) or save(self, exp, it, *a, **k))
+    args = dm_args(data, tmp_path / 'r', '--ipc', 1, '--Iteration', 7, '--num_exp', 3, '--eval_mode', 'M',
+                   '--checkpoint_every', 3, '--dsa_strategy', 'none')
+    runs.condense(args, lambda it, syn, real, a: 0.0, eval_interval=2000)
     # every 3 iterations (3 done since the last checkpoint), and after each (final) evaluation
     assert saved == [(0, 3), (0, 6), (0, 7), (1, 3), (1, 6), (1, 7), (2, 3), (2, 6), (2, 7)]
 
 
-def test_a_stop_signal_is_not_mistaken_for_a_corrupt_checkpoint(data, tmp_path, monkeypatch):
-    res = tmp_path / 'res'
-    assert run('main_DM.py', *DM, '--checkpoint_every', 1, '--data_path', data, '--save_path', res).returncode == 0
-    parser = utils.get_parser('test', method='DM')
-    args = utils.setup(parser.parse_args(['--dataset', 'MNIST', '--save_path', str(res), '--ipc', '1']))
+@pytest.mark.e2e
+def test_a_stop_signal_is_not_mistaken_for_a_corrupt_checkpoint(finished, data, tmp_path, monkeypatch):
+    res = shutil.copytree(finished, tmp_path / 'res')
+    args = dm_args(data, res, '--ipc', 1)
     args.num_classes = 10
 
     def signal_arrives(*a, **k):
@@ -118,23 +127,26 @@ def test_a_stop_signal_is_not_mistaken_for_a_corrupt_checkpoint(data, tmp_path, 
 
     monkeypatch.setattr(torch, 'load', signal_arrives)
     with pytest.raises(Interrupted):  # not "warning: skipping ... corrupt"
-        utils.Checkpoints(args, {}).load('auto')
+        runs.Checkpoints(args, {}).load('auto')
     with pytest.raises(Interrupted):
         load_pt(res / RES)
 
 
-def test_sigterm_mid_iteration_stops_within_seconds_and_resume_reproduces_the_run(data, tmp_path):
-    """A DC iteration at ipc 10 (10 outer steps, 9 x 50 inner epochs) takes long; SIGTERM abandons it."""
-    args = ['--method', 'DC', '--dataset', 'MNIST', '--ipc', 6, '--num_exp', 1, '--num_eval', 1, '--epoch_eval_train', 1,
-            '--batch_real', 4, '--eval_mode', 'SS', '--Iteration', 2, '--checkpoint_every', 1, '--data_path', data]
-    p = run('main.py', *args, '--save_path', tmp_path / 'whole')
+@pytest.mark.e2e
+def test_sigterm_mid_iteration_stops_within_seconds_and_resume_reproduces_the_run(data, tmp_path, monkeypatch, capsys):
+    """A DC iteration at ipc 10 (10 outer steps, 9 x 50 inner epochs) takes long; SIGTERM abandons it. (Here
+    one iteration of 6 outer steps and 5 x 28 inner epochs, a few seconds.)"""
+    args = ['--method', 'DC', '--dataset', 'MNIST', '--model', 'ConvNetW32', '--ipc', 6, '--num_exp', 1, '--num_eval', 1,
+            '--epoch_eval_train', 1, '--batch_real', 4, '--eval_mode', 'SS', '--Iteration', 1, '--checkpoint_every', 1,
+            '--data_path', data]
+    p = run_in_process(monkeypatch, capsys, 'main.py', *args, '--save_path', tmp_path / 'whole', main=main.main)
     assert p.returncode == 0, p.stderr[-2000:]
-    whole = load_result(tmp_path / 'whole' / 'res_DC_MNIST_ConvNet_6ipc.pt')['data']
+    whole = load_result(tmp_path / 'whole' / 'res_DC_MNIST_ConvNetW32_6ipc.pt')['data']
+    whole_start = load_pt(sorted(glob.glob(str(tmp_path / 'whole' / 'checkpoint_*.pt')))[0])['images']  # (at iteration 0)
 
     cut = tmp_path / 'cut'
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, 'main.py'), *map(str, args), '--save_path', str(cut)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
-    while proc.poll() is None and not glob.glob(str(cut / 'checkpoint_*1.pt')):  # iteration 1 has begun
+    proc = start('main.py', *args, '--save_path', cut)
+    while proc.poll() is None and not glob.glob(str(cut / 'checkpoint_*.pt')):  # evaluated: iteration 0 has begun
         time.sleep(0.05)
     time.sleep(1)
     proc.send_signal(signal.SIGTERM)
@@ -142,11 +154,12 @@ def test_sigterm_mid_iteration_stops_within_seconds_and_resume_reproduces_the_ru
     out, err = proc.communicate(timeout=120)
     assert time.time() - t < 10, 'not honoured within seconds'
     assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
-    assert 'stopped by SIGTERM at iteration 1 of experiment 0' in err.strip().splitlines()[-1]
-    assert load_pt(sorted(glob.glob(str(cut / 'checkpoint_*.pt')))[-1])['it'] == 1  # the state before iteration 1
-    p = run('main.py', *args, '--save_path', cut, '--resume', 'auto')
-    assert p.returncode == 0, p.stderr[-2000:]
-    resumed = load_result(cut / 'res_DC_MNIST_ConvNet_6ipc.pt')['data']
+    assert 'stopped by SIGTERM at iteration 0 of experiment 0' in err.strip().splitlines()[-1]
+    state = load_pt(sorted(glob.glob(str(cut / 'checkpoint_*.pt')))[-1])
+    assert state['it'] == 0 and torch.equal(state['images'], whole_start)  # the state before iteration 0
+    p = run_in_process(monkeypatch, capsys, 'main.py', *args, '--save_path', cut, '--resume', 'auto', main=main.main)
+    assert p.returncode == 0 and 'resuming from' in p.stdout, p.stderr[-2000:]
+    resumed = load_result(cut / 'res_DC_MNIST_ConvNetW32_6ipc.pt')['data']
     assert len(resumed) == len(whole) and all(torch.equal(a[0], b[0]) for a, b in zip(resumed, whole))
 
 
@@ -188,12 +201,8 @@ def test_a_signal_during_a_write_leaves_the_previous_file(tmp_path, monkeypatch)
 
 def test_sigint_in_process_is_caught_by_the_loop(data, tmp_path):
     """condense installs its own handlers: a stop signal mid-iteration leaves the pre-iteration state."""
-    parser = utils.get_parser('test', method='DM', init='real', lr_img=1.0)
-    args = utils.setup(parser.parse_args(['--dataset', 'MNIST', '--data_path', str(data), '--save_path', str(tmp_path / 'r'),
-                                          '--ipc', '1', '--Iteration', '5', '--num_exp', '1', '--eval_mode', 'M',
-                                          '--checkpoint_every', '1', '--dsa_strategy', 'none', '--num_eval', '1',
-                                          '--epoch_eval_train', '1']))
-    args.dsa = False
+    args = dm_args(data, tmp_path / 'r', '--ipc', 1, '--Iteration', 5, '--num_exp', 1, '--eval_mode', 'M',
+                   '--checkpoint_every', 1, '--dsa_strategy', 'none', '--num_eval', 1, '--epoch_eval_train', 1)
     seen = []
 
     def iteration(it, syn, real, a):
@@ -207,7 +216,7 @@ def test_sigint_in_process_is_caught_by_the_loop(data, tmp_path):
 
     t = time.time()
     with pytest.raises(Interrupted, match='SIGINT at iteration 2 of experiment 0'):
-        utils.condense(args, iteration, eval_interval=2000)
+        runs.condense(args, iteration, eval_interval=2000)
     assert time.time() - t < 20
     state = load_pt(sorted(glob.glob(str(tmp_path / 'r' / 'checkpoint_*.pt')))[-1])
     assert state['it'] == 2 and torch.equal(state['images'], seen[1])  # not seen[2]: iteration 2 was abandoned

@@ -1,43 +1,35 @@
 """Under torchrun (2 processes, gloo on the CPU): the same synthetic sets and accuracies as one process, bit
 for bit; evaluation and continual learning shared out; resume; a killed process ends the job."""
 import glob
+import importlib
 import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 import torch
 
-from helpers import ROOT, write_mnist
+from helpers import ROOT, one_thread, run_in_process, torchrun, torchrun_command
 from utils import load_result
 
-ONE_THREAD = {**os.environ, 'OMP_NUM_THREADS': '1'}  # the same number of threads per process in both runs
+pytestmark = [pytest.mark.torchrun, pytest.mark.e2e]
 TINY = ['--dataset', 'MNIST', '--ipc', 2, '--num_exp', 1, '--num_eval', 3, '--epoch_eval_train', 2, '--batch_real', 8]
 
 
-@pytest.fixture(scope='module')
-def data(tmp_path_factory):
-    path = tmp_path_factory.mktemp('data')
-    write_mnist(path, n_train=100, n_test=40)
-    return path
-
-
-def plain(script, *args, timeout=600):
-    return subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT, env=ONE_THREAD)
-
-
-def torchrun_command(script, *args, nproc=2):
-    return [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', str(nproc),
-            os.path.join(ROOT, script), *map(str, args)]
-
-
-def torchrun(script, *args, nproc=2, timeout=600):
-    return subprocess.run(torchrun_command(script, *args, nproc=nproc), capture_output=True, text=True, timeout=timeout,
-                          cwd=ROOT, env=ONE_THREAD)
+@pytest.fixture
+def plain(monkeypatch, capsys):
+    """A script's main() in this process, with one thread as each torchrun process has (their results must be
+    equal, bit for bit)."""
+    def run_plain(script, *args):
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return run_in_process(monkeypatch, capsys, script, *args, main=importlib.import_module(script[:-3]).main)
+        finally:
+            torch.set_num_threads(threads)
+    return run_plain
 
 
 def result(save_path):
@@ -51,16 +43,19 @@ def same(a, b):
     assert a['accs_all_exps'] == b['accs_all_exps']  # evaluation shared out: the same accuracies
 
 
+W32 = ['--model', 'ConvNetW32']  # (a narrow ConvNet where the model does not matter: quicker)
+
+
 @pytest.mark.parametrize('script,flags', [
-    ('main_DM.py', ['--Iteration', 3]),
+    ('main_DM.py', ['--Iteration', 3, *W32]),
     ('main_DM.py', ['--Iteration', 2, '--model', 'ConvNetBN']),  # BatchNorm: every process does every class
-    ('main.py', ['--method', 'DC', '--Iteration', 2, '--ipc', 3]),  # (3 outer steps: images exchanged between)
-    ('main.py', ['--method', 'DSA', '--Iteration', 2]),
+    ('main.py', ['--method', 'DC', '--Iteration', 2, '--ipc', 3, *W32]),  # (3 outer steps: images exchanged between)
+    ('main.py', ['--method', 'DSA', '--Iteration', 2, *W32]),
     ('main.py', ['--method', 'DC', '--Iteration', 1, '--model', 'ConvNetBN']),  # BatchNorm frozen: classes shared
-    ('distill.py', ['--Iteration', 2, '--query', 3, '--window', 2, '--max_outer', 3, '--max_inner', 2, '--eval_mode', 'SS']),
-    ('distill.py', ['--method', 'DSA', '--Iteration', 1, '--query', 3, '--window', 2, '--max_outer', 2, '--max_inner', 2]),
+    ('distill.py', ['--Iteration', 2, '--query', 3, '--window', 2, '--max_outer', 3, '--max_inner', 2, '--eval_mode', 'SS', *W32]),
+    ('distill.py', ['--method', 'DSA', '--Iteration', 1, '--query', 3, '--window', 2, '--max_outer', 2, '--max_inner', 2, *W32]),
 ])
-def test_two_processes_give_the_single_process_result_bit_for_bit(data, tmp_path, script, flags):
+def test_two_processes_give_the_single_process_result_bit_for_bit(data, tmp_path, plain, script, flags):
     args = [*TINY, *flags, '--data_path', data]
     p = plain(script, *args, '--save_path', tmp_path / 'one')
     assert p.returncode == 0, p.stderr[-3000:]
@@ -71,7 +66,7 @@ def test_two_processes_give_the_single_process_result_bit_for_bit(data, tmp_path
     assert sorted(os.listdir(tmp_path / 'one')) == sorted(os.listdir(tmp_path / 'two'))  # written once, by rank 0
 
 
-def test_evaluate_py_shares_its_models_out(data, tmp_path):
+def test_evaluate_py_shares_its_models_out(data, tmp_path, plain):
     torch.save({'data': [[torch.randn(20, 1, 28, 28), torch.arange(10).repeat_interleave(2)]]}, tmp_path / 'set.pt')
     flags = ['--dataset', 'MNIST', '--num_eval', 3, '--epoch_eval_train', 2, '--data_path', data]
     assert plain('evaluate.py', tmp_path / 'set.pt', *flags, '--save_path', tmp_path / 'one').returncode == 0
@@ -82,7 +77,7 @@ def test_evaluate_py_shares_its_models_out(data, tmp_path):
     assert [d['numbers'] for d in two['done']] == [[0], [1], [2]]
 
 
-def test_continual_learning_shares_its_seeds_out(data, tmp_path):
+def test_continual_learning_shares_its_seeds_out(data, tmp_path, plain):
     flags = ['--dataset', 'MNIST', '--steps', 2, '--ipc', 2, '--num_eval', 1, '--epoch_eval_train', 2, '--seeds', 3,
              '--method', 'DM', '--Iteration', 2, '--batch_real', 8, '--data_path', data]
     assert plain('CL_DM.py', *flags, '--save_path', tmp_path / 'one').returncode == 0
@@ -96,13 +91,13 @@ def test_continual_learning_shares_its_seeds_out(data, tmp_path):
         assert all(torch.equal(x[0], y[0]) for x, y in zip(a['data'], b['data']))
 
 
-def test_resume_under_two_processes(data, tmp_path):
-    args = [*TINY, '--Iteration', 30, '--checkpoint_every', 1, '--data_path', data]
+def test_resume_under_two_processes(data, tmp_path, plain):
+    args = [*TINY, '--Iteration', 15, '--checkpoint_every', 1, '--data_path', data]
     p = plain('main_DM.py', *args, '--save_path', tmp_path / 'whole')
     assert p.returncode == 0, p.stderr[-3000:]
     cut = tmp_path / 'cut'
     job = subprocess.Popen(torchrun_command('main_DM.py', *args, '--save_path', cut), stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL, cwd=ROOT, env=ONE_THREAD)
+                           stderr=subprocess.DEVNULL, cwd=ROOT, env=one_thread())
     while job.poll() is None and len(glob.glob(str(cut / 'checkpoint_*.pt'))) < 2:
         time.sleep(0.05)
     workers = children(job.pid)  # (torchrun starts them in sessions of their own)
@@ -139,7 +134,7 @@ def children(pid):
 def test_a_killed_process_ends_the_job_with_an_error_soon(data, tmp_path):
     job = subprocess.Popen(torchrun_command('main_DM.py', *TINY, '--Iteration', 100000, '--data_path', data,
                                             '--save_path', tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                           text=True, cwd=ROOT, env=ONE_THREAD)
+                           text=True, cwd=ROOT, env=one_thread())
     while job.poll() is None and not glob.glob(str(tmp_path / 'checkpoint_*.pt')):  # past the first evaluation
         time.sleep(0.1)
     workers = children(job.pid)

@@ -57,7 +57,7 @@ def test_amp_computes_in_bfloat16_and_only_when_asked():
         assert net.features[0](x).dtype == torch.float32
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # (bfloat16 on a CPU without it: seconds on a quiet machine, minutes on a loaded one)
 def test_evaluation_under_amp_learns():
     x, y = separable(5, 0)
     xt, yt = separable(20, 1)

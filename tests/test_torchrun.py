@@ -91,6 +91,7 @@ def test_continual_learning_shares_its_seeds_out(data, tmp_path, plain):
         assert all(torch.equal(x[0], y[0]) for x, y in zip(a['data'], b['data']))
 
 
+@pytest.mark.slow
 def test_resume_under_two_processes(data, tmp_path, plain):
     args = [*TINY, '--Iteration', 15, '--checkpoint_every', 1, '--data_path', data]
     p = plain('main_DM.py', *args, '--save_path', tmp_path / 'whole')

@@ -40,6 +40,8 @@ def main():
     """For each seed's class order, learn step by step and test after every step; the table over the seeds."""
     args = configure(setup(parser().parse_args()))
     real, testloader = load_real(args)
+    if args.steps > args.num_classes:
+        raise UsageError(f'--steps must be at most the number of classes ({args.num_classes})')
     table = Table(args)
     with exclusive(table.lock, table.path):
         for seed in this_process_seeds(table.finished(), args.seeds):

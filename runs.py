@@ -830,7 +830,7 @@ class Condensation:
                    total=args.Iteration + 1)
         due = False
         for it in bar:
-            evaluated = it not in self.eval_its or (resumed and it == start and resumed.get('evaluated', True))
+            evaluated = it not in self.eval_its or bool(resumed and it == start and resumed.get('evaluated', True))
             finished = dict(resumed.get('finished', {})) if resumed and it == start and not evaluated else {}
             before = None  # (the state this iteration starts from, once it moves the images)
             try:

@@ -1181,7 +1181,7 @@ LOAD_ERRORS = (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, TypeE
 
 def _load_failure(e):
     """Why torch.load refused a file, in a few words."""
-    unsafe = re.search(r'Unsupported global: GLOBAL (\S+)', str(e))
+    unsafe = re.search(r'(?:Unsupported global: GLOBAL|unsupported GLOBAL) (\S+)', str(e))
     if unsafe:
         return f'it holds {unsafe.group(1)}, which is not plain data (loading it could run code)'
     first = re.sub(r'\x1b\[[0-9;]*m', '', (str(e).strip().splitlines() or [type(e).__name__])[0])
@@ -1274,7 +1274,7 @@ def atomic_json(obj, path):
 
 # The files this toolkit writes (results, records, images, checkpoints, CL memories and tables, evaluation
 # reports, decoded-data caches). Only temporaries of these names are ever cleaned up.
-OUR_FILES = r'(res|vis|checkpoint|cl)_.+\.(pt|json|png)|.+_eval\.json|\.cache_.+\.pt'
+OUR_FILES = r'(res|vis|checkpoint|cl|G)_.+\.(pt|json|png)|.+_eval\.json|\.cache_.+\.pt'
 _TEMPORARY = re.compile(rf'(?:{OUR_FILES})\.tmp(\d+)')
 
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from runs import ModelQueue, condense, get_parser, run_script, set_dsa, setup
-from utils import UsageError, embed, expand, siamese_augment
+from utils import UsageError, embed, expand, siamese_augment, tile_slices
 
 
 def train_iteration(it, syn, real, args, queue):
@@ -101,12 +101,9 @@ def mosaic(tiles, factor=2):
     (bilinear) into its tile of N mosaics."""
     N, C, H, W = tiles.shape[0] // factor ** 2, *tiles.shape[1:]
     out = torch.empty(N, C, H, W, dtype=tiles.dtype, device=tiles.device)
-    groups = iter(tiles.split(N))
-    for j in range(factor):
-        for i in range(factor):
-            r0, r1, c0, c1 = H * i // factor, H * (i + 1) // factor, W * j // factor, W * (j + 1) // factor
-            out[..., r0:r1, c0:c1] = F.interpolate(next(groups), size=(r1 - r0, c1 - c0), mode='bilinear',
-                                                   align_corners=False)
+    for group, (rows, cols) in zip(tiles.split(N), tile_slices(H, W, factor)):
+        out[..., rows, cols] = F.interpolate(group, size=(rows.stop - rows.start, cols.stop - cols.start),
+                                             mode='bilinear', align_corners=False)
     return out
 
 

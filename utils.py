@@ -454,7 +454,7 @@ class ClassImages:
         order = torch.argsort(labels, stable=True)
         counts = torch.bincount(labels, minlength=num_classes).tolist()
         self.indices_class = list(order.split(counts))
-        self.keys, self.streams = None, {}
+        self.keys, self.streams, self.flat = None, {}, None
 
     def start(self, *keys):
         """Give every class a random stream of its own, seeded by keys (e.g. seed, experiment, iteration) and
@@ -475,7 +475,7 @@ class ClassImages:
         """The same images seen as a dataset of `classes` only, relabelled 0..len(classes)-1 (no copy)."""
         sub = copy.copy(self)
         sub.indices_class = [self.indices_class[c] for c in classes]
-        sub.keys, sub.streams = None, {}
+        sub.keys, sub.streams, sub.flat = None, {}, None
         return sub
 
     def get_images(self, c, n, stream='class'):
@@ -487,9 +487,11 @@ class ClassImages:
     def sample(self, n):
         """n random images of all classes (without replacement, from torch's global generator) and their
         labels, the class indices of this view."""
-        idx = torch.cat(self.indices_class)
-        labels = torch.arange(len(self.indices_class), device=idx.device).repeat_interleave(
-            torch.tensor([len(i) for i in self.indices_class], device=idx.device))
+        if self.flat is None:  # (every image's index and label, once)
+            idx = torch.cat(self.indices_class)
+            self.flat = idx, torch.arange(len(self.indices_class), device=idx.device).repeat_interleave(
+                torch.tensor([len(i) for i in self.indices_class], device=idx.device))
+        idx, labels = self.flat
         pick = torch.randperm(len(idx))[:n].to(idx.device)
         return self.images[idx[pick]], labels[pick]
 
@@ -1443,8 +1445,12 @@ def expand(images, labels, factor=2):
     if factor == 1:
         return images, labels
     H, W = images.shape[-2:]
-    rows = [(H * i // factor, H * (i + 1) // factor) for i in range(factor)]
-    cols = [(W * j // factor, W * (j + 1) // factor) for j in range(factor)]
-    tiles = [F.interpolate(images[..., r0:r1, c0:c1], size=(H, W), mode='bilinear', align_corners=False)
-             for c0, c1 in cols for r0, r1 in rows]
+    tiles = [F.interpolate(images[..., rows, cols], size=(H, W), mode='bilinear', align_corners=False)
+             for rows, cols in tile_slices(H, W, factor)]
     return torch.cat(tiles), None if labels is None else labels.repeat(factor * factor)
+
+
+def tile_slices(H, W, factor):
+    """The (rows, columns) of the tiles of an H x W mosaic, in expand's order: column by column."""
+    return [(slice(H * i // factor, H * (i + 1) // factor), slice(W * j // factor, W * (j + 1) // factor))
+            for j in range(factor) for i in range(factor)]

@@ -3,7 +3,7 @@
 Class-incremental learning in --steps steps. For each seed the classes arrive in the order
 np.random.seed(seed); np.random.permutation(num_classes). At each step the learner keeps a memory of
 --ipc images per class of that step's classes only: random real images, herding, or a synthetic set
-condensed by DSA or DM on those classes. A fresh model is trained on all memories so far (DSA
+condensed by DSA, DM or IDM on those classes. A fresh model is trained on all memories so far (DSA
 augmentation) and tested on the test images of every class seen so far.
 
 Memories built here are saved in --save_path under the papers' file names, with a record of the
@@ -20,19 +20,24 @@ from tqdm import trange
 
 import main as dc_dsa
 import main_DM as dm
+import main_IDM as idm
 import utils
 from runs import (STRATEGY_RULE, check_record, differences, exclusive, get_parser, load_real, new_synset, on_main,
                   read_json, refuse, run_script, set_dsa, setup, signature, step)
 from utils import (Diverged, UsageError, atomic_json, atomic_save, evaluate_models, gather_objects, get_loops,
                    load_result, select_coreset, set_seed, tensor_loader)
 
-MEMORY_NAMES = {'herding': 'cl_herding', 'DSA': 'cl_res_DSA', 'DM': 'cl_DM'}  # the papers' file names
-SCRIPTS = {'DSA': dc_dsa, 'DM': dm}  # the condensation methods: their iteration and their own defaults
+MEMORY_NAMES = {'herding': 'cl_herding', 'DSA': 'cl_res_DSA', 'DM': 'cl_DM', 'IDM': 'cl_IDM'}  # the papers' file names
+# the condensation methods: their iteration, their own defaults, and their hooks where they have them
+# (init_images, method_state, training_set: see main_IDM.py)
+SCRIPTS = {'DSA': dc_dsa, 'DM': dm, 'IDM': idm}
 SHAPED_BY = {  # besides method, dataset and its data, model, ipc, steps, class order and --seed
     'random': [],
     'herding': ['coreset_epochs', 'lr_net', 'batch_train', 'amp'],
     'DSA': ['Iteration', 'lr_img', 'init', 'batch_real', 'dsa_strategy', 'dis_metric', 'lr_net', 'batch_train', 'amp'],
     'DM': ['Iteration', 'lr_img', 'init', 'batch_real', 'dsa_strategy', 'amp'],
+    'IDM': ['Iteration', 'lr_img', 'batch_real', 'dsa_strategy', 'amp', 'factor', 'ce_weight', 'reset_every',
+            'net_generate_interval', 'net_num', 'fetch_net_num', 'model_train_steps', 'trained_bs', 'lr_net'],
 }
 
 
@@ -66,11 +71,12 @@ def build_memory(classes, real, args, keys):
         set_seed(*keys)
         images = real.images[torch.cat(select_coreset(args.method, real, args, args.ipc, classes))]
     else:  # condense a synthetic set of these classes only, as a len(classes)-class problem
-        sub, a = real.subset(classes), copy.copy(args)
+        sub, a, script = real.subset(classes), copy.copy(args), SCRIPTS[args.method]
         a.num_classes = len(classes)
-        syn = new_synset(sub, a, keys)
+        syn = new_synset(sub, a, keys, getattr(script, 'init_images', None))
+        carried = [script.method_state(sub, a)] if hasattr(script, 'method_state') else []
         for it in trange(args.Iteration, desc=f'{args.method} on classes {classes}', leave=False, dynamic_ncols=True):
-            step(SCRIPTS[args.method].train_iteration, it, syn, sub, a, keys)
+            step(script.train_iteration, it, syn, sub, a, keys, *carried)
         images = syn.images.detach()
         if not torch.isfinite(images).all():
             raise Diverged(f'the {args.method} memory of classes {classes} became non-finite (try a smaller --lr_img)')
@@ -126,12 +132,13 @@ def class_order(seed, args):
 
 
 def parser():
-    p = get_parser('Continual learning with condensed memories', methods=['random', 'herding', 'DSA', 'DM'],
+    p = get_parser('Continual learning with condensed memories', methods=['random', 'herding', 'DSA', 'DM', 'IDM'],
                    omit=('eval_mode', 'num_exp', 'resume', 'checkpoint_every'), method='random',
                    dataset='CIFAR100', ipc=20, num_eval=3, epoch_eval_train=1000, Iteration=None, lr_img=None,
                    init=None, dsa_strategy=None,
-                   rules={'Iteration': 'default: DSA 1000, DM 20000', 'lr_img': 'default: DSA 0.1, DM 1',
-                          'init': 'default: DSA noise, DM real', 'dsa_strategy': STRATEGY_RULE})
+                   rules={'Iteration': 'default: DSA 1000, DM and IDM 20000', 'lr_img': 'default: DSA 0.1, DM 1, IDM 0.2',
+                          'init': 'default: DSA noise, DM real; IDM: mosaics of real images',
+                          'dsa_strategy': STRATEGY_RULE})
     p.add_argument('--steps', type=int, default=5, help='the number of learning steps (5 or 10 in the paper)')
     p.add_argument('--seeds', type=int, default=5, help='run the class orders of seeds 0 .. seeds-1')
     p.add_argument('--coreset_epochs', type=int, default=10, help='herding: epochs of training its network')
@@ -152,19 +159,22 @@ def configure(args):
         refuse(args, ['dis_metric'], f'is for --method DSA (gradient matching), not {args.method}')
     if args.method != 'DM':
         refuse(args, ['compile'], f'is for --method DM, not {args.method}')
+    if args.method == 'IDM':
+        refuse(args, ['init'], 'does not apply to --method IDM: its memories start as mosaics of real images')
     own = method_defaults(args) if args.method in SCRIPTS else dict(Iteration=0, lr_img=0.1, init='real')
     for k, v in own.items():
-        setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
+        setattr(args, k, v if getattr(args, k, None) is None else getattr(args, k))
     args.outer_loop, args.inner_loop = get_loops(args.ipc)
     return args
 
 
 def method_defaults(args):
-    """Iteration, lr_img and init as the condensation method's own script resolves them for this dataset and ipc."""
+    """Iteration, lr_img and init as the condensation method's own script resolves them for this dataset and ipc,
+    and the settings of its own that this script has no flag for (IDM's queue, for one)."""
     script = SCRIPTS[args.method]
     own = script.configure(script.parser().parse_args(['--method', args.method, '--dataset', args.dataset,
                                                         '--ipc', str(args.ipc)]))
-    return {k: getattr(own, k) for k in ('Iteration', 'lr_img', 'init')}
+    return {k: v for k, v in vars(own).items() if k in ('Iteration', 'lr_img', 'init') or not hasattr(args, k)}
 
 
 def this_process_seeds(done, seeds):
@@ -199,6 +209,8 @@ def test_step(data, seen, test, args, keys):
     of the classes `seen`."""
     images = torch.cat([d[0] for d in data]).to(args.device)
     labels = torch.cat([d[1] for d in data]).to(args.device)
+    if hasattr(SCRIPTS.get(args.method), 'training_set'):  # (memories stored as a method encodes them)
+        images, labels = SCRIPTS[args.method].training_set(images, labels, args)
     mask = torch.isin(test.labels, torch.tensor(seen, device=test.labels.device))
     loader = tensor_loader(test.images[mask], test.labels[mask], 256)
     print(f'seed {keys[0]} step {keys[1]}: {len(labels)} memory images of {len(seen)} classes, {int(mask.sum())} test images')

@@ -182,10 +182,19 @@ def configure(args):
     return args
 
 
+def training_set(images, labels, args):
+    """The set that models train on: every stored mosaic expanded to its factor² images."""
+    return expand(images, labels, args.factor)
+
+
+# the harness's hooks (condense's; CL_DM.py calls them too)
+init_images, method_state = mosaic_init, new_queue
+
+
 def main():
     args = configure(setup(parser().parse_args()))
-    condense(args, train_iteration, eval_interval=args.eval_interval, init_images=mosaic_init, method_state=new_queue,
-             expand=lambda images, labels: expand(images, labels, args.factor))
+    condense(args, train_iteration, eval_interval=args.eval_interval, init_images=init_images, method_state=method_state,
+             expand=lambda images, labels: training_set(images, labels, args))
 
 
 if __name__ == '__main__':

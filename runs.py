@@ -297,6 +297,13 @@ def get_parser(description, methods=None, omit=(), unused=None, rules=None, **de
         help="'auto': continue from the newest valid checkpoint in --save_path (if any); or a checkpoint file")
     add('--checkpoint_every', type=int, default=None,
         help='save a checkpoint every N iterations (default: about every 10 minutes), and at each evaluation')
+    add('--minutes', type=float, default=None,
+        help='condense for this many minutes of iterations (evaluations not counted; a resumed run keeps its clock) '
+             'or --Iteration iterations, whichever ends first; the set is then evaluated at iteration 0, at the first '
+             'iteration past half the time, and at the end (to compare methods at equal time)')
+    add('--snapshots', action='store_true',
+        help="also save the synthetic set at every evaluation as res_<run>_exp<e>_iter<it>.pt (the papers' format, "
+             'unexpanded; evaluate.py evaluates it); with --num_eval 0 the run saves the sets without evaluating them')
     add('--overwrite', action='store_true',
         help='replace the files of an earlier run of the same name in --save_path (other settings, or unfinished)')
     p.set_defaults(**{'epoch_eval_noaug': 300, **defaults})
@@ -304,7 +311,7 @@ def get_parser(description, methods=None, omit=(), unused=None, rules=None, **de
 
 
 # whole-number flags (of any script) that must be at least 1, or at least 0
-POSITIVE = ['ipc', 'num_exp', 'num_eval', 'batch_real', 'batch_train', 'epoch_eval_train', 'checkpoint_every',
+POSITIVE = ['ipc', 'num_exp', 'batch_real', 'batch_train', 'epoch_eval_train', 'checkpoint_every',
             'coreset_epochs', 'query', 'window', 'max_outer', 'max_inner', 'steps', 'seeds']
 NON_NEGATIVE = ['Iteration', 'seed']
 
@@ -317,7 +324,9 @@ def check_numbers(args):
     for k in NON_NEGATIVE:
         if getattr(args, k, None) is not None and getattr(args, k) < 0:
             raise UsageError(f'--{k} must be at least 0, got {getattr(args, k)}')
-    for k in ('lr_img', 'lr_net'):
+    if getattr(args, 'num_eval', None) is not None and args.num_eval < (0 if getattr(args, 'snapshots', False) else 1):
+        raise UsageError(f'--num_eval must be at least 1 (0 with --snapshots), got {args.num_eval}')
+    for k in ('lr_img', 'lr_net', 'minutes'):
         if getattr(args, k, None) is not None and not (getattr(args, k) > 0 and math.isfinite(getattr(args, k))):
             raise UsageError(f'--{k} must be a positive number, got {getattr(args, k)}')
 
@@ -409,6 +418,15 @@ def result_path(args, ext='pt'):
     return os.path.join(args.save_path, f'res_{run_name(args)}.{ext}')
 
 
+def snapshot_path(args, exp, it):
+    return os.path.join(args.save_path, f'res_{run_name(args)}_exp{exp}_iter{it}.pt')
+
+
+def save_result(data, accs_all_exps, args, path):
+    """Synthetic sets [[images, labels]] and their accuracies in the papers' format, with our settings."""
+    atomic_save({'data': data, 'accs_all_exps': accs_all_exps, 'settings': settings(args)}, path)
+
+
 def vis_path(args, exp, it):
     return os.path.join(args.save_path, f'vis_{run_name(args)}_exp{exp}_iter{it}.png')
 
@@ -421,7 +439,7 @@ def save_vis(images, args, exp, it):
 
 
 # flags that do not change a run's results, so it may continue with other values
-RESUMABLE = {'device', 'data_path', 'save_path', 'resume', 'overwrite', 'checkpoint_every', 'num_exp'}
+RESUMABLE = {'device', 'data_path', 'save_path', 'resume', 'overwrite', 'checkpoint_every', 'num_exp', 'snapshots'}
 
 
 def settings(args):
@@ -469,8 +487,8 @@ def read_json(path):
 
 
 def our_run_files(args, checkpoints):
-    """This run name's files in the save path: result, record, images, checkpoints."""
-    vis = re.compile(re.escape(f'vis_{run_name(args)}_exp') + r'\d+_iter\d+\.png')
+    """This run name's files in the save path: result, record, images, snapshots, checkpoints."""
+    vis = re.compile(f'(vis|res)_{re.escape(run_name(args))}_exp' + r'\d+_iter\d+\.(png|pt)')
     return [p for p in (result_path(args), result_path(args, 'json')) if os.path.exists(p)] + checkpoints.paths() \
         + [os.path.join(args.save_path, f) for f in os.listdir(args.save_path) if vis.fullmatch(f)]
 
@@ -531,6 +549,10 @@ def summarise(args, accs_all_exps, history=(), pace=None):
     print('\n==================== Final Results ====================\n')
     summary = {}
     for key, accs in accs_all_exps.items():
+        if not accs:
+            print(f'{key}: not evaluated (--num_eval 0)')
+            summary[key] = dict(mean=None, std=None, n=0, accs=[])
+            continue
         print('Run %d experiments, train on %s, evaluate %d random %s, mean  = %.2f%%  std = %.2f%%'
               % (args.num_exp, args.model, len(accs), key, np.mean(accs) * 100, np.std(accs) * 100))
         summary[key] = dict(mean=float(np.mean(accs)), std=float(np.std(accs)), n=len(accs), accs=list(map(float, accs)))
@@ -582,6 +604,7 @@ class Checkpoints:
                              optimizer=syn.optimizer.state_dict(), accs=accs, evaluated=evaluated,
                              history=progress.history, finished={} if evaluated else dict(finished or {}),
                              accs_all_exps=progress.accs_all_exps, data=progress.data, processes=utils.WORLD,
+                             clock=progress.clock,
                              **extra), path)
             for p in [p for p in self.paths() if p != path][1:]:  # keep the one before it too
                 with contextlib.suppress(OSError):
@@ -730,13 +753,15 @@ class ModelQueue:
 
 class Progress:
     """What a run has done: the finished experiments' synthetic sets (`data`) and accuracies, the
-    accuracies of every evaluation (`history`), and the pace of this process's iterations."""
+    accuracies of every evaluation (`history`), the pace of this process's iterations, and the seconds the
+    current experiment's iterations took (`clock`, by rank 0's clock under torchrun; for --minutes)."""
 
     def __init__(self, model_pool, state=None):
         self.accs_all_exps = state['accs_all_exps'] if state else {m: [] for m in model_pool}
         self.data = state['data'] if state else []
         self.history = state.get('history', []) if state else []
         self.pace = {'iterations': 0, 'seconds': 0.0}  # sums over the iterations this process runs
+        self.clock = state.get('clock', 0.0) if state else 0.0
 
     def add_pace(self, stats, seconds):
         for k, v in dict(stats, iterations=1, seconds=seconds).items():
@@ -804,7 +829,9 @@ class Condensation:
         self.joint = joint_batchnorm and utils.has_batchnorm(utils.get_network(args.model, args.channel, 2,
                                                                                args.im_size, 'cpu'))
         print('Hyper-parameters:', {k: v for k, v in settings(args).items() if k != 'class_names'})
-        print('Evaluation model pool:', self.model_pool, 'at iterations', self.eval_its,
+        when = (f'at iteration 0, past {args.minutes / 2:g} minutes and at the end' if args.minutes else
+                f'at iterations {self.eval_its}')
+        print('Evaluation model pool:', self.model_pool, when,
               *([f'| {world} processes, each condensing '
                  f'{"every class (BatchNorm)" if self.joint else "its share of the classes"}'] if world > 1 else []))
         self.checkpoints = Checkpoints(args, signature(args))
@@ -826,11 +853,19 @@ class Condensation:
         Returns the accuracies of the last evaluation."""
         args, checkpoints = self.args, self.checkpoints
         start, accs = (resumed['it'], resumed['accs']) if resumed else (0, None)
+        if not resumed:
+            progress.clock = 0.0
         bar = tqdm(range(start, args.Iteration + 1), desc=f'exp {exp}', dynamic_ncols=True, initial=start,
                    total=args.Iteration + 1)
-        due = False
+        due, seconds = False, 0.0
         for it in bar:
-            evaluated = it not in self.eval_its or bool(resumed and it == start and resumed.get('evaluated', True))
+            last = it == args.Iteration or self.out_of_time(progress.clock)
+            if resumed and it == start:
+                evaluated = resumed.get('evaluated', True) or not (it in self.eval_its or args.minutes)
+            elif args.minutes:  # at 0, at the first iteration past half the time, and at the end
+                evaluated = not (it == 0 or last or progress.clock - seconds < 30 * args.minutes <= progress.clock)
+            else:
+                evaluated = it not in self.eval_its
             finished = dict(resumed.get('finished', {})) if resumed and it == start and not evaluated else {}
             before = None  # (the state this iteration starts from, once it moves the images)
             try:
@@ -840,15 +875,16 @@ class Condensation:
                     checkpoints.save(exp, it, syn, accs, progress, carried=carried)
                 elif due:
                     checkpoints.save(exp, it, syn, accs, progress, carried=carried)
-                if it == args.Iteration:
+                if last:
                     break
                 before = syn.state() if carried is None else NO_SNAPSHOT
                 stats, seconds = self.iterate(exp, it, syn, carried, real)
             except Interrupted as stop:
                 self.interrupted(stop, exp, it, syn, before, accs, progress, evaluated, finished, carried)
-            stats, due = self.check(exp, it, syn, stats)
+            stats, due, seconds = self.check(exp, it, syn, stats, seconds)
             bar.set_postfix({k: f'{v:.4f}' if k == 'loss' else v for k, v in stats.items()})
             progress.add_pace(stats, seconds)
+            progress.clock += seconds
         bar.close()
         return accs
 
@@ -858,8 +894,11 @@ class Condensation:
         syn.sync()
         if finished:
             tqdm.write(f'continuing the evaluation at iteration {it}: {len(finished)} model(s) done')
+        if self.args.snapshots:
+            on_main(save_result, [[syn.images.detach().cpu(), syn.labels.cpu()]], {}, self.args, snapshot_path(self.args, exp, it))
         images, labels = self.expand(syn.images.detach(), syn.labels)
-        accs = utils.evaluate_models(images, labels, self.model_pool, self.args, testloader, (exp, it), finished=finished)
+        accs = utils.evaluate_models(images, labels, self.model_pool, self.args, testloader, (exp, it), finished=finished) \
+            if self.args.num_eval else {m: [] for m in self.model_pool}
         progress.history.append(dict(exp=exp, it=it, accs=accs))
         on_main(save_vis, syn.images, self.args, exp, it)
         on_main(record_history, self.args, progress.history)
@@ -874,20 +913,24 @@ class Condensation:
         self.checkpoints.tick()
         return stats if isinstance(stats, dict) else {'loss': stats}, time.perf_counter() - started
 
-    def check(self, exp, it, syn, stats):
+    def check(self, exp, it, syn, stats, seconds):
         """The iteration's loss over all processes, stop if it or the images became non-finite; whether a
-        checkpoint is due (one collective per iteration under torchrun, with rank 0's clock)."""
+        checkpoint is due, and the iteration's seconds (one collective per iteration under torchrun: rank 0's clock)."""
         finite = math.isfinite(stats['loss']) and bool(torch.isfinite(syn.images[syn.of_classes()]).all())
         due = self.checkpoints.due()
         if utils.WORLD > 1:
             shared = utils.all_reduce(torch.tensor([stats['loss'] if syn.sharded else stats['loss'] / utils.WORLD,
-                                                    not finite, due], dtype=torch.float64, device=self.args.device))
-            loss, diverged, due = shared.tolist()
+                                                    not finite, due, seconds if utils.RANK == 0 else 0.0],
+                                                   dtype=torch.float64, device=self.args.device))
+            loss, diverged, due, seconds = shared.tolist()
             stats, finite, due = dict(stats, loss=loss), diverged == 0, due > 0
         if not finite:
             raise Diverged(f'the loss or the synthetic images became non-finite at iteration {it} of experiment '
                            f'{exp} (try a smaller --lr_img); last good checkpoint: {self.checkpoints.last_path}')
-        return stats, due
+        return stats, due, seconds
+
+    def out_of_time(self, clock):
+        return self.args.minutes is not None and clock >= 60 * self.args.minutes
 
     def interrupted(self, stop, exp, it, syn, before, accs, progress, evaluated, finished, carried):
         """A stop signal: abandon this iteration, save the state it started from, and stop. Under torchrun
@@ -908,6 +951,4 @@ class Condensation:
         for m in self.model_pool:
             progress.accs_all_exps[m] += accs[m]
         progress.data.append([syn.images.detach().cpu(), syn.labels.cpu()])
-        if utils.RANK == 0:
-            atomic_save({'data': progress.data, 'accs_all_exps': progress.accs_all_exps, 'settings': settings(self.args)},
-                        result_path(self.args))
+        on_main(save_result, progress.data, progress.accs_all_exps, self.args, result_path(self.args))

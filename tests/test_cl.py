@@ -165,3 +165,24 @@ def test_sigterm_while_a_memory_is_built_stops_within_seconds_keeping_the_finish
     assert time.time() - t < 20
     assert proc.returncode == 128 + signal.SIGTERM and err.strip().splitlines()[-1].startswith('error: stopped by SIGTERM')
     assert 'Traceback' not in err and not list(tmp_path.glob('*.tmp*'))
+
+
+@pytest.mark.e2e
+@pytest.mark.slow  # (IDM's queue trains 10 steps a model each iteration: about 20 s)
+def test_idm_memories_are_stored_as_mosaics_and_trained_on_expanded(data, tmp_path, cl, monkeypatch):
+    trained_on = []
+
+    def evaluate(images, labels, *a, **k):
+        trained_on.append(labels.tolist())
+        return {'ConvNet': [0.5]}
+
+    monkeypatch.setattr(CL_DM, 'evaluate_models', evaluate)
+    res = tmp_path / 'res'
+    p = cl(*TINY, '--method', 'IDM', '--Iteration', 2, '--batch_real', 8, '--data_path', data, '--save_path', res)
+    assert p.returncode == 0, p.stderr[-2000:]
+    saved = load_pt(ours(res, 'cl_IDM'))
+    first, second = order()[:5], order()[5:]
+    assert [d[1].tolist() for d in saved['data']] == [np.repeat(first, 2).tolist(), np.repeat(second, 2).tolist()]
+    assert saved['settings']['factor'] == 2 and saved['settings']['ce_weight'] == 0.5  # IDM's own defaults
+    assert trained_on == [np.repeat(first, 2).tolist() * 4,  # each stored mosaic expanded to its four images
+                          np.repeat(first + second, 2).tolist() * 4]

@@ -220,3 +220,71 @@ def test_sigint_in_process_is_caught_by_the_loop(data, tmp_path):
     assert time.time() - t < 20
     state = load_pt(sorted(glob.glob(str(tmp_path / 'r' / 'checkpoint_*.pt')))[-1])
     assert state['it'] == 2 and torch.equal(state['images'], seen[1])  # not seen[2]: iteration 2 was abandoned
+
+
+class FakeClock:
+    """time.perf_counter for runs.py: every condensation iteration takes `seconds`."""
+
+    def __init__(self, seconds):
+        self.now, self.seconds, self.calls = 0.0, seconds, 0
+
+    def __call__(self):
+        self.calls += 1
+        self.now += self.seconds if self.calls % 2 == 0 else 0.0  # (called at the start and end of each)
+        return self.now
+
+
+def test_minutes_end_the_run_on_time_with_evaluations_at_0_half_and_the_end_and_resume_keeps_the_clock(
+        data, tmp_path, monkeypatch):
+    evaluated, crash = [], {'at': None}
+    monkeypatch.setattr(utils, 'evaluate_models',
+                        lambda images, labels, pool, a, t, keys, **k: evaluated.append(keys) or {m: [0.5] for m in pool})
+
+    def train_iteration(it, syn, real, args):  # every iteration leaves its mark on the images
+        if it == crash['at']:
+            raise RuntimeError('crash')
+        syn.images.data.add_(1.0)
+        return 0.0
+
+    def condense(save_path, *flags):
+        monkeypatch.setattr(runs.time, 'perf_counter', FakeClock(10.0))
+        args = dm_args(data, save_path, '--ipc', 1, '--Iteration', 100, '--num_exp', 1, '--minutes', 1, '--snapshots',
+                       '--checkpoint_every', 1, '--dsa_strategy', 'none', *flags)
+        return runs.condense(args, train_iteration, eval_interval=2)
+
+    condense(tmp_path / 'whole')
+    # 10 s per iteration: half the time (30 s) is past after 3 iterations, the minute after 6
+    assert evaluated == [(0, 0), (0, 3), (0, 6)]
+    record = runs.read_json(str(tmp_path / 'whole' / 'res_DM_MNIST_ConvNet_1ipc.json'))
+    assert [h['it'] for h in record['history']] == [0, 3, 6] and record['pace']['iterations'] == 6
+    start = load_pt(tmp_path / 'whole' / 'res_DM_MNIST_ConvNet_1ipc_exp0_iter0.pt')['data'][0][0]
+    for it in (3, 6):
+        snapshot = load_pt(tmp_path / 'whole' / f'res_DM_MNIST_ConvNet_1ipc_exp0_iter{it}.pt')
+        assert torch.allclose(snapshot['data'][0][0], start + it) and snapshot['settings']['minutes'] == 1
+    assert torch.allclose(load_result(tmp_path / 'whole' / 'res_DM_MNIST_ConvNet_1ipc.pt')['data'][0][0], start + 6)
+
+    # a crash in iteration 4: the resumed run counts the 40 s already spent
+    evaluated.clear()
+    crash['at'] = 4
+    with pytest.raises(RuntimeError, match='crash'):
+        condense(tmp_path / 'cut')
+    crash['at'] = None
+    condense(tmp_path / 'cut', '--resume', 'auto')
+    assert evaluated == [(0, 0), (0, 3), (0, 6)]
+    assert [f for f in files(tmp_path / 'cut') if f.startswith('res_')] == \
+        [f for f in files(tmp_path / 'whole') if f.startswith('res_')]
+    assert torch.equal(load_result(tmp_path / 'cut' / 'res_DM_MNIST_ConvNet_1ipc.pt')['data'][0][0],
+                       load_result(tmp_path / 'whole' / 'res_DM_MNIST_ConvNet_1ipc.pt')['data'][0][0])
+
+
+def test_num_eval_0_with_snapshots_saves_the_sets_without_evaluating(data, tmp_path, monkeypatch):
+    monkeypatch.setattr(utils, 'evaluate_models', lambda *a, **k: pytest.fail('evaluated'))
+    args = dm_args(data, tmp_path / 'r', '--ipc', 1, '--Iteration', 2, '--num_exp', 1, '--num_eval', 0, '--snapshots',
+                   '--eval_mode', 'SS', '--dsa_strategy', 'none')
+    summary = runs.condense(args, lambda it, syn, real, a: 0.0, eval_interval=1)
+    assert summary == {'ConvNet': dict(mean=None, std=None, n=0, accs=[])}
+    assert sorted(f for f in os.listdir(tmp_path / 'r') if f.startswith('res_')) == [
+        'res_DM_MNIST_ConvNet_1ipc.json', 'res_DM_MNIST_ConvNet_1ipc.pt', 'res_DM_MNIST_ConvNet_1ipc_exp0_iter0.pt',
+        'res_DM_MNIST_ConvNet_1ipc_exp0_iter1.pt', 'res_DM_MNIST_ConvNet_1ipc_exp0_iter2.pt']
+    with pytest.raises(utils.UsageError, match='--num_eval must be at least 1 \\(0 with --snapshots\\)'):
+        dm_args(data, tmp_path / 'r2', '--num_eval', 0)

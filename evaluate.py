@@ -27,7 +27,7 @@ from utils import (CORESETS, DATASETS, EVAL_MODES, NO_STRATEGY, ClassImages, Par
                    check_strategy, default_strategy, eval_args, evaluate_models, expand, fingerprint, generator,
                    get_dataset, get_eval_pool, load_result, pick_device)
 
-DSA_MADE = ['DSA', 'DM', 'CAFE_DSA', 'IDM']  # sets evaluated with DSA augmentation
+DSA_MADE = ['DSA', 'DM', 'CAFE_DSA', 'IDM', 'ITGAN', 'GANInversion', 'GAN']  # sets evaluated with DSA augmentation
 MOSAICS = {'IDM': 2}  # methods whose stored images are factor x factor mosaics (see utils.expand)
 DC_MADE = ['DC', 'CAFE', *CORESETS]  # sets evaluated with DC's classic augmentation
 NO_AUG_EPOCHS = {'CAFE': 600, 'CAFE_DSA': 600}  # epochs without augmentation; others 300

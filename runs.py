@@ -422,9 +422,11 @@ def snapshot_path(args, exp, it):
     return os.path.join(args.save_path, f'res_{run_name(args)}_exp{exp}_iter{it}.pt')
 
 
-def save_result(data, accs_all_exps, args, path):
-    """Synthetic sets [[images, labels]] and their accuracies in the papers' format, with our settings."""
-    atomic_save({'data': data, 'accs_all_exps': accs_all_exps, 'settings': settings(args)}, path)
+def save_result(data, accs_all_exps, args, path, learned=None):
+    """Synthetic sets [[images, labels]] and their accuracies in the papers' format, with our settings (and
+    what the method learned in the images' place, one dict per set, when it learns no images)."""
+    atomic_save({'data': data, 'accs_all_exps': accs_all_exps, 'settings': settings(args),
+                 **({'learned': learned} if learned and learned[0] is not None else {})}, path)
 
 
 def vis_path(args, exp, it):
@@ -604,7 +606,7 @@ class Checkpoints:
                              optimizer=syn.optimizer.state_dict(), accs=accs, evaluated=evaluated,
                              history=progress.history, finished={} if evaluated else dict(finished or {}),
                              accs_all_exps=progress.accs_all_exps, data=progress.data, processes=utils.WORLD,
-                             clock=progress.clock,
+                             clock=progress.clock, learned=progress.learned,
                              **extra), path)
             for p in [p for p in self.paths() if p != path][1:]:  # keep the one before it too
                 with contextlib.suppress(OSError):
@@ -675,12 +677,12 @@ def eval_iterations(args, interval):
     return sorted(its | {args.Iteration})
 
 
-def new_synset(real, args, keys, init_images=None, classes=None):
+def new_synset(real, args, keys, init_images=None, classes=None, optimizer=None):
     """A synthetic set initialised (by `init_images(real, args)`, else as --init says) from the random streams
     of `keys`: torch's global generator and each class's own (see ClassImages.start)."""
     utils.set_seed(*keys)
     real.start(*keys, 'init')
-    return utils.SynSet(real, args, init_images(real, args) if init_images else None, classes)
+    return utils.SynSet(real, args, init_images(real, args) if init_images else None, classes, optimizer)
 
 
 def step(train_iteration, it, syn, real, args, keys, *carried):
@@ -759,6 +761,7 @@ class Progress:
     def __init__(self, model_pool, state=None):
         self.accs_all_exps = state['accs_all_exps'] if state else {m: [] for m in model_pool}
         self.data = state['data'] if state else []
+        self.learned = state.get('learned', []) if state else []
         self.history = state.get('history', []) if state else []
         self.pace = {'iterations': 0, 'seconds': 0.0}  # sums over the iterations this process runs
         self.clock = state.get('clock', 0.0) if state else 0.0
@@ -769,7 +772,7 @@ class Progress:
 
 
 def condense(args, train_iteration, eval_interval, init_images=None, joint_batchnorm=False, method_state=None,
-             expand=None):
+             expand=None, optimizer=None, render=None):
     """The experiment loop of a condensation method.
 
     For each experiment: a fresh synthetic set (from `init_images(real, args)` when given, else as
@@ -787,13 +790,18 @@ def condense(args, train_iteration, eval_interval, init_images=None, joint_batch
     argument, and checkpoints keep it (its state_dict() and load_state_dict(), torch.save-able; see ModelQueue).
     `expand(images, labels)`: the set that evaluation models train on, when the stored set is a compact
     encoding of it (IDM's mosaics); the set is saved as it is stored.
+    `render(learned, labels, state)`: the images, when what the method learns is not images (IT-GAN's latents
+    of a generator, the method's state); the rendered images are drawn, evaluated and saved in the papers'
+    format, and what was learned is saved beside them ('learned', with the state's `saved(syn)` if it has one).
+    `optimizer(params)`: the optimiser of what is learned (default: SGD, lr_img, momentum 0.5).
 
     Under torchrun each process moves the synthetic images of its share of the classes (syn.classes) and
     returns its share of the loss; `joint_batchnorm`: the method puts all classes through a BatchNorm
     model as one batch, so with such a model every process does every class (the same work).
     """
     real, testloader = load_real(args)
-    loop = Condensation(args, train_iteration, eval_interval, init_images, joint_batchnorm, method_state, expand)
+    loop = Condensation(args, train_iteration, eval_interval, init_images, joint_batchnorm, method_state, expand,
+                        optimizer, render)
     checkpoints = loop.checkpoints
     with stop_signals(), exclusive(os.path.join(args.save_path, f'.lock_{run_name(args)}'), result_path(args)):
         on_main(claim, args, checkpoints)
@@ -807,7 +815,7 @@ def condense(args, train_iteration, eval_interval, init_images=None, joint_batch
             resumed = state if state and exp == state['exp'] else None
             syn, carried = loop.start(exp, real, resumed)
             accs = loop.run(exp, syn, carried, real, testloader, progress, resumed)
-            loop.end(syn, accs, progress)
+            loop.end(syn, carried, accs, progress)
         return on_main(summarise, args, progress.accs_all_exps, progress.history, progress.pace)
 
 
@@ -818,9 +826,11 @@ class Condensation:
     """The steps of condense(): what stays the same over a run's experiments, and each experiment's
     start, iterations, evaluations and end."""
 
-    def __init__(self, args, train_iteration, eval_interval, init_images, joint_batchnorm, method_state, expand):
+    def __init__(self, args, train_iteration, eval_interval, init_images, joint_batchnorm, method_state, expand,
+                 optimizer=None, render=None):
         self.args, self.train_iteration, self.init_images, self.method_state = args, train_iteration, init_images, method_state
         self.expand = expand or (lambda images, labels: (images, labels))
+        self.optimizer, self.render = optimizer, render
         self.model_pool = utils.get_eval_pool(args.eval_mode, args.model, args.model)
         self.eval_its = eval_iterations(args, eval_interval)
         world = utils.WORLD
@@ -839,8 +849,8 @@ class Condensation:
     def start(self, exp, real, resumed):
         """The synthetic set of experiment `exp` (and the method's state), new or as a checkpoint left them."""
         args = self.args
-        syn = new_synset(real, args, (args.seed, exp), None if resumed else self.init_images,
-                         None if self.joint else utils.shard(args.num_classes))
+        syn = new_synset(real, args, (args.seed, exp), (lambda *_: resumed['images']) if resumed else self.init_images,
+                         None if self.joint else utils.shard(args.num_classes), self.optimizer)
         carried = self.method_state(real, args) if self.method_state else None
         if resumed:
             syn.restore((resumed['images'], resumed['optimizer']))
@@ -870,7 +880,7 @@ class Condensation:
             before = None  # (the state this iteration starts from, once it moves the images)
             try:
                 if not evaluated:
-                    accs = self.evaluate(exp, it, syn, testloader, progress, finished)
+                    accs = self.evaluate(exp, it, syn, carried, testloader, progress, finished)
                     evaluated = True
                     checkpoints.save(exp, it, syn, accs, progress, carried=carried)
                 elif due:
@@ -888,19 +898,30 @@ class Condensation:
         bar.close()
         return accs
 
-    def evaluate(self, exp, it, syn, testloader, progress, finished):
+    def stored(self, syn, carried):
+        """The set as it is saved: [images, labels, what was learned in their place (or None)]."""
+        if self.render is None:
+            return [syn.images.detach(), syn.labels, None]
+        with torch.no_grad():
+            images = self.render(syn.images.detach(), syn.labels, carried)
+        learned = dict(learned=syn.images.detach().cpu(), labels=syn.labels.cpu(),
+                       **(carried.saved(syn) if hasattr(carried, 'saved') else {}))
+        return [images, syn.labels, learned]
+
+    def evaluate(self, exp, it, syn, carried, testloader, progress, finished):
         """Evaluate the synthetic set on the model pool (continuing a stopped evaluation's `finished` models),
         draw it, and record the accuracies."""
         syn.sync()
         if finished:
             tqdm.write(f'continuing the evaluation at iteration {it}: {len(finished)} model(s) done')
+        stored = self.stored(syn, carried)
         if self.args.snapshots:
-            on_main(save_result, [[syn.images.detach().cpu(), syn.labels.cpu()]], {}, self.args, snapshot_path(self.args, exp, it))
-        images, labels = self.expand(syn.images.detach(), syn.labels)
+            on_main(save_result, [stored[:2]], {}, self.args, snapshot_path(self.args, exp, it), [stored[2]])
+        images, labels = self.expand(*stored[:2])
         accs = utils.evaluate_models(images, labels, self.model_pool, self.args, testloader, (exp, it), finished=finished) \
             if self.args.num_eval else {m: [] for m in self.model_pool}
         progress.history.append(dict(exp=exp, it=it, accs=accs))
-        on_main(save_vis, syn.images, self.args, exp, it)
+        on_main(save_vis, stored[0], self.args, exp, it)
         on_main(record_history, self.args, progress.history)
         return accs
 
@@ -945,10 +966,13 @@ class Condensation:
         raise Interrupted(f'{stop} at iteration {it} of experiment {exp}; checkpoint {self.checkpoints.last_path}; '
                           'continue with --resume auto', stop.code - 128) from None
 
-    def end(self, syn, accs, progress):
+    def end(self, syn, carried, accs, progress):
         """The experiment's synthetic set and accuracies join the results, saved in the papers' format."""
         syn.sync()
         for m in self.model_pool:
             progress.accs_all_exps[m] += accs[m]
-        progress.data.append([syn.images.detach().cpu(), syn.labels.cpu()])
-        on_main(save_result, progress.data, progress.accs_all_exps, self.args, result_path(self.args))
+        images, labels, learned = self.stored(syn, carried)
+        progress.data.append([images.cpu(), labels.cpu()])
+        if learned is not None:
+            progress.learned.append(learned)
+        on_main(save_result, progress.data, progress.accs_all_exps, self.args, result_path(self.args), progress.learned)

@@ -1384,11 +1384,12 @@ def gather_objects(obj):
 
 class SynSet:
     """The synthetic set: num_classes x ipc images (labels [0]*ipc + [1]*ipc + ...) and their optimiser.
-    Initialised by --init (noise, or random real images of each class), or with the given `images`.
-    `classes`: those this process moves (default: all); under torchrun each process moves its share, and
-    sync() gives every process the others' up-to-date images."""
+    Initialised by --init (noise, or random real images of each class), or with the given `images` (or
+    whatever a method learns in their place, one row per image: IT-GAN's latents). The optimiser: SGD
+    (lr_img, momentum 0.5), or `optimizer([tensor])`. `classes`: those this process moves (default: all);
+    under torchrun each process moves its share, and sync() gives every process the others' up-to-date rows."""
 
-    def __init__(self, real, args, images=None, classes=None):
+    def __init__(self, real, args, images=None, classes=None, optimizer=None):
         C, ipc = args.num_classes, args.ipc
         self.ipc, self.num_classes = ipc, C
         self.classes = list(range(C) if classes is None else classes)
@@ -1400,7 +1401,7 @@ class SynSet:
             self.images = torch.randn(C * ipc, args.channel, *args.im_size, device=args.device)
         self.images.requires_grad_(True)
         self.labels = torch.arange(C, device=args.device).repeat_interleave(ipc)
-        self.optimizer = torch.optim.SGD([self.images], lr=args.lr_img, momentum=0.5)
+        self.optimizer = (optimizer or (lambda p: torch.optim.SGD(p, lr=args.lr_img, momentum=0.5)))([self.images])
 
     def of_class(self, c):
         return self.images[c * self.ipc:(c + 1) * self.ipc]
@@ -1420,12 +1421,13 @@ class SynSet:
         return len(self.classes) < self.num_classes
 
     def sync(self, momentum=False):
-        """Every process's classes' images (and momentum) to every process: where the method needs the whole
-        set (training a network on it, evaluating it, saving it)."""
+        """Every process's classes' images (and with `momentum` the optimiser's state of them) to every process:
+        where the method needs the whole set (training a network on it, evaluating it, saving it)."""
         if self.sharded:
             broadcast_shards(self.images, self.num_classes)
-            if momentum and self.optimizer.state:
-                broadcast_shards(self.optimizer.state[self.images]['momentum_buffer'], self.num_classes)
+            for t in self.optimizer.state[self.images].values() if momentum else ():
+                if torch.is_tensor(t) and t.shape == self.images.shape:  # (SGD's momentum, Adam's moments)
+                    broadcast_shards(t, self.num_classes)
 
     def state(self):
         """A copy of the images and the optimiser's state (to return to with restore)."""

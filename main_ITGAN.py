@@ -49,9 +49,8 @@ STAGE_DEFAULTS = {  # the authors' settings of each stage
 
 def sources(real, args):
     """The real training images the latents stand for, class by class ([ipc] per class, an index into
-    real.images): the first --ipc of the class in an order drawn from (--seed, experiment), or all of it
-    (--ipc 0 means every image; then classes must be of equal size). A GANInversion result given by
-    --latents fixes them."""
+    real.images): the first --ipc of the class in an order drawn from (--seed, experiment); --ipc as large as
+    the classes takes every image (Fashion-MNIST: 6000). A GANInversion result given by --latents fixes them."""
     if args.latents:
         return args.latents_file['source'].to(real.images.device)
     picked = []
@@ -89,7 +88,8 @@ class Generator:
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def saved(self, syn):
-        return dict(source=self.source.cpu(), generator=self.args.generator, generator_sha256=self.args.generator_sha256)
+        return dict(source=self.source.cpu(), generator=self.args.generator, generator_sha256=self.args.generator_sha256,
+                    bytes=self.args.bytes)
 
     def state_dict(self):  # (nothing in it changes across iterations)
         return {}

@@ -4,7 +4,8 @@ datasets, and every budget flag is as small as it goes, so each bench runs to it
 its rows. What is timed is meaningless at that size; that the benches run, and say what they measured, is
 the point. float32 only: bfloat16 (--amp) is emulated, 10-20x slower than float32, on CPUs without AVX-512.
 bench/papers.py's rows of the papers' own code need a checkout of it (VICO-UoE/DatasetCondensation), which
-CI does not have: that test runs when $DC_PAPERS names one, and skips otherwise.
+CI does not have: that test runs when $DC_PAPERS names one, and skips otherwise. Nor does CI have the IDM
+authors' code (uitrbn/IDM): only our side of the IDM row is smoke-tested.
 """
 import json
 import os
@@ -111,6 +112,17 @@ def test_papers_times_our_rows_without_the_papers_code(tiny_data, tmp_path):
     rows = bench('papers.py', '--only', 'dm_ipc10', '--iterations', 1, *TINY, '--data_path', tiny_data,
                  save_path=tmp_path)
     assert [(r['what'], r['who']) for r in rows] == [('dm_ipc10', 'ours, float32')]
+    assert 'error' not in rows[0] and rows[0]['GFLOP'] > 0 and rows[0]['fraction_of_fp32_rate'] is not None
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_papers_times_our_idm_rows_without_the_authors_code(tmp_path):
+    data = tmp_path / 'data'
+    write_mnist(data, n_train=400, n_test=20)  # IDM's 2x2 mosaics start from 4 x ipc 10 real images per class
+    rows = bench('papers.py', '--only', 'idm_ipc10', '--iterations', 1, *TINY, '--data_path', data,
+                 '--script_flags=--batch_real 4 --trained_bs 8 --model_train_steps 1', save_path=tmp_path / 'out')
+    assert [(r['what'], r['who']) for r in rows] == [('idm_ipc10', 'ours, float32')]  # (no --idm: no authors' row)
     assert 'error' not in rows[0] and rows[0]['GFLOP'] > 0 and rows[0]['fraction_of_fp32_rate'] is not None
 
 

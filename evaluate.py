@@ -289,6 +289,8 @@ def random_real(real, counts, generator):
 # ----------------------------------------------------------------------------------------------------
 
 def summary(accs, **extra):
+    if not accs:  # (a report saved before any experiment is complete)
+        return dict(mean=None, std=None, n=0, accs=[], **extra)
     return dict(mean=float(np.mean(accs)), std=float(np.std(accs)), n=len(accs), accs=accs, **extra)
 
 
@@ -311,7 +313,7 @@ def table(report):
         columns.append(('random real images', report['baseline']['results']))
     if report['recorded']:
         columns.append(('recorded in the file', report['recorded']))
-    cell = lambda r: '%.2f ± %.2f %% (n=%d)' % (100 * r['mean'], 100 * r['std'], r['n']) if r else '-'
+    cell = lambda r: '%.2f ± %.2f %% (n=%d)' % (100 * r['mean'], 100 * r['std'], r['n']) if r and r['n'] else '-'
     rows = [['model', 'augmentation', 'epochs'] + [name for name, _ in columns]]
     for m, r in report['results'].items():
         rows.append([m, r['augmentation'], str(r['epochs'])] + [cell(results.get(m)) for _, results in columns])
@@ -454,15 +456,18 @@ def main():
                           indices={str(j): idx.tolist() for j, (idx, _) in baselines.items()}) if baselines else None,
             recorded=recorded, finished=finished, done=done_list(done))
 
+    # (every finished model is saved at once: a kill loses at most the model in training; under torchrun each
+    # process holds only its own models until the experiment ends)
+    save = (lambda: atomic_json(report(False), out)) if utils.WORLD == 1 else None
     try:
         for k, images, labels in sets:
-            for m, a in evaluate_models(images, labels, model_pool, args, testloader, (k,),
+            for m, a in evaluate_models(images, labels, model_pool, args, testloader, (k,), on_finish=save,
                                         finished=done.setdefault(('synthetic', k), {})).items():
                 accs[m][str(k)] = a
             if baselines:
                 idx, base_labels = baselines[k]
                 for m, a in evaluate_models(dst_train.images[idx], base_labels, model_pool, args, testloader, ('random', k),
-                                            finished=done.setdefault(('random', k), {})).items():
+                                            on_finish=save, finished=done.setdefault(('random', k), {})).items():
                     base_accs[m][str(k)] = a
             on_main(atomic_json, report(k == sets[-1][0]), out)  # after every experiment: a long run keeps what it has done
     except Interrupted as stop:

@@ -989,13 +989,15 @@ EVAL_GROUP = 10  # --eval_together: at most this many models of an architecture 
 TEST_ONE_BY_ONE = ('cpu',)
 
 
-def evaluate_models(images, labels, model_pool, args, testloader, seed_keys=(), split=True, finished=None):
+def evaluate_models(images, labels, model_pool, args, testloader, seed_keys=(), split=True, finished=None,
+                    on_finish=None):
     """Evaluate a synthetic set on num_eval fresh models of every architecture in model_pool.
     Every model trains on a random stream of its own, seeded by (--seed, seed_keys, architecture, number),
     so evaluating never changes the condensation and each accuracy is the same wherever it is computed:
     under torchrun (`split`) the models are shared out among the processes and their accuracies gathered.
     `finished` (a dict, filled in as models finish: (architecture, numbers) -> accuracies) lets a stopped
-    evaluation continue: the models already in it are not trained again. On return it holds them all."""
+    evaluation continue: the models already in it are not trained again. On return it holds them all.
+    `on_finish()` is called after every model this process trains (e.g. to save `finished`)."""
     jobs = []  # (architecture, the numbers of its models, trained together?): BatchNorm models alone
     for m in model_pool:
         numbers = list(range(args.num_eval))
@@ -1019,6 +1021,8 @@ def evaluate_models(images, labels, model_pool, args, testloader, seed_keys=(), 
                 net = get_network(model_eval, args.channel, args.num_classes, args.im_size, args.device)
                 result = [evaluate_synset(numbers[0], net, images.detach(), labels, testloader, a)[2]]
             finished[model_eval, tuple(numbers)] = result
+            if on_finish:
+                on_finish()
     done = {k: accs for part in (gather_objects(finished) if split else [finished]) for k, accs in part.items()}
     finished.update(done)  # (every process's models: the caller may save them)
     accs = {m: [a for model_eval, numbers, _ in jobs if model_eval == m for a in done[model_eval, tuple(numbers)]]

@@ -259,6 +259,32 @@ def test_a_stopped_evaluation_continues_with_resume_and_gives_the_uninterrupted_
                           'was made with other settings (another synthetic set under the same name)')
 
 
+def test_a_killed_evaluation_keeps_every_model_it_finished(tmp_path, data, monkeypatch, capsys):
+    path = tmp_path / 'res_DSA_MNIST_ConvNet_2ipc.pt'
+    papers_file(path)
+    flags = ['--epoch_eval_train', 2, '--num_eval', 2, '--data_path', data, '--save_path', tmp_path / 'out']
+    train, calls = utils.evaluate_synset, []
+
+    class Killed(Exception):
+        pass
+
+    def killed_at_the_fourth(*a, **k):  # (as SIGKILL: no handler runs, nothing is saved at the end)
+        calls.append(1)
+        if len(calls) == 4:
+            raise Killed
+        return train(*a, **k)
+
+    monkeypatch.setattr(utils, 'evaluate_synset', killed_at_the_fourth)
+    with pytest.raises(Killed):
+        run_in_process(monkeypatch, capsys, 'evaluate.py', path, *flags, main=evaluate.main)
+    saved = report_of(tmp_path / 'out' / 'res_DSA_MNIST_ConvNet_2ipc_eval.json')
+    assert sorted((d['exp'], d['numbers'][0]) for d in saved['done']) == [(0, 0), (0, 1), (1, 0)]
+    calls.clear()
+    monkeypatch.setattr(utils, 'evaluate_synset', stopped_at_call(0, train, calls))
+    p = run_in_process(monkeypatch, capsys, 'evaluate.py', path, *flags, '--resume', main=evaluate.main)
+    assert p.returncode == 0 and len(calls) == 1, p.stderr  # only the model that was in training
+
+
 @pytest.mark.e2e
 @needs_fashion
 def test_random_real_images_of_fashion_mnist_are_clearly_above_chance(tmp_path):

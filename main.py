@@ -10,7 +10,7 @@ epochs on the synthetic set.
 import torch
 
 from runs import STRATEGY_RULE, condense, get_parser, refuse, run_script, set_dsa, setup
-from utils import (CORESETS, batchnorm_layers, class_gradients, get_loops, get_network, has_batchnorm, match_loss,
+from utils import (CORESETS, FORGETTING, HERDING, batchnorm_layers, class_gradients, get_loops, get_network, has_batchnorm, match_loss,
                    run_epoch, select_coreset, siamese_augment, tensor_loader)
 
 BN_IMAGES_PER_CLASS = 16
@@ -63,6 +63,12 @@ def parser():
                    rules={'dsa_strategy': f'default: None; with --method DSA {STRATEGY_RULE}'})
     p.add_argument('--coreset_epochs', type=int, default=10,
                    help='herding/kcenter/forgetting: epochs of training the network on the real data')
+    p.add_argument('--herding', choices=list(HERDING), default='greedy',
+                   help="herding's rule: greedy (each pick keeps the picks' mean nearest the class mean; Welling, "
+                        '2009) or nearest (the ipc images nearest the class mean)')
+    p.add_argument('--forgetting_score', choices=FORGETTING, default='toneva',
+                   help='forgetting: how an image the network never got right ranks: toneva (first, as forgotten '
+                        'every time) or events (by its forgetting events: none)')
     return p
 
 
@@ -77,6 +83,10 @@ def configure(args):
         args.Iteration, args.init = 0, 'real'
     else:
         refuse(args, ['coreset_epochs'], f'is for the coreset methods ({", ".join(CORESETS[1:])}), not {args.method}')
+    if args.method != 'herding':
+        refuse(args, ['herding'], f'is for --method herding, not {args.method}')
+    if args.method != 'forgetting':
+        refuse(args, ['forgetting_score'], f'is for --method forgetting, not {args.method}')
         args.outer_loop, args.inner_loop = get_loops(args.ipc)
     return args
 

@@ -460,9 +460,15 @@ def signature(args):
     return {k: plain[k] for k in [*flags, 'data_id'] if k in plain and k not in RESUMABLE}
 
 
+# flags added after runs were recorded without them: the value those runs had, in effect
+ADDED_FLAGS = {'minutes': None, 'herding': 'greedy', 'forgetting_score': 'toneva'}
+
+
 def differences(theirs, ours):
     """The settings of signature `ours` that differ in `theirs`, for a one-line message. Keys only `theirs`
-    has (what an older version put in a signature) are not compared."""
+    has (what an older version put in a signature) are not compared; a flag added since `theirs` was
+    recorded counts with the value it had in effect then (ADDED_FLAGS)."""
+    theirs = {**{k: v for k, v in ADDED_FLAGS.items() if k in ours}, **theirs}
     keys = sorted(k for k in ours if theirs.get(k) != ours[k])
     said = ['other data' if k == 'data_id' else f'--{k} {theirs.get(k)} there, {ours.get(k)} here' for k in keys]
     return ', '.join(said[:4] + ['...'] * (len(said) > 4))

@@ -1093,6 +1093,15 @@ def herding(features, n):
     return torch.stack(picks)
 
 
+def nearest_to_mean(features, n):
+    """The n rows of `features` nearest their mean, nearest first."""
+    return (features - features.mean(0)).square().sum(1).topk(min(n, len(features)), largest=False).indices
+
+
+HERDING = {'greedy': herding, 'nearest': nearest_to_mean}
+FORGETTING = ['toneva', 'events']
+
+
 def k_center(features, n):
     """n rows of `features` picked by greedy k-center (Sener & Savarese, 2018): first the row nearest
     the mean, then again and again the row farthest from all picks so far. Returns their indices."""
@@ -1110,13 +1119,14 @@ def k_center(features, n):
     return torch.stack(picks)
 
 
-def forgetting_counts(correct):
+def forgetting_counts(correct, rule='toneva'):
     """correct: [T, N] bool, whether each of N examples was classified correctly at each of T
     presentations. Returns the number of forgetting events per example (correct at one presentation,
-    wrong at the next; Toneva et al., 2019); an example never classified correctly counts T, more
-    than any learned example."""
+    wrong at the next; Toneva et al., 2019). rule 'toneva': an example never classified correctly counts
+    T, more than any learned example (Toneva et al.'s ranking); 'events': it counts its events, none (as
+    DeepCore's forgetting counts)."""
     events = (correct[:-1] & ~correct[1:]).sum(0)
-    return torch.where(correct.any(0), events, correct.shape[0])
+    return torch.where(correct.any(0), events, correct.shape[0]) if rule == 'toneva' else events
 
 
 CORESETS = ['random', 'herding', 'kcenter', 'forgetting']
@@ -1126,7 +1136,8 @@ def select_coreset(method, real, args, n, classes=None):
     """Indices into real.images of n images per class of `classes` (default: all), one tensor per class,
     chosen by `method`: random, herding or kcenter (in the embedding of a --model network trained for
     --coreset_epochs on the real images of these classes) or forgetting (the images that this training
-    forgot most often; ties broken at random)."""
+    forgot most often; ties broken at random). args.herding: its rule (HERDING; default greedy);
+    args.forgetting_score: forgetting's (see forgetting_counts; default toneva)."""
     classes = list(range(args.num_classes)) if classes is None else list(classes)
     if method == 'random':
         return [real.indices_class[c][torch.randperm(len(real.indices_class[c]), device=real.images.device)[:n]]
@@ -1139,11 +1150,13 @@ def select_coreset(method, real, args, n, classes=None):
     for c, counts in zip(classes, correct.split([len(real.indices_class[c]) for c in classes], dim=1)):
         idx = real.indices_class[c]
         if method == 'forgetting':
-            score = forgetting_counts(counts) + 0.5 * torch.rand(len(idx), device=idx.device)
+            score = forgetting_counts(counts, getattr(args, 'forgetting_score', 'toneva')) \
+                + 0.5 * torch.rand(len(idx), device=idx.device)
             picks.append(idx[score.topk(min(n, len(idx))).indices])
         else:
             features = embed(net, real.images[idx])
-            picks.append(idx[{'herding': herding, 'kcenter': k_center}[method](features, n)])
+            pick = HERDING[getattr(args, 'herding', 'greedy')] if method == 'herding' else k_center
+            picks.append(idx[pick(features, n)])
     return picks
 
 

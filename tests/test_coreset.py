@@ -6,7 +6,7 @@ import torch
 
 from helpers import needs_fashion, run
 from utils import (ClassImages, TensorDataset, forgetting_counts, get_dataset, get_network, herding, k_center,
-                   load_result, select_coreset, train_classifier)
+                   load_result, nearest_to_mean, select_coreset, train_classifier)
 
 POINTS = torch.tensor([[0., 0.], [10., 0.], [1., 1.], [-1., -1.], [4., 0.]])  # mean (2.8, 0)
 
@@ -35,8 +35,16 @@ def test_herding_and_k_center_pick_differently_on_points():
     assert herding(POINTS, 3).tolist() == [4, 2, 0] and k_center(POINTS, 3).tolist() == [4, 1, 3]
 
 
-@pytest.mark.parametrize('method,expected', [('herding', [8, 4, 0]), ('kcenter', [8, 2, 6])])
-def test_select_coreset_dispatches_to_herding_and_k_center(monkeypatch, method, expected):
+def test_nearest_to_mean_differs_from_greedy_herding_after_the_first_pick():
+    # squared distances to the mean (2.8, 0): 7.84, 51.84, 4.24, 15.44, 1.44
+    assert nearest_to_mean(POINTS, 3).tolist() == [4, 2, 0]  # (the same three as greedy herding here)
+    assert nearest_to_mean(POINTS, 4).tolist() == [4, 2, 0, 3] and herding(POINTS, 4).tolist()[3] == 1
+    # greedy herding's fourth pick: 4 * mean - (4,0) - (1,1) - (0,0) = (6.2, -1): nearest (10, 0), far from the mean
+
+
+@pytest.mark.parametrize('method,rule,expected', [('herding', 'greedy', [8, 4, 0, 2]), ('herding', 'nearest', [8, 4, 0, 6]),
+                                                  ('kcenter', None, [8, 2, 6, 4])])
+def test_select_coreset_dispatches_to_each_rule(monkeypatch, method, rule, expected):
     """With the images' pixels as their features (embed patched), select_coreset picks what herding and
     k_center pick on POINTS, as indices into the real images (class 0 holds images 0, 2, 4, 6, 8)."""
     import utils
@@ -45,8 +53,8 @@ def test_select_coreset_dispatches_to_herding_and_k_center(monkeypatch, method, 
     images[1::2, 0, 5, :2] = -POINTS  # class 1
     real = ClassImages(TensorDataset(images, torch.tensor([0, 1] * 5)), 2)
     monkeypatch.setattr(utils, 'embed', lambda net, x: x.flatten(1))
-    picks = select_coreset(method, real, args(num_classes=2, coreset_epochs=1), 3)
-    assert picks[0].tolist() == expected and len(picks[1]) == 3
+    picks = select_coreset(method, real, args(num_classes=2, coreset_epochs=1, herding=rule), 4)
+    assert picks[0].tolist() == expected and len(picks[1]) == 4
 
 
 def test_forgetting_counts_on_a_scripted_sequence():
@@ -61,6 +69,7 @@ def test_forgetting_counts_on_a_scripted_sequence():
     # 0: forgotten at presentations 2 and 4; 1: never learned (counts T = 5); 2: forgotten once at the
     # end; 3: forgotten once (after presentation 2)
     assert forgetting_counts(correct).tolist() == [2, 5, 1, 1]
+    assert forgetting_counts(correct, 'events').tolist() == [2, 0, 1, 1]  # never learned: never forgotten
 
 
 def clustered(num_classes=3, per_class=30, seed=0):

@@ -309,6 +309,10 @@ def test_the_signature_is_the_flags_and_the_data(data, tmp_path):
     # an older version's signature held more keys: only this version's are compared
     assert runs.differences({**sig, 'outer_loop': 7}, sig) == ''
     assert runs.differences({k: v for k, v in sig.items() if k != 'amp'}, sig) == '--amp None there, False here'
+    # a flag added since (--minutes): an older signature without it had no time budget
+    older = {k: v for k, v in sig.items() if k != 'minutes'}
+    assert runs.differences(older, sig) == ''
+    assert runs.differences(older, {**sig, 'minutes': 30.0}) == '--minutes None there, 30.0 here'
 
 
 def test_a_run_resumes_after_a_script_derives_another_attribute(data, tmp_path, monkeypatch):

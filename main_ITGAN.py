@@ -251,8 +251,11 @@ def configure(args):
     for path, flag in ((args.generator, '--generator'), (args.latents, '--latents')):
         if path is not None and not os.path.isfile(path):
             raise UsageError(f'{flag} {path}: no such file')
+    digest = hashlib.sha256()
     with open(args.generator, 'rb') as f:
-        args.generator_sha256 = hashlib.file_digest(f, 'sha256').hexdigest()
+        for block in iter(lambda: f.read(1 << 20), b''):
+            digest.update(block)
+    args.generator_sha256 = digest.hexdigest()
     args.flags = [*getattr(args, 'flags', []), 'generator_sha256']
     set_dsa(args, augments=True)
     return args

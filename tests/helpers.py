@@ -212,3 +212,23 @@ def separable(n_per_class, seed):
         r, s = divmod(c, 4)
         x[labels == c, 0, 3 * r:3 * r + 3, 3 * s:3 * s + 3] += 2.0
     return x, labels
+
+
+def crash_and_resume(monkeypatch, run_main, owner, name, n, path):
+    """A run cut by an exception at the n-th call of `owner`'s `name` (a module attribute or a dict item: the
+    method's iteration), then continued with --resume auto, in `path`. run_main(save_path, *extra) runs the
+    script's main and returns its result. Returns the resumed run's result."""
+    setter = monkeypatch.setitem if isinstance(owner, dict) else monkeypatch.setattr
+    step, calls = (owner[name] if isinstance(owner, dict) else getattr(owner, name)), []
+
+    def crash(*a):
+        calls.append(1)
+        if len(calls) == n:
+            raise RuntimeError('crash')
+        return step(*a)
+
+    setter(owner, name, crash)
+    with pytest.raises(RuntimeError, match='crash'):
+        run_main(path)
+    setter(owner, name, step)
+    return run_main(path, '--resume', 'auto')

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import main_IDM
 import runs
 import utils
-from helpers import one_thread, run, torchrun
+from helpers import crash_and_resume, one_thread, run, torchrun
 from utils import ClassImages, TensorDataset, load_result
 
 
@@ -175,19 +175,8 @@ def test_a_crashed_run_resumes_bit_identically_queue_and_all(data, tmp_path, mon
         return load_result(glob.glob(str(save_path / 'res_*.pt'))[0])
 
     whole = run_main(tmp_path / 'whole')
-    step, calls = main_IDM.train_iteration, []
-
-    def crash(it, *a):
-        calls.append(it)
-        if len(calls) == 4 + 3 + 1:  # iteration 3 of experiment 1: the queue has trained for 7 iterations
-            raise RuntimeError('crash')
-        return step(it, *a)
-
-    monkeypatch.setattr(main_IDM, 'train_iteration', crash)
-    with pytest.raises(RuntimeError, match='crash'):
-        run_main(tmp_path / 'cut')
-    monkeypatch.setattr(main_IDM, 'train_iteration', step)
-    resumed = run_main(tmp_path / 'cut', '--resume', 'auto')
+    # cut in iteration 3 of experiment 1 (the 8th iteration): the queue has trained for 7 iterations
+    resumed = crash_and_resume(monkeypatch, run_main, main_IDM, 'train_iteration', 4 + 3 + 1, tmp_path / 'cut')
     for (a, la), (b, lb) in zip(resumed['data'], whole['data']):
         assert a.shape == (20, 1, 28, 28) and torch.equal(a, b) and torch.equal(la, lb)  # stored unexpanded
     assert resumed['accs_all_exps'] == whole['accs_all_exps'] and len(resumed['data']) == 2

@@ -11,7 +11,7 @@ import main_ITGAN
 import runs
 import train_gan as tg
 import utils
-from helpers import assert_one_line_error, run_in_process
+from helpers import assert_one_line_error, crash_and_resume, run_in_process
 from utils import load_result
 
 
@@ -115,19 +115,7 @@ def test_a_crashed_run_resumes_bit_identically_and_saves_its_latents(data, tmp_p
         return load_result(glob.glob(str(save_path / 'res_*.pt'))[0])
 
     whole = run_main(tmp_path / 'whole')
-    step, calls = main_ITGAN.inversion_iteration, []
-
-    def crash(it, *a):
-        calls.append(it)
-        if len(calls) == 3:
-            raise RuntimeError('crash')
-        return step(it, *a)
-
-    monkeypatch.setitem(main_ITGAN.ITERATIONS, 'GANInversion', crash)
-    with pytest.raises(RuntimeError, match='crash'):
-        run_main(tmp_path / 'cut')
-    monkeypatch.setitem(main_ITGAN.ITERATIONS, 'GANInversion', step)
-    resumed = run_main(tmp_path / 'cut', '--resume', 'auto')
+    resumed = crash_and_resume(monkeypatch, run_main, main_ITGAN.ITERATIONS, 'GANInversion', 3, tmp_path / 'cut')
     assert torch.equal(resumed['data'][0][0], whole['data'][0][0]) and resumed['data'][0][0].shape == (50, 1, 28, 28)
     learned = resumed['learned'][0]
     assert torch.equal(learned['learned'], whole['learned'][0]['learned']) and learned['learned'].shape == (50, 16)

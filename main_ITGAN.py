@@ -130,10 +130,10 @@ def read_latents(args):
 
 def feature_network(real, args):
     """GAN inversion's embedding: a --model trained on the real training images (--feature_epochs, the
-    evaluation protocol's optimiser, no augmentation), frozen; one per experiment, from its random stream."""
-    net = utils.get_network(args.model, args.channel, args.num_classes, args.im_size, args.device)
-    utils.train_classifier(net, real, list(range(args.num_classes)), args, args.feature_epochs)
-    return net.eval().requires_grad_(False)
+    evaluation protocol's optimiser, no augmentation), frozen; one per experiment, from its random stream,
+    kept in --save_path (utils.trained_classifier)."""
+    net, _ = utils.trained_classifier(real, range(args.num_classes), args, args.feature_epochs)
+    return net.requires_grad_(False)
 
 
 def batches(syn, size):

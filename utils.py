@@ -1076,6 +1076,39 @@ def train_classifier(net, real, classes, args, epochs):
     return correct
 
 
+def trained_classifier(real, classes, args, epochs):
+    """A --model trained for `epochs` on the real images of `classes` (train_classifier), in eval mode, and its
+    [epochs, N] record of correct classifications. Herding, k-center, forgetting and IT-GAN's inversion use
+    this network. It is trained in a random stream of its own, seeded by one draw from torch's global
+    generator, and kept in --save_path (classifier_<dataset>_<model>_<epochs>ep_<key>.pt): a run with the
+    same data, settings and draw (another coreset method, another ipc) reads it instead of training it
+    again, and gets the same network, the same record and the same random draws afterwards either way."""
+    seed = int(torch.randint(2 ** 62, ()))
+    key = dict(data_id=getattr(args, 'data_id', None), dataset=getattr(args, 'dataset', None), model=args.model,
+               channel=args.channel, im_size=list(args.im_size), classes=[int(c) for c in classes], epochs=epochs,
+               lr_net=args.lr_net, batch_train=args.batch_train, amp=bool(getattr(args, 'amp', False)),
+               device=torch.device(args.device).type, torch=str(torch.__version__), seed=seed)
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    folder = getattr(args, 'save_path', None)
+    path = folder and os.path.join(folder, f'classifier_{key["dataset"]}_{args.model}_{epochs}ep_{digest}.pt')
+    device = torch.device(args.device)
+    with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else [], device_type=device.type):
+        torch.manual_seed(seed)
+        net = get_network(args.model, args.channel, len(classes), args.im_size, args.device)
+        if path and os.path.isfile(path):
+            with contextlib.suppress(UsageError):  # (a damaged file is trained again)
+                saved = load_pt(path, {'key': dict, 'state': dict, 'correct': torch.Tensor})
+                if saved['key'] == key:
+                    net.load_state_dict(saved['state'])
+                    return net.eval(), saved['correct'].to(args.device)
+        with autocast(args):
+            correct = train_classifier(net, real, classes, args, epochs)
+    if path and (not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0):
+        os.makedirs(folder, exist_ok=True)
+        atomic_save(dict(key=key, state=net.state_dict(), correct=correct.cpu()), path)
+    return net.eval(), correct
+
+
 def herding(features, n):
     """n rows of `features` (one class), picked greedily so that the mean of the picks stays as close
     as possible to the mean of all rows (Welling, 2009). Returns their indices in picking order."""
@@ -1142,10 +1175,7 @@ def select_coreset(method, real, args, n, classes=None):
     if method == 'random':
         return [real.indices_class[c][torch.randperm(len(real.indices_class[c]), device=real.images.device)[:n]]
                 for c in classes]
-    net = get_network(args.model, args.channel, len(classes), args.im_size, args.device)
-    with autocast(args):
-        correct = train_classifier(net, real, classes, args, args.coreset_epochs)
-    net.eval()
+    net, correct = trained_classifier(real, classes, args, args.coreset_epochs)
     picks = []
     for c, counts in zip(classes, correct.split([len(real.indices_class[c]) for c in classes], dim=1)):
         idx = real.indices_class[c]
@@ -1293,7 +1323,7 @@ def atomic_json(obj, path):
 
 # The files this toolkit writes (results, records, images, checkpoints, CL memories and tables, evaluation
 # reports, decoded-data caches). Only temporaries of these names are ever cleaned up.
-OUR_FILES = r'(res|vis|checkpoint|cl|G)_.+\.(pt|json|png)|.+_eval\.json|\.cache_.+\.pt'
+OUR_FILES = r'(res|vis|checkpoint|cl|G|classifier)_.+\.(pt|json|png)|.+_eval\.json|\.cache_.+\.pt'
 _TEMPORARY = re.compile(rf'(?:{OUR_FILES})\.tmp(\d+)')
 
 

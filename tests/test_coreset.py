@@ -113,6 +113,33 @@ def test_train_classifier_learns_and_records_every_presentation():
     assert correct[-1].float().mean() > 0.9  # two well separated classes are learned
 
 
+def test_the_trained_network_is_kept_and_read_back_as_it_was_trained(tmp_path, monkeypatch):
+    """Herding, k-center and forgetting from one seed share one network, trained once and kept in --save_path:
+    reading it gives the picks and the later random draws of training it (and of a run without the file)."""
+    import utils
+    real, kept = clustered(), args(save_path=str(tmp_path), dataset='toy')
+
+    def picks_then_draw(method, a, n=4, seed=1):
+        torch.manual_seed(seed)
+        return [p.tolist() for p in select_coreset(method, real, a, n)], torch.rand(3).tolist()
+
+    uncached = {m: picks_then_draw(m, args()) for m in ('herding', 'kcenter', 'forgetting')}
+    assert picks_then_draw('herding', kept) == uncached['herding']  # trains and keeps the network
+    files = list(tmp_path.glob('classifier_toy_ConvNetW32_3ep_*.pt'))
+    assert len(files) == 1
+    monkeypatch.setattr(utils, 'train_classifier', lambda *a: pytest.fail('trained again'))
+    for method in ('herding', 'kcenter', 'forgetting'):
+        assert picks_then_draw(method, kept) == uncached[method]
+    assert len(picks_then_draw('kcenter', kept, n=2)[0][0]) == 2  # another ipc: the same network
+    monkeypatch.undo()
+    picks_then_draw('herding', kept, seed=2)  # another seed, other epochs: other networks
+    picks_then_draw('herding', args(save_path=str(tmp_path), dataset='toy', coreset_epochs=2))
+    assert len(list(tmp_path.glob('classifier_*.pt'))) == 3
+    files[0].write_bytes(b'PK\x03\x04 damaged')  # a damaged file is trained again, and replaced
+    assert picks_then_draw('forgetting', kept) == uncached['forgetting']
+    assert utils.load_pt(str(files[0]))['key']['epochs'] == 3
+
+
 @pytest.mark.e2e
 def test_coreset_baseline_end_to_end(tmp_path, data):
     """main.py --method herding: real training images of their class, selected once (no iterations), evaluated.

@@ -25,7 +25,7 @@ from runs import (STRATEGY_RULE, ArgumentParser, Interrupted, check_numbers, ini
                   writable_folder)
 from utils import (CORESETS, DATASETS, EVAL_MODES, NO_STRATEGY, ClassImages, ParamDiffAug, UsageError, atomic_json,
                    check_strategy, default_strategy, eval_args, evaluate_models, expand, fingerprint, generator,
-                   get_dataset, get_eval_pool, load_result, pick_device)
+                   get_dataset, get_eval_pool, load_result, pick_device, test_epochs)
 
 DSA_MADE = ['DSA', 'DM', 'CAFE_DSA', 'IDM', 'ITGAN', 'GANInversion', 'GAN']  # sets evaluated with DSA augmentation
 MOSAICS = {'IDM': 2}  # methods whose stored images are factor x factor mosaics (see utils.expand)
@@ -79,6 +79,9 @@ def get_parser():
     p.add_argument('--seed', type=int, default=0, help='the same seed gives the same accuracies')
     p.add_argument('--eval_together', action='store_true', help='train the models of an architecture (up to 10, without '
                    'BatchNorm) as one batched computation (torch.func.vmap): for GPUs; slower on the CPU')
+    p.add_argument('--test_every', type=int, default=0, metavar='E',
+                   help='also test every model after every E epochs of its training (the schedule unchanged): the '
+                        'report holds the accuracy against epochs, mean and std over the models (default: 0, at the end only)')
     p.add_argument('--amp', action='store_true', help='bfloat16 autocast for training and testing the models '
                                                       "(off: the papers' float32 protocol)")
     p.add_argument('--device', default='auto', help='auto (CUDA when present), cpu, cuda or cuda:<i>')
@@ -299,6 +302,14 @@ def summarise_exps(per_exp, **extra):
     return summary([a for accs in per_exp.values() for a in accs], per_exp=per_exp, **extra)
 
 
+def curve(epochs, curves):
+    """Mean and std over models of the accuracy at each of `epochs` (--test_every), from curves' lists of
+    every model's accuracies at them."""
+    accs = np.array([c for per_model in curves for c in per_model]).reshape(-1, len(epochs))
+    return dict(epochs=epochs, mean=accs.mean(0).tolist() if len(accs) else [],
+                std=accs.std(0).tolist() if len(accs) else [], n=len(accs))
+
+
 def augmentation(a):
     """The augmentation of the evaluation settings `a` (from utils.eval_args), in words."""
     if a.dsa:
@@ -354,13 +365,17 @@ def load(args):
 # ----------------------------------------------------------------------------------------------------
 
 SAME_FOR_RESUME = ('set_id', 'data_id', 'dataset', 'method', 'model', 'models', 'factor', 'dsa', 'dsa_strategy', 'epoch_eval_train',
-                   'lr_net', 'batch_train', 'seed', 'amp', 'eval_together', 'num_eval', 'baseline')  # what the accuracies depend on
+                   'lr_net', 'batch_train', 'seed', 'amp', 'eval_together', 'num_eval', 'baseline',
+                   'test_every')  # what the accuracies (and the curves) depend on
+ADDED_SETTINGS = {'test_every': 0}  # settings added since reports were written: their value in reports without them
 OTHER_DATA = {'set_id': 'another synthetic set under the same name', 'data_id': 'other real data'}
 
 
-def done_list(done):
-    """{(set, experiment): {(model, numbers): accuracies}} as the report's JSON list."""
-    return sorted((dict(set=kind, exp=k, model=m, numbers=list(numbers), accs=accs)
+def done_list(done, curves):
+    """{(set, experiment): {(model, numbers): accuracies}} as the report's JSON list, with each model's
+    accuracies against epochs (--test_every) from `curves`, keyed alike."""
+    return sorted((dict(set=kind, exp=k, model=m, numbers=list(numbers), accs=accs,
+                        **({'curves': curves[kind, k][m, numbers]} if (m, numbers) in curves.get((kind, k), {}) else {}))
                    for (kind, k), models in done.items() for (m, numbers), accs in models.items()),
                   key=lambda d: (d['set'], d['exp'], d['model'], d['numbers']))
 
@@ -370,26 +385,28 @@ def models_in(done):
 
 
 def resumed(out, settings):
-    """The models that the evaluation reported in `out` finished, as done_list's dict; refused when `out` is
-    missing or unreadable or was made with other settings."""
+    """The models that the evaluation reported in `out` finished, and their curves, as done_list's dicts;
+    refused when `out` is missing or unreadable or was made with other settings."""
     try:
         with open(out) as f:
             report = json.load(f)
         old = report['settings']
-        done = {}
+        done, curves = {}, {}
         for d in report.get('done', []):
             done.setdefault((d['set'], d['exp']), {})[d['model'], tuple(d['numbers'])] = d['accs']
+            if 'curves' in d:
+                curves.setdefault((d['set'], d['exp']), {})[d['model'], tuple(d['numbers'])] = d['curves']
     except FileNotFoundError:
         raise UsageError(f'--resume: there is no evaluation to continue in {out}') from None
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UsageError(f'--resume: {out} is not a report of evaluate.py ({type(e).__name__}: {e})') from None
     now = json.loads(json.dumps(settings))  # (tuples as lists, as in the file)
-    changed = [k for k in SAME_FOR_RESUME if old.get(k) != now.get(k)]
+    changed = [k for k in SAME_FOR_RESUME if old.get(k, ADDED_SETTINGS.get(k)) != now.get(k)]
     if changed:
         raise UsageError(f'--resume: {out} was made with other settings ('
                          + ', '.join(OTHER_DATA.get(k) or f'{k} {old.get(k)!r}, now {now.get(k)!r}' for k in changed)
                          + '); give the same ones, or another --save_path')
-    return done
+    return done, curves
 
 
 def configure(args):
@@ -442,19 +459,27 @@ def main():
     settings = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None), list, tuple, dict))}
     settings = dict(settings, models=model_pool, data_id=dst_train.fingerprint,  # (which set, which real data)
                     set_id=fingerprint([t.cpu() for _, images, labels in sets for t in (images, labels)]))
-    done = on_main(resumed, out, settings) if args.resume else {}  # (set, experiment) -> {(model, numbers): accuracies}
+    # (set, experiment) -> {(model, numbers): accuracies}, and with --test_every their accuracies against epochs
+    done, curves = on_main(resumed, out, settings) if args.resume else ({}, {})
     if args.resume:
         print(f'continuing the evaluation in {out}: {models_in(done)} model(s) done')
     accs, base_accs = {m: {} for m in model_pool}, {m: {} for m in model_pool}
 
+    def against_epochs(kind, m):  # (only with --test_every)
+        if not args.test_every:
+            return {}
+        c = [c for (s, _), models in curves.items() if s == kind for (mm, _), c in models.items() if mm == m]
+        return dict(curve=curve(test_epochs(per_model[m]), c))
+
     def report(finished):
         return dict(
             settings=settings,
-            results={m: summarise_exps(accs[m], epochs=per_model[m].epoch_eval_train,
-                                       augmentation=augmentation(per_model[m])) for m in model_pool},
-            baseline=dict(kind='random', results={m: summarise_exps(base_accs[m]) for m in model_pool},
+            results={m: summarise_exps(accs[m], epochs=per_model[m].epoch_eval_train, augmentation=augmentation(per_model[m]),
+                                       **against_epochs('synthetic', m)) for m in model_pool},
+            baseline=dict(kind='random', results={m: summarise_exps(base_accs[m], **against_epochs('random', m))
+                                                  for m in model_pool},
                           indices={str(j): idx.tolist() for j, (idx, _) in baselines.items()}) if baselines else None,
-            recorded=recorded, finished=finished, done=done_list(done))
+            recorded=recorded, finished=finished, done=done_list(done, curves))
 
     # (every finished model is saved at once: a kill loses at most the model in training; under torchrun each
     # process holds only its own models until the experiment ends)
@@ -462,12 +487,14 @@ def main():
     try:
         for k, images, labels in sets:
             for m, a in evaluate_models(images, labels, model_pool, args, testloader, (k,), on_finish=save,
-                                        finished=done.setdefault(('synthetic', k), {})).items():
+                                        finished=done.setdefault(('synthetic', k), {}),
+                                        curves=curves.setdefault(('synthetic', k), {})).items():
                 accs[m][str(k)] = a
             if baselines:
                 idx, base_labels = baselines[k]
                 for m, a in evaluate_models(dst_train.images[idx], base_labels, model_pool, args, testloader, ('random', k),
-                                            on_finish=save, finished=done.setdefault(('random', k), {})).items():
+                                            on_finish=save, finished=done.setdefault(('random', k), {}),
+                                            curves=curves.setdefault(('random', k), {})).items():
                     base_accs[m][str(k)] = a
             on_main(atomic_json, report(k == sets[-1][0]), out)  # after every experiment: a long run keeps what it has done
     except Interrupted as stop:
@@ -476,7 +503,12 @@ def main():
         atomic_json(report(False), out)  # the models finished so far, in the middle of an experiment too
         raise Interrupted(f'{stop}; the {models_in(done)} model(s) finished are in {out}; continue with --resume',
                           stop.code - 128) from None
-    print('\n' + table(report(True)))
+    final = report(True)
+    print('\n' + table(final))
+    for m, r in final['results'].items() if args.test_every else ():
+        c = r['curve']
+        print(f'{m}, accuracy against epochs (mean over {c["n"]} models): '
+              + ', '.join('%d: %.2f %%' % (e, 100 * a) for e, a in zip(c['epochs'], c['mean'])))
     print(f'\nwritten to {out}')
 
 

@@ -313,7 +313,7 @@ def get_parser(description, methods=None, omit=(), unused=None, rules=None, **de
 # whole-number flags (of any script) that must be at least 1, or at least 0
 POSITIVE = ['ipc', 'num_exp', 'batch_real', 'batch_train', 'epoch_eval_train', 'checkpoint_every',
             'coreset_epochs', 'query', 'window', 'max_outer', 'max_inner', 'steps', 'seeds']
-NON_NEGATIVE = ['Iteration', 'seed']
+NON_NEGATIVE = ['Iteration', 'seed', 'test_every']
 
 
 def check_numbers(args):

@@ -886,26 +886,45 @@ def epoch(mode, dataloader, net, optimizer, criterion, args, aug):
     return loss / max(count, 1), correct / max(count, 1)
 
 
+def untouched_rng(args):
+    """A context that leaves torch's random generators (CPU, and args.device's) as it found them: around a test
+    on the way, whose DataLoader draws a seed, so that training goes on as without it."""
+    device = torch.device(args.device)
+    return torch.random.fork_rng(devices=[device] if device.type == 'cuda' else [], device_type=device.type)
+
+
+def test_epochs(args):
+    """The epochs after which an evaluation model is tested: every args.test_every (0: none) and the last."""
+    every, last = int(getattr(args, 'test_every', 0) or 0), int(args.epoch_eval_train)
+    return sorted(set(range(every, last, every) if every else ()) | {last})
+
+
 def evaluate_synset(it_eval, net, images_train, labels_train, testloader, args):
     """Train `net` on the synthetic set only (SGD lr_net, momentum 0.9, weight decay 5e-4, batch
     batch_train, epoch_eval_train epochs, the learning rate x0.1 after half of them, with the method's
-    augmentation), then test it on the real test set. Returns (net, acc_train, acc_test)."""
+    augmentation), then test it on the real test set. Returns (net, acc_train, acc_test). With
+    args.test_every, it is also tested every so many epochs on the way (the schedule unchanged), and the
+    accuracies at test_epochs(args) are left in args.curve."""
     net = net.to(args.device)
     images_train, labels_train = images_train.to(args.device), labels_train.to(args.device)
     lr, Epoch = float(args.lr_net), int(args.epoch_eval_train)
     optimizer = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=0.0005)
     criterion = nn.CrossEntropyLoss()
     trainloader = tensor_loader(images_train, labels_train, args.batch_train, shuffle=True)
-    start = time.time()
+    start, tests, curve = time.time(), test_epochs(args)[:-1], []
     for ep in tqdm(range(Epoch), desc=f'training evaluation model {it_eval}', leave=False, dynamic_ncols=True):
         stats = run_epoch('train', trainloader, net, optimizer, criterion, args, aug=True)
         if ep + 1 == Epoch // 2:
             for group in optimizer.param_groups:
                 group['lr'] = lr * 0.1
+        if ep + 1 in tests:
+            with untouched_rng(args):
+                curve.append(epoch('test', testloader, net, optimizer, criterion, args, aug=False)[1])
     loss_train, correct, count = stats if Epoch else (torch.zeros(()), torch.zeros(()), 1)
     loss_train, acc_train = loss_train.item() / count, correct.item() / count
     time_train = time.time() - start
     loss_test, acc_test = epoch('test', testloader, net, optimizer, criterion, args, aug=False)
+    args.curve = curve + [acc_test]
     tqdm.write('%s Evaluate_%02d: epoch = %04d train time = %d s train loss = %.6f train acc = %.4f, test acc = %.4f'
                % (get_time(), it_eval, Epoch, int(time_train), loss_train, acc_train, acc_test))
     return net, acc_train, acc_test
@@ -947,6 +966,18 @@ def train_together(model_eval, keys, images, labels, testloader, args):
     lr, epochs, M = float(args.lr_net), int(args.epoch_eval_train), len(keys)
     optimizer = torch.optim.SGD(params.values(), lr=lr, momentum=0.9, weight_decay=0.0005)
     images, labels = images.detach().to(args.device), labels.to(args.device)
+    def test_all():  # every model's test accuracy
+        base.eval()
+        right, count = torch.zeros(M, device=args.device), 0
+        with torch.no_grad():
+            for x, y in testloader:
+                x, y = x.to(args.device), y.to(args.device)
+                right += (test(x).argmax(-1) == y).sum(1)
+                count += len(y)
+        base.train()
+        return (right / max(count, 1)).tolist()
+
+    tests, curve = test_epochs(args)[:-1], []
     for ep in tqdm(range(epochs), desc=f'training {M} evaluation models {model_eval}', leave=False, dynamic_ncols=True):
         orders = torch.stack([torch.randperm(len(images), generator=g) for g in streams]).to(args.device)
         for idx in orders.split(args.batch_train, dim=1):  # [M, batch]: each model its own batch
@@ -958,14 +989,11 @@ def train_together(model_eval, keys, images, labels, testloader, args):
         if ep + 1 == epochs // 2:
             for group in optimizer.param_groups:
                 group['lr'] = lr * 0.1
-    base.eval()
-    right, count = torch.zeros(M, device=args.device), 0
-    with torch.no_grad():
-        for x, y in testloader:
-            x, y = x.to(args.device), y.to(args.device)
-            right += (test(x).argmax(-1) == y).sum(1)
-            count += len(y)
-    accs = (right / max(count, 1)).tolist()
+        if ep + 1 in tests:
+            with untouched_rng(args):
+                curve.append(test_all())
+    accs = test_all()
+    args.curve = [list(c) for c in zip(*curve, accs)]  # each model's accuracies at test_epochs(args)
     tqdm.write('%s Evaluate %d %s together: epochs = %04d, test acc = %s' % (
         get_time(), M, model_eval, epochs, ' '.join('%.4f' % a for a in accs)))
     return accs
@@ -990,14 +1018,16 @@ TEST_ONE_BY_ONE = ('cpu',)
 
 
 def evaluate_models(images, labels, model_pool, args, testloader, seed_keys=(), split=True, finished=None,
-                    on_finish=None):
+                    on_finish=None, curves=None):
     """Evaluate a synthetic set on num_eval fresh models of every architecture in model_pool.
     Every model trains on a random stream of its own, seeded by (--seed, seed_keys, architecture, number),
     so evaluating never changes the condensation and each accuracy is the same wherever it is computed:
     under torchrun (`split`) the models are shared out among the processes and their accuracies gathered.
     `finished` (a dict, filled in as models finish: (architecture, numbers) -> accuracies) lets a stopped
     evaluation continue: the models already in it are not trained again. On return it holds them all.
-    `on_finish()` is called after every model this process trains (e.g. to save `finished`)."""
+    `on_finish()` is called after every model this process trains (e.g. to save `finished`).
+    `curves` (a dict, with args.test_every): filled in as `finished`, with each model's accuracies at
+    test_epochs (the last one its accuracy)."""
     jobs = []  # (architecture, the numbers of its models, trained together?): BatchNorm models alone
     for m in model_pool:
         numbers = list(range(args.num_eval))
@@ -1020,11 +1050,16 @@ def evaluate_models(images, labels, model_pool, args, testloader, seed_keys=(), 
                 set_seed(args.seed, *seed_keys, 'eval', model_eval, numbers[0])
                 net = get_network(model_eval, args.channel, args.num_classes, args.im_size, args.device)
                 result = [evaluate_synset(numbers[0], net, images.detach(), labels, testloader, a)[2]]
+                a.curve = [a.curve]
+            if curves is not None and getattr(args, 'test_every', 0):
+                curves[model_eval, tuple(numbers)] = a.curve
             finished[model_eval, tuple(numbers)] = result
             if on_finish:
                 on_finish()
     done = {k: accs for part in (gather_objects(finished) if split else [finished]) for k, accs in part.items()}
     finished.update(done)  # (every process's models: the caller may save them)
+    if curves is not None and getattr(args, 'test_every', 0) and split:
+        curves.update({k: c for part in gather_objects(curves) for k, c in part.items()})
     accs = {m: [a for model_eval, numbers, _ in jobs if model_eval == m for a in done[model_eval, tuple(numbers)]]
             for m in model_pool}
     for m in model_pool:

@@ -259,6 +259,41 @@ def test_a_stopped_evaluation_continues_with_resume_and_gives_the_uninterrupted_
                           'was made with other settings (another synthetic set under the same name)')
 
 
+@pytest.mark.parametrize('together', [False, True])
+def test_test_every_records_accuracy_against_epochs_and_leaves_the_models_as_they_were(tmp_path, data, monkeypatch,
+                                                                                     capsys, together):
+    def evaluate_in_process(*args):
+        return run_in_process(monkeypatch, capsys, 'evaluate.py', *args, main=evaluate.main)
+
+    path = tmp_path / 'res_DSA_MNIST_ConvNet_2ipc.pt'
+    papers_file(path, n_exp=1)
+    flags = ['--epoch_eval_train', 5, '--num_eval', 2, '--data_path', data] + (['--eval_together'] if together else [])
+    assert evaluate_in_process(path, *flags, '--save_path', tmp_path / 'plain').returncode == 0
+    p = evaluate_in_process(path, *flags, '--test_every', 2, '--save_path', tmp_path / 'curve')
+    assert p.returncode == 0, p.stderr
+    plain = report_of(tmp_path / 'plain' / 'res_DSA_MNIST_ConvNet_2ipc_eval.json')
+    report = report_of(tmp_path / 'curve' / 'res_DSA_MNIST_ConvNet_2ipc_eval.json')
+    r = report['results']['ConvNet']
+    assert r['accs'] == plain['results']['ConvNet']['accs']  # testing on the way draws nothing: the same models
+    assert 'curve' not in plain['results']['ConvNet'] and all('curves' not in d for d in plain['done'])
+    c = r['curve']
+    assert c['epochs'] == [2, 4, 5] and c['n'] == 2 and c['mean'][-1] == pytest.approx(r['mean'])
+    per_model = [acc for d in report['done'] for acc in d['curves']]
+    assert [m[-1] for m in per_model] == r['accs'] and all(len(m) == 3 for m in per_model)
+    assert all(40 * a == pytest.approx(round(40 * a), abs=1e-4) for m in per_model for a in m)  # tests on the 40 test images
+    assert c['mean'] == pytest.approx(np.mean(per_model, 0).tolist()) and c['std'] == pytest.approx(np.std(per_model, 0).tolist())
+    assert 'ConvNet, accuracy against epochs (mean over 2 models): 2: ' in p.stdout
+    if not together:  # stopped in the second model and resumed: the curves of one uninterrupted run
+        out = tmp_path / 'cut' / 'res_DSA_MNIST_ConvNet_2ipc_eval.json'
+        monkeypatch.setattr(utils, 'evaluate_synset', stopped_at_call(2, utils.evaluate_synset, []))
+        assert evaluate_in_process(path, *flags, '--test_every', 2, '--save_path', out.parent).returncode == 130
+        monkeypatch.undo()
+        assert evaluate_in_process(path, *flags, '--test_every', 2, '--save_path', out.parent, '--resume').returncode == 0
+        assert report_of(out)['results'] == report['results']
+        assert_one_line_error(evaluate_in_process(path, *flags, '--save_path', out.parent, '--resume'),
+                              'was made with other settings (test_every 2, now 0)')
+
+
 def test_a_killed_evaluation_keeps_every_model_it_finished(tmp_path, data, monkeypatch, capsys):
     path = tmp_path / 'res_DSA_MNIST_ConvNet_2ipc.pt'
     papers_file(path)

@@ -146,3 +146,22 @@ def test_scaling_times_one_and_two_processes(tiny_data, tmp_path):
     assert [r['config'] for r in rows] == ['1 process, 1 thread', '2 processes, 1 thread each', '1 process, 2 threads']
     assert all(r['what'] == 'dm ipc 10' and r['seconds_per_iteration'] > 0 for r in rows)
     assert rows[0]['speedup'] == 1.0 and rows[0]['MB_exchanged_per_iteration'] == 0
+
+
+def test_coresets_reports_per_class_on_the_network_main_py_then_reuses(tiny_data, tmp_path):
+    def script(*argv):
+        p = subprocess.run([sys.executable, *map(str, [*argv, '--dataset', 'MNIST', '--data_path', tiny_data,
+                                                       '--save_path', tmp_path, '--coreset_epochs', 2])],
+                           capture_output=True, text=True, cwd=ROOT, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+        assert p.returncode == 0, p.stderr[-2000:]
+        return p
+    p = script(os.path.join(BENCH, 'coresets.py'), '--ipc', 1, 3)
+    report = json.load(open(tmp_path / 'coresets_MNIST_2ep.json'))
+    assert [r['images'] for r in report['classes']] == [10] * 10 and 0 <= report['test_accuracy'] <= 1
+    for r in report['classes']:
+        assert 0 <= r['never_learned'] <= 10 and r['never_learned'] + r['forgotten'] <= 10
+        assert r['herding_rules_agree']['1'] == 1  # one pick: the image nearest the class mean, by both rules
+        assert 1 <= r['herding_rules_agree']['3'] <= 3
+    assert '| class | images | never learned |' in p.stdout and 'training a network' in p.stderr
+    p = script('main.py', '--method', 'forgetting', '--ipc', 2, '--num_exp', 1, '--num_eval', 1, '--epoch_eval_train', 1)
+    assert 'training a network' not in p.stderr  # the network the report was made on

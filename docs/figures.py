@@ -18,7 +18,9 @@ runs.json, their grids as they are), and so are the evaluations in <out>/evaluat
 be added without the others' folders, and the figures redrawn from <out> alone.
 evaluate.py's outputs given with `--evals` (<set>_eval.json, e.g. a cross-architecture evaluation) become
 one table, a row per file and a column per model: <out>/evaluations.md, with their results in
-<out>/evaluations.json.
+<out>/evaluations.json. Those evaluated with `evaluate.py --test_every` also make <out>/epochs.png (with
+matplotlib): test accuracy against the evaluation models' training epochs, one panel per model, a curve per
+file (mean +- std over its models).
 """
 import argparse
 import glob
@@ -138,6 +140,36 @@ def curves(recs):
     return fig
 
 
+def epoch_curves(evals):
+    """Test accuracy against training epochs (evaluate.py --test_every), one panel per evaluation model, a
+    curve per evaluation that has one. Returns the matplotlib figure (None without such curves)."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    panels = {}
+    for e in evals:
+        for m, r in e['results'].items():
+            if r.get('curve') and r['curve']['n']:
+                panels.setdefault(m, []).append((e, r['curve']))
+    if not panels:
+        return None
+    fig, axes = plt.subplots(len(panels), 1, figsize=(9, 3.2 * len(panels)), squeeze=False)
+    for ax, (model, found) in zip(axes[:, 0], panels.items()):
+        ax.set_prop_cycle(color=plt.cm.tab20.colors)
+        for e, c in found:
+            st = e['settings']
+            ax.errorbar(c['epochs'], [100 * m for m in c['mean']], yerr=[100 * s for s in c['std']], capsize=3,
+                        marker=MARKERS.get(st['method'], 'o'), markersize=4,
+                        label=f"{e['file']} ({st['method']}, ipc {st['ipc']}, n={c['n']})")
+        ax.set_title(model, fontsize=10, loc='left')
+        ax.set_ylabel('test accuracy (%)')
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc='upper left', bbox_to_anchor=(1.01, 1))
+    axes[-1, 0].set_xlabel('epochs of training the evaluation model')
+    fig.tight_layout()
+    return fig
+
+
 def evaluation_entry(path):
     """What evaluations.json keeps of one evaluate.py output."""
     rec = read(path)
@@ -215,6 +247,12 @@ def main(argv=None):
             f.write(table)
         with open(evals_json, 'w') as f:
             json.dump(evals, f, indent=1)
+        try:
+            against_epochs = epoch_curves(evals)
+        except ImportError:
+            against_epochs = None
+        if against_epochs is not None:
+            against_epochs.savefig(os.path.join(a.out, 'epochs.png'), dpi=120, bbox_inches='tight')
     return fig
 
 

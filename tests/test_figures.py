@@ -132,3 +132,19 @@ def test_curves_one_panel_per_dataset(runs, tmp_path):
     assert panels(fig) == {'FashionMNIST': ['dm (DM, ipc 10, 200 it, --amp)'], 'CIFAR10': ['dsa (DSA, ipc 1, 1000 it)']}
     with pytest.raises(SystemExit):
         figures.main(['--update', '--out', str(out), '--curves', 'nothing'])
+
+
+def test_accuracy_against_epochs_from_evaluations_tested_on_the_way(runs, tmp_path):
+    pytest.importorskip('matplotlib')
+    path = tmp_path / 'res_ITGAN_FashionMNIST_ConvNet_10ipc_eval.json'
+    write_eval(path, 'ITGAN', {'ConvNet': [0.7, 0.8], 'ResNet18BN': [0.6, 0.7]})
+    report = json.loads(path.read_text())
+    report['results']['ConvNet']['curve'] = dict(epochs=[10, 20], mean=[0.5, 0.75], std=[0.1, 0.05], n=2)
+    path.write_text(json.dumps(report))
+    out = tmp_path / 'img'
+    figures.main(['--out', str(out), '--evals', str(runs / 'dc' / 'res_DC_FashionMNIST_ConvNet_1ipc_eval.json'), str(path)])
+    assert (out / 'epochs.png').exists()
+    fig = figures.epoch_curves(json.loads((out / 'evaluations.json').read_text()))
+    assert panels(fig) == {'ConvNet': [f'{path.name} (ITGAN, ipc 1, n=2)']}  # only the curve there is
+    its, accs = fig.axes[0].containers[0].lines[0].get_data()
+    assert list(its) == [10, 20] and list(accs) == pytest.approx([50.0, 75.0])

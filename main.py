@@ -66,9 +66,10 @@ def parser():
     p.add_argument('--herding', choices=list(HERDING), default='greedy',
                    help="herding's rule: greedy (each pick keeps the picks' mean nearest the class mean; Welling, "
                         '2009) or nearest (the ipc images nearest the class mean)')
-    p.add_argument('--forgetting_score', choices=FORGETTING, default='toneva',
-                   help='forgetting: how an image the network never got right ranks: toneva (first, as forgotten '
-                        'every time) or events (by its forgetting events: none)')
+    p.add_argument('--forgetting_score', choices=FORGETTING, default='events',
+                   help='forgetting: how an image the network never got right ranks: events (by its forgetting '
+                        'events: none, as DeepCore counts them; the papers\' figures) or toneva (first, as forgotten '
+                        'every time; with more such images than --ipc, all picks are never-learned images)')
     return p
 
 

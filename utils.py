@@ -1187,12 +1187,12 @@ def k_center(features, n):
     return torch.stack(picks)
 
 
-def forgetting_counts(correct, rule='toneva'):
+def forgetting_counts(correct, rule='events'):
     """correct: [T, N] bool, whether each of N examples was classified correctly at each of T
     presentations. Returns the number of forgetting events per example (correct at one presentation,
-    wrong at the next; Toneva et al., 2019). rule 'toneva': an example never classified correctly counts
-    T, more than any learned example (Toneva et al.'s ranking); 'events': it counts its events, none (as
-    DeepCore's forgetting counts)."""
+    wrong at the next; Toneva et al., 2019). rule 'events': an example never classified correctly counts
+    its events, none (as DeepCore's forgetting counts, and what reproduces the DC paper's forgetting row);
+    'toneva': it counts T, more than any learned example (Toneva et al.'s ranking)."""
     events = (correct[:-1] & ~correct[1:]).sum(0)
     return torch.where(correct.any(0), events, correct.shape[0]) if rule == 'toneva' else events
 
@@ -1205,7 +1205,7 @@ def select_coreset(method, real, args, n, classes=None):
     chosen by `method`: random, herding or kcenter (in the embedding of a --model network trained for
     --coreset_epochs on the real images of these classes) or forgetting (the images that this training
     forgot most often; ties broken at random). args.herding: its rule (HERDING; default greedy);
-    args.forgetting_score: forgetting's (see forgetting_counts; default toneva)."""
+    args.forgetting_score: forgetting's (see forgetting_counts; default events)."""
     classes = list(range(args.num_classes)) if classes is None else list(classes)
     if method == 'random':
         return [real.indices_class[c][torch.randperm(len(real.indices_class[c]), device=real.images.device)[:n]]
@@ -1215,7 +1215,7 @@ def select_coreset(method, real, args, n, classes=None):
     for c, counts in zip(classes, correct.split([len(real.indices_class[c]) for c in classes], dim=1)):
         idx = real.indices_class[c]
         if method == 'forgetting':
-            score = forgetting_counts(counts, getattr(args, 'forgetting_score', 'toneva')) \
+            score = forgetting_counts(counts, getattr(args, 'forgetting_score', 'events')) \
                 + 0.5 * torch.rand(len(idx), device=idx.device)
             picks.append(idx[score.topk(min(n, len(idx))).indices])
         else:

@@ -68,8 +68,28 @@ def test_forgetting_counts_on_a_scripted_sequence():
     ], dtype=torch.bool)
     # 0: forgotten at presentations 2 and 4; 1: never learned (counts T = 5); 2: forgotten once at the
     # end; 3: forgotten once (after presentation 2)
-    assert forgetting_counts(correct).tolist() == [2, 5, 1, 1]
-    assert forgetting_counts(correct, 'events').tolist() == [2, 0, 1, 1]  # never learned: never forgotten
+    assert forgetting_counts(correct, 'toneva').tolist() == [2, 5, 1, 1]
+    assert forgetting_counts(correct).tolist() == [2, 0, 1, 1]  # the default, events: never learned, never forgotten
+
+
+@pytest.mark.parametrize('rule,expected', [(None, {0, 2}), ('events', {0, 2}), ('toneva', {6, 8})])
+def test_forgetting_picks_forgotten_images_by_default_not_never_learned_ones(monkeypatch, rule, expected):
+    """Class 0 (images 0, 2, 4, 6, 8): 0 was forgotten twice, 2 once, 4 was always right, 6 and 8 were never
+    right. The default (events, the papers' row) picks 0 and 2; toneva picks the never-learned 6 and 8."""
+    import utils
+    record = torch.tensor([[1, 0, 1, 0], [1, 1, 0, 1], [1, 1, 1, 1], [0, 0, 0, 0], [0, 0, 0, 0]], dtype=torch.bool).T
+    correct = torch.ones(4, 10, dtype=torch.bool)  # [epochs, images of class 0 then of class 1]
+    correct[:, :5] = record  # class 1: always right
+    monkeypatch.setattr(utils, 'trained_classifier', lambda real, classes, args, epochs: (None, correct))
+    real = ClassImages(TensorDataset(torch.zeros(10, 1, 12, 12), torch.tensor([0, 1] * 5)), 2)
+    a = args(num_classes=2) if rule is None else args(num_classes=2, forgetting_score=rule)
+    assert set(select_coreset('forgetting', real, a, 2)[0].tolist()) == expected
+
+
+def test_the_coreset_rules_main_py_uses_by_default():
+    import main
+    a = main.parser().parse_args([])
+    assert (a.forgetting_score, a.herding) == ('events', 'greedy')
 
 
 def clustered(num_classes=3, per_class=30, seed=0):

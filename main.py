@@ -63,9 +63,9 @@ def parser():
                    rules={'dsa_strategy': f'default: None; with --method DSA {STRATEGY_RULE}'})
     p.add_argument('--coreset_epochs', type=int, default=10,
                    help='herding/kcenter/forgetting: epochs of training the network on the real data')
-    p.add_argument('--herding', choices=list(HERDING), default='greedy',
-                   help="herding's rule: greedy (each pick keeps the picks' mean nearest the class mean; Welling, "
-                        '2009) or nearest (the ipc images nearest the class mean)')
+    p.add_argument('--herding', choices=list(HERDING), default='nearest',
+                   help="herding's rule: nearest (the ipc images nearest the class mean: the DC paper's herding row) "
+                        "or greedy (each pick keeps the picks' mean nearest the class mean; Welling, 2009; iCaRL's)")
     p.add_argument('--forgetting_score', choices=FORGETTING, default='events',
                    help='forgetting: how an image the network never got right ranks: events (by its forgetting '
                         'events: none, as DeepCore counts them; the papers\' figures) or toneva (first, as forgotten '

@@ -1204,8 +1204,9 @@ def select_coreset(method, real, args, n, classes=None):
     """Indices into real.images of n images per class of `classes` (default: all), one tensor per class,
     chosen by `method`: random, herding or kcenter (in the embedding of a --model network trained for
     --coreset_epochs on the real images of these classes) or forgetting (the images that this training
-    forgot most often; ties broken at random). args.herding: its rule (HERDING; default greedy);
-    args.forgetting_score: forgetting's (see forgetting_counts; default events)."""
+    forgot most often; ties broken at random). args.herding: its rule (HERDING; default greedy, Welling's
+    and iCaRL's, which continual learning uses; main.py's --herding defaults to nearest, the DC paper's
+    row); args.forgetting_score: forgetting's (see forgetting_counts; default events)."""
     classes = list(range(args.num_classes)) if classes is None else list(classes)
     if method == 'random':
         return [real.indices_class[c][torch.randperm(len(real.indices_class[c]), device=real.images.device)[:n]]

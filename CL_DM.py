@@ -24,7 +24,7 @@ import main_IDM as idm
 import utils
 from runs import (STRATEGY_RULE, check_record, differences, exclusive, get_parser, load_real, new_synset, on_main,
                   read_json, refuse, run_script, set_dsa, setup, signature, step)
-from utils import (Diverged, UsageError, atomic_json, atomic_save, evaluate_models, gather_objects, get_loops,
+from utils import (HERDING, Diverged, UsageError, atomic_json, atomic_save, evaluate_models, gather_objects, get_loops,
                    load_result, select_coreset, set_seed, tensor_loader)
 
 MEMORY_NAMES = {'herding': 'cl_herding', 'DSA': 'cl_res_DSA', 'DM': 'cl_DM', 'IDM': 'cl_IDM'}  # the papers' file names
@@ -33,7 +33,7 @@ MEMORY_NAMES = {'herding': 'cl_herding', 'DSA': 'cl_res_DSA', 'DM': 'cl_DM', 'ID
 SCRIPTS = {'DSA': dc_dsa, 'DM': dm, 'IDM': idm}
 SHAPED_BY = {  # besides method, dataset and its data, model, ipc, steps, class order and --seed
     'random': [],
-    'herding': ['coreset_epochs', 'lr_net', 'batch_train', 'amp'],
+    'herding': ['herding', 'coreset_epochs', 'lr_net', 'batch_train', 'amp'],
     'DSA': ['Iteration', 'lr_img', 'init', 'batch_real', 'dsa_strategy', 'dis_metric', 'lr_net', 'batch_train', 'amp'],
     'DM': ['Iteration', 'lr_img', 'init', 'batch_real', 'dsa_strategy', 'amp'],
     'IDM': ['Iteration', 'lr_img', 'batch_real', 'dsa_strategy', 'amp', 'factor', 'ce_weight', 'reset_every',
@@ -142,6 +142,9 @@ def parser():
     p.add_argument('--steps', type=int, default=5, help='the number of learning steps (5 or 10 in the paper)')
     p.add_argument('--seeds', type=int, default=5, help='run the class orders of seeds 0 .. seeds-1')
     p.add_argument('--coreset_epochs', type=int, default=10, help='herding: epochs of training its network')
+    p.add_argument('--herding', choices=list(HERDING), default='greedy',
+                   help="herding's rule: greedy (iCaRL's running mean, which the DM paper's continual learning follows) "
+                        'or nearest (the ipc images nearest the class mean)')
     return p
 
 
@@ -154,7 +157,7 @@ def configure(args):
         refuse(args, ['Iteration', 'lr_img', 'init', 'batch_real', 'dis_metric', 'compile'],
                f'does not apply to --method {args.method}: its memories are real images, not optimised')
     if args.method != 'herding':
-        refuse(args, ['coreset_epochs'], f'is for --method herding, not {args.method}')
+        refuse(args, ['coreset_epochs', 'herding'], f'is for --method herding, not {args.method}')
     if args.method != 'DSA':
         refuse(args, ['dis_metric'], f'is for --method DSA (gradient matching), not {args.method}')
     if args.method != 'DM':

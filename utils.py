@@ -1204,9 +1204,9 @@ def select_coreset(method, real, args, n, classes=None):
     """Indices into real.images of n images per class of `classes` (default: all), one tensor per class,
     chosen by `method`: random, herding or kcenter (in the embedding of a --model network trained for
     --coreset_epochs on the real images of these classes) or forgetting (the images that this training
-    forgot most often; ties broken at random). args.herding: its rule (HERDING; default greedy, Welling's
-    and iCaRL's, which continual learning uses; main.py's --herding defaults to nearest, the DC paper's
-    row); args.forgetting_score: forgetting's (see forgetting_counts; default events)."""
+    forgot most often; ties broken at random). args.herding: its rule (HERDING; default nearest, the DC
+    paper's row, as main.py; CL_DM.py's default is greedy, iCaRL's); args.forgetting_score: forgetting's
+    (see forgetting_counts; default events)."""
     classes = list(range(args.num_classes)) if classes is None else list(classes)
     if method == 'random':
         return [real.indices_class[c][torch.randperm(len(real.indices_class[c]), device=real.images.device)[:n]]
@@ -1221,7 +1221,7 @@ def select_coreset(method, real, args, n, classes=None):
             picks.append(idx[score.topk(min(n, len(idx))).indices])
         else:
             features = embed(net, real.images[idx])
-            pick = HERDING[getattr(args, 'herding', 'greedy')] if method == 'herding' else k_center
+            pick = HERDING[getattr(args, 'herding', 'nearest')] if method == 'herding' else k_center
             picks.append(idx[pick(features, n)])
     return picks
 

@@ -63,6 +63,7 @@ def test_memories_are_built_recorded_saved_in_the_save_path_and_then_reused(data
         assert sorted(set(labels.tolist())) == sorted(order()[5 * step:5 * step + 5])  # that step's classes only
     record = saved['settings']
     assert record['method'] == 'herding' and record['coreset_epochs'] == 1 and record['class_order'] == order()
+    assert record['herding'] == 'greedy'  # iCaRL's rule, CL_DM.py's default (main.py's is nearest)
     assert record['seed'] == 0 and record['order_seed'] == 0 and record['steps'] == 2 and record['ipc'] == 2
     summary = json.loads((res / 'cl_herding_MNIST_ConvNet_2ipc_2steps.json').read_text())
     assert [row['classes'] for row in summary['steps']] == [5, 10] and list(summary['per_seed']) == ['0']
@@ -78,6 +79,8 @@ def test_memories_are_built_recorded_saved_in_the_save_path_and_then_reused(data
     other = cl(*args, '--num_eval', 2, '--overwrite')  # a new table; the memories still fit
     assert other.returncode == 0 and f'using the memories of 2 steps in {ours(res)}' in other.stdout, other.stderr[-2000:]
     assert torch.equal(load_pt(ours(res))['data'][1][0], saved['data'][1][0])
+    os.remove(res / 'cl_herding_MNIST_ConvNet_2ipc_2steps.json')  # (the table would be refused first)
+    assert_one_line_error(cl(*args, '--herding', 'nearest'), 'built with other settings', '--herding greedy there, nearest here')
 
 
 @pytest.mark.e2e

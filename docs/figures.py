@@ -34,7 +34,7 @@ KEPT = ('method', 'dataset', 'model', 'ipc', 'Iteration', 'num_eval', 'num_exp',
         'epoch_eval_train', 'seed', 'amp')  # the settings runs.json keeps
 MARKERS = {'DC': 'o', 'DSA': 's', 'DM': '^', 'CAFE': 'D', 'CAFE_DSA': 'P'}  # a marker per method (curves that
 # lie on each other stay told apart); --amp runs are drawn dashed
-EVAL_SETTINGS = ('input', 'dataset', 'method', 'model', 'ipc', 'eval_mode', 'dsa_strategy', 'num_eval',
+EVAL_SETTINGS = ('input', 'set_id', 'dataset', 'method', 'model', 'ipc', 'eval_mode', 'dsa_strategy', 'num_eval',
                  'epoch_eval_train', 'seed')
 
 
@@ -174,19 +174,31 @@ def evaluation_entry(path):
     """What evaluations.json keeps of one evaluate.py output."""
     rec = read(path)
     st = rec['settings']
+    baseline = rec.get('baseline') and {k: rec['baseline'][k] for k in ('kind', 'results')}  # (not its indices)
     return dict(file=os.path.basename(path), finished=rec.get('finished'), results=rec['results'],
-                settings={k: st.get(k) for k in EVAL_SETTINGS})
+                settings={k: st.get(k) for k in EVAL_SETTINGS}, baseline=baseline)
 
 
 def evaluations_table(evals):
-    """A markdown table of evaluate.py's results (mean +- std (n) in %), a row per file, a column per model."""
-    models = list(dict.fromkeys(m for e in evals for m in e['results']))
-    cell = lambda r: f"{100 * r['mean']:.2f} ± {100 * r['std']:.2f} (n={r['n']})" if r else '—'
-    lines = ['| set | ' + ' | '.join(models) + ' |', '|---|' + '---|' * len(models)]
+    """A markdown table of evaluate.py's results (mean +- std (n) in %), a row per evaluated set and a column
+    per model: evaluations of one set (the same images: set_id) on other models share its row, and a
+    --baseline (random real images of the same number, the same draw for the same seed) has a row of its own."""
+    rows = {}  # key -> (name, {model: result})
     for e in evals:
         st = e['settings']
         name = f"{st['method']}, {st['dataset']}, ipc {st['ipc']}" + ('' if e['finished'] else ' (unfinished)')
-        lines.append(f'| {name} | ' + ' | '.join(cell(e['results'].get(m)) for m in models) + ' |')
+        rows.setdefault(st.get('set_id') or e['file'], (name, {}))[1].update(e['results'])
+        if e.get('baseline'):
+            name = f"{e['baseline']['kind']} real images, {st['dataset']}, ipc {st['ipc']}"
+            rows.setdefault(('baseline', name, st.get('seed')), (name, {}))[1].update(e['baseline']['results'])
+    names = [name for name, _ in rows.values()]
+    models = list(dict.fromkeys(m for _, results in rows.values() for m in results))
+    cell = lambda r: f"{100 * r['mean']:.2f} ± {100 * r['std']:.2f} (n={r['n']})" if r else '—'
+    lines = ['| set | ' + ' | '.join(models) + ' |', '|---|' + '---|' * len(models)]
+    for (key, (name, results)) in rows.items():
+        if names.count(name) > 1 and isinstance(key, str):  # two sets of one name: say which
+            name += f' ({next(e["file"] for e in evals if (e["settings"].get("set_id") or e["file"]) == key)})'
+        lines.append(f'| {name} | ' + ' | '.join(cell(results.get(m)) for m in models) + ' |')
     return '\n'.join(lines) + '\n'
 
 

@@ -148,3 +148,28 @@ def test_accuracy_against_epochs_from_evaluations_tested_on_the_way(runs, tmp_pa
     assert panels(fig) == {'ConvNet': [f'{path.name} (ITGAN, ipc 1, n=2)']}  # only the curve there is
     its, accs = fig.axes[0].containers[0].lines[0].get_data()
     assert list(its) == [10, 20] and list(accs) == pytest.approx([50.0, 75.0])
+
+
+def test_evaluations_of_one_set_share_a_row_and_a_baseline_has_its_own(tmp_path, monkeypatch):
+    """Two evaluate.py runs of one set (one set_id) on other models fill one row; a second set under the same
+    name is told apart by its file; the --baseline of random real images is a row of its own."""
+    monkeypatch.setitem(sys.modules, 'matplotlib', None)
+
+    def evaluation(name, set_id, accs, baseline=None):
+        path = write_eval(tmp_path / name, 'ITGAN', accs)
+        rec = json.loads(path.read_text())
+        rec['settings']['set_id'] = set_id
+        rec['baseline'] = baseline and dict(kind='random', indices={'0': [1, 2]},
+                                            results={m: dict(mean=a, std=0.0, n=1) for m, a in baseline.items()})
+        path.write_text(json.dumps(rec))
+        return str(path)
+
+    paths = [evaluation('a_eval.json', 'set1', {'ConvNet': [0.7]}, baseline={'ConvNet': 0.6}),
+             evaluation('b_eval.json', 'set1', {'ResNet18BN': [0.5]}, baseline={'ResNet18BN': 0.4}),
+             evaluation('c_eval.json', 'set2', {'ConvNet': [0.8]})]
+    figures.main(['--out', str(tmp_path / 'img'), '--evals', *paths])
+    assert (tmp_path / 'img' / 'evaluations.md').read_text().splitlines() == [
+        '| set | ConvNet | ResNet18BN |', '|---|---|---|',
+        '| ITGAN, FashionMNIST, ipc 1 (a_eval.json) | 70.00 ± 1.00 (n=1) | 50.00 ± 1.00 (n=1) |',
+        '| random real images, FashionMNIST, ipc 1 | 60.00 ± 0.00 (n=1) | 40.00 ± 0.00 (n=1) |',
+        '| ITGAN, FashionMNIST, ipc 1 (c_eval.json) | 80.00 ± 1.00 (n=1) | — |']

@@ -17,7 +17,8 @@ With `--update`, the runs already in <out>/runs.json and not given here are kept
 runs.json, their grids as they are), and so are the evaluations in <out>/evaluations.json: one new run can
 be added without the others' folders, and the figures redrawn from <out> alone.
 evaluate.py's outputs given with `--evals` (<set>_eval.json, e.g. a cross-architecture evaluation) become
-one table, a row per file and a column per model: <out>/evaluations.md, with their results in
+one table, a row per evaluated set (files that evaluated one set on other models share it; a --baseline of
+random real images has its own) and a column per model: <out>/evaluations.md, with their results in
 <out>/evaluations.json. Those evaluated with `evaluate.py --test_every` also make <out>/epochs.png (with
 matplotlib): test accuracy against the evaluation models' training epochs, one panel per model, a curve per
 file (mean +- std over its models).

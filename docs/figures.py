@@ -184,22 +184,22 @@ def evaluations_table(evals):
     """A markdown table of evaluate.py's results (mean +- std (n) in %), a row per evaluated set and a column
     per model: evaluations of one set (the same images: set_id) on other models share its row, and a
     --baseline (random real images of the same number, the same draw for the same seed) has a row of its own."""
-    rows = {}  # key -> (name, {model: result})
+    rows = {}  # key -> dict(name, file, results: {model: result})
     for e in evals:
         st = e['settings']
         name = f"{st['method']}, {st['dataset']}, ipc {st['ipc']}" + ('' if e['finished'] else ' (unfinished)')
-        rows.setdefault(st.get('set_id') or e['file'], (name, {}))[1].update(e['results'])
+        rows.setdefault(st.get('set_id') or e['file'], dict(name=name, file=e['file'], results={}))['results'].update(e['results'])
         if e.get('baseline'):
             name = f"{e['baseline']['kind']} real images, {st['dataset']}, ipc {st['ipc']}"
-            rows.setdefault(('baseline', name, st.get('seed')), (name, {}))[1].update(e['baseline']['results'])
-    names = [name for name, _ in rows.values()]
-    models = list(dict.fromkeys(m for _, results in rows.values() for m in results))
+            rows.setdefault(('baseline', name, st.get('seed')), dict(name=name, file=None, results={}))['results'].update(
+                e['baseline']['results'])
+    names = [r['name'] for r in rows.values()]
+    models = list(dict.fromkeys(m for r in rows.values() for m in r['results']))
     cell = lambda r: f"{100 * r['mean']:.2f} ± {100 * r['std']:.2f} (n={r['n']})" if r else '—'
     lines = ['| set | ' + ' | '.join(models) + ' |', '|---|' + '---|' * len(models)]
-    for (key, (name, results)) in rows.items():
-        if names.count(name) > 1 and isinstance(key, str):  # two sets of one name: say which
-            name += f' ({next(e["file"] for e in evals if (e["settings"].get("set_id") or e["file"]) == key)})'
-        lines.append(f'| {name} | ' + ' | '.join(cell(results.get(m)) for m in models) + ' |')
+    for r in rows.values():
+        name = r['name'] + (f" ({r['file']})" if names.count(r['name']) > 1 and r['file'] else '')  # two sets of one name
+        lines.append(f'| {name} | ' + ' | '.join(cell(r['results'].get(m)) for m in models) + ' |')
     return '\n'.join(lines) + '\n'
 
 

@@ -188,11 +188,12 @@ def evaluations_table(evals):
     for e in evals:
         st = e['settings']
         name = f"{st['method']}, {st['dataset']}, ipc {st['ipc']}" + ('' if e['finished'] else ' (unfinished)')
-        rows.setdefault(st.get('set_id') or e['file'], dict(name=name, file=e['file'], results={}))['results'].update(e['results'])
+        row = rows.setdefault(st.get('set_id') or e['file'], dict(name=name, file=e['file'], results={}))
+        row['results'].update(e['results'])
         if e.get('baseline'):
             name = f"{e['baseline']['kind']} real images, {st['dataset']}, ipc {st['ipc']}"
-            rows.setdefault(('baseline', name, st.get('seed')), dict(name=name, file=None, results={}))['results'].update(
-                e['baseline']['results'])
+            row = rows.setdefault(('baseline', name, st.get('seed')), dict(name=name, file=None, results={}))
+            row['results'].update(e['baseline']['results'])
     names = [r['name'] for r in rows.values()]
     models = list(dict.fromkeys(m for r in rows.values() for m in r['results']))
     cell = lambda r: f"{100 * r['mean']:.2f} ± {100 * r['std']:.2f} (n={r['n']})" if r else '—'

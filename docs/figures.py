@@ -21,7 +21,7 @@ one table, a row per evaluated set (files that evaluated one set on other models
 random real images has its own) and a column per model: <out>/evaluations.md, with their results in
 <out>/evaluations.json. Those evaluated with `evaluate.py --test_every` also make <out>/epochs.png (with
 matplotlib): test accuracy against the evaluation models' training epochs, one panel per model, a curve per
-file (mean +- std over its models).
+file and per --baseline (mean +- std over its models).
 """
 import argparse
 import glob
@@ -143,25 +143,31 @@ def curves(recs):
 
 def epoch_curves(evals):
     """Test accuracy against training epochs (evaluate.py --test_every), one panel per evaluation model, a
-    curve per evaluation that has one. Returns the matplotlib figure (None without such curves)."""
+    curve per evaluation that has one, and one per --baseline of real images (x markers). Returns the
+    matplotlib figure (None without such curves)."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     panels = {}
     for e in evals:
+        st, base = e['settings'], e.get('baseline')
         for m, r in e['results'].items():
             if r.get('curve') and r['curve']['n']:
-                panels.setdefault(m, []).append((e, r['curve']))
+                panels.setdefault(m, []).append((f"{e['file']} ({st['method']}, ipc {st['ipc']}, n={r['curve']['n']})",
+                                                 MARKERS.get(st['method'], 'o'), r['curve']))
+        for m, r in (base['results'] if base else {}).items():  # its --baseline, drawn once, with x markers
+            if r.get('curve') and r['curve']['n']:
+                drawn = (f"{base['kind']} real images (ipc {st['ipc']}, n={r['curve']['n']})", 'x', r['curve'])
+                if drawn not in panels.get(m, []):  # (two evaluations of one baseline draw it once)
+                    panels.setdefault(m, []).append(drawn)
     if not panels:
         return None
     fig, axes = plt.subplots(len(panels), 1, figsize=(9, 3.2 * len(panels)), squeeze=False)
     for ax, (model, found) in zip(axes[:, 0], panels.items()):
         ax.set_prop_cycle(color=plt.cm.tab20.colors)
-        for e, c in found:
-            st = e['settings']
+        for label, marker, c in found:
             ax.errorbar(c['epochs'], [100 * m for m in c['mean']], yerr=[100 * s for s in c['std']], capsize=3,
-                        marker=MARKERS.get(st['method'], 'o'), markersize=4,
-                        label=f"{e['file']} ({st['method']}, ipc {st['ipc']}, n={c['n']})")
+                        marker=marker, markersize=4, label=label)
         ax.set_title(model, fontsize=10, loc='left')
         ax.set_ylabel('test accuracy (%)')
         ax.grid(alpha=0.3)

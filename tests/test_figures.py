@@ -150,6 +150,27 @@ def test_accuracy_against_epochs_from_evaluations_tested_on_the_way(runs, tmp_pa
     assert list(its) == [10, 20] and list(accs) == pytest.approx([50.0, 75.0])
 
 
+def test_a_baseline_of_real_images_draws_its_own_curve_once(tmp_path):
+    """Two evaluations that carry one --baseline (the same draw): a curve for each set and one, with x markers,
+    for the random real images, at their own accuracies."""
+    pytest.importorskip('matplotlib')
+    baseline = dict(kind='random', results={'ConvNet': dict(mean=0.8, std=0.0, n=2, accs=[0.8, 0.8], curve=dict(
+        epochs=[10, 20], mean=[0.6, 0.8], std=[0.0, 0.0], n=2))})
+    paths = []
+    for name, method in (('gan_eval.json', 'GAN'), ('itgan_eval.json', 'ITGAN')):
+        rec = json.loads(write_eval(tmp_path / name, method, {'ConvNet': [0.7, 0.7]}).read_text())
+        rec['results']['ConvNet']['curve'] = dict(epochs=[10, 20], mean=[0.5, 0.7], std=[0.0, 0.0], n=2)
+        rec['baseline'] = baseline
+        (tmp_path / name).write_text(json.dumps(rec))
+        paths.append(str(tmp_path / name))
+    figures.main(['--out', str(tmp_path / 'img'), '--evals', *paths])
+    fig = figures.epoch_curves(json.loads((tmp_path / 'img' / 'evaluations.json').read_text()))
+    assert panels(fig) == {'ConvNet': ['gan_eval.json (GAN, ipc 1, n=2)', 'random real images (ipc 1, n=2)',
+                                       'itgan_eval.json (ITGAN, ipc 1, n=2)']}  # (after the first that carries it)
+    line = fig.axes[0].containers[1].lines[0]
+    assert line.get_marker() == 'x' and list(line.get_data()[1]) == pytest.approx([60.0, 80.0])
+
+
 def test_evaluations_of_one_set_share_a_row_and_a_baseline_has_its_own(tmp_path, monkeypatch):
     """Two evaluate.py runs of one set (one set_id) on other models fill one row; a second set under the same
     name is told apart by its file; the --baseline of random real images is a row of its own."""

@@ -150,15 +150,13 @@ def epoch_curves(evals):
     import matplotlib.pyplot as plt
     panels = {}
     for e in evals:
-        st, base = e['settings'], e.get('baseline')
-        for m, r in e['results'].items():
-            if r.get('curve') and r['curve']['n']:
-                panels.setdefault(m, []).append((f"{e['file']} ({st['method']}, ipc {st['ipc']}, n={r['curve']['n']})",
-                                                 MARKERS.get(st['method'], 'o'), r['curve']))
-        for m, r in (base['results'] if base else {}).items():  # its --baseline, drawn once, with x markers
-            if r.get('curve') and r['curve']['n']:
-                drawn = (f"{base['kind']} real images (ipc {st['ipc']}, n={r['curve']['n']})", 'x', r['curve'])
-                if drawn not in panels.get(m, []):  # (two evaluations of one baseline draw it once)
+        st, base = e['settings'], e.get('baseline') or {}
+        for results, name, marker in ((e['results'], f"{e['file']} ({st['method']}, ", MARKERS.get(st['method'], 'o')),
+                                      (base.get('results', {}), f"{base.get('kind')} real images (", 'x')):
+            for m, r in results.items():
+                c = r.get('curve')
+                drawn = c and c['n'] and (f"{name}ipc {st['ipc']}, n={c['n']})", marker, c)
+                if drawn and drawn not in panels.get(m, []):  # (two evaluations of one baseline draw it once)
                     panels.setdefault(m, []).append(drawn)
     if not panels:
         return None

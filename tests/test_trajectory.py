@@ -412,3 +412,39 @@ def test_affine_align_corners_matters_only_off_square():
     y = torch.rand(2, 3, 32, 48, generator=torch.Generator().manual_seed(1))
     angle = torch.tensor([0.2, -0.25])
     assert (authors_rotate(y, angle) - authors_rotate(y, angle, align_corners=False)).abs().max() > 0.05
+
+
+def peak_saved_bytes(fn):
+    """Peak bytes of the tensors autograd holds for backward while fn runs (live count: a saved tensor is
+    released with its graph)."""
+    live, peak = [0], [0]
+
+    class Held:
+        def __init__(self, t):
+            self.t, self.n = t, t.numel() * t.element_size()
+            live[0] += self.n
+            peak[0] = max(peak[0], live[0])
+
+        def __del__(self):
+            live[0] -= self.n
+
+    with torch.autograd.graph.saved_tensors_hooks(Held, lambda h: h.t):
+        fn()
+    return peak[0]
+
+
+def test_tesla_memory_does_not_grow_with_steps():
+    net, w0, w_target, images, labels = problem(6)
+    a = torch.tensor(0.01, requires_grad=True)
+
+    def tesla(steps):
+        return peak_saved_bytes(lambda: T.tesla_grads(net, w0, w_target, images, labels, a, steps, 4, dsa,
+                                                      torch.Generator().manual_seed(7)))
+
+    def unroll(steps):
+        x = images.clone().requires_grad_(True)
+        return peak_saved_bytes(lambda: T.mtt_loss(net, w0, w_target, x, labels, a, steps, 4, dsa,
+                                                   torch.Generator().manual_seed(7)).backward())
+
+    assert tesla(8) < 1.2 * tesla(2)  # (docs/mtt.md: 115 kB at 2 and 8 steps, 119 kB at 32)
+    assert unroll(8) > 3 * unroll(2)

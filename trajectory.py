@@ -219,6 +219,8 @@ def tesla_grads(net, w0, w_target, images, labels, syn_lr, syn_steps, batch_syn=
     (and on a) through the Hessian-vector products a * H_j (I - a H) ... ; exact when those vanish. docs/mtt.md
     has the measured difference. Returns (loss, grad_images, grad_lr), detached; the caller sets .grad and steps.
     """
+    if augment is not None and generator is None:
+        raise ValueError('tesla_grads replays each step\'s augmentation from the generator\'s saved state: pass one')
     a = float(syn_lr.detach()) if torch.is_tensor(syn_lr) else float(syn_lr)
     w0 = w0.detach()
     w_target = w_target.detach()

@@ -448,3 +448,9 @@ def test_tesla_memory_does_not_grow_with_steps():
 
     assert tesla(8) < 1.2 * tesla(2)  # (docs/mtt.md: 115 kB at 2 and 8 steps, 119 kB at 32)
     assert unroll(8) > 3 * unroll(2)
+
+
+def test_tesla_needs_a_generator_to_replay_augmentation():
+    net, w0, w_target, images, labels = problem(4)
+    with pytest.raises(ValueError, match='generator'):
+        T.tesla_grads(net, w0, w_target, images, labels, torch.tensor(0.01), 2, None, dsa, None)

@@ -23,6 +23,8 @@ sys.path.insert(0, BENCH)
 
 import common  # noqa: E402
 
+pytestmark = pytest.mark.tooling
+
 TINY = ['--datasets', 'MNIST', '--float32_only', '--matrix_size', '32', '--script_flags=--batch_real 4']
 
 

@@ -12,6 +12,8 @@ from PIL import Image
 
 from helpers import ROOT
 
+pytestmark = pytest.mark.tooling
+
 spec = importlib.util.spec_from_file_location('figures', os.path.join(ROOT, 'docs', 'figures.py'))
 figures = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(figures)

@@ -8,6 +8,8 @@ import pytest
 
 import helpers
 
+pytestmark = pytest.mark.tooling
+
 OFFLINE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'offline')  # (see conftest.py)
 
 CONNECT_OUT = '''

@@ -11,7 +11,7 @@ from collections import deque
 import torch
 import torch.nn.functional as F
 
-from runs import STRATEGY_RULE, condense, get_parser, run_script, set_dsa, setup
+from runs import STRATEGY_RULE, Method, condense, get_parser, natural, positive, resolve_dsa, run_script, setup
 from utils import (UsageError, all_reduce, broadcast_shards, correct, exact_sum, get_network, has_batchnorm,
                    run_epoch, shard, siamese_augment, tensor_loader)
 
@@ -64,10 +64,10 @@ def discrimination(centres, real_embeddings, classes, num_classes, sharded):
     return (centres * centre_grads[classes]).sum(), value
 
 
-def query_accuracy(net, real, args):
+def query_accuracy(net, real, args, num_classes):
     """The network's accuracy on a fresh draw of --query real images per class (each process draws its
     share of the classes, from streams of their own; the correct answers are summed)."""
-    classes = shard(args.num_classes)
+    classes = shard(num_classes)
     images = [real.get_images(c, args.query, 'query') for c in classes]
     labels = torch.cat([torch.full((len(x),), c, device=args.device) for c, x in zip(classes, images)])
     counts = torch.stack([correct(net, torch.cat(images), labels).double(), torch.tensor(len(labels), dtype=torch.float64,
@@ -97,35 +97,45 @@ def dynamic_loops(outer_step, inner_step, query, args):
     return n_outer, n_inner
 
 
-def train_iteration(it, syn, real, args):
-    for group in syn.optimizer.param_groups:  # halved at each milestone
-        group['lr'] = args.lr_img * 0.5 ** sum(it >= m for m in args.milestones)
-    net = get_network(args.model, args.channel, args.num_classes, args.im_size, args.device)
-    optimizer_net = torch.optim.SGD(net.parameters(), lr=args.lr_net)
-    syn_loader = tensor_loader(syn.images.detach(), syn.labels, args.batch_train, shuffle=True)  # sees each update
-    losses = []
+class CAFE(Method):
+    eval_interval = 100
+    noaug_epochs = 600  # the public code's evaluation without augmentation
+    joint_batchnorm = True
 
-    def outer_step():
-        n = min([args.batch_real, *map(len, real.indices_class)])  # as many real images of every class
-        classes = syn.classes  # (under torchrun: this process's share)
-        pairs = [(real.get_images(c, n), syn.of_class(c)) for c in classes]
-        if args.dsa:  # the same transformation for the real and the synthetic batch of a class
-            pairs = [siamese_augment(pair, args, real.rng(c)) for c, pair in zip(classes, pairs)]
-        img_real, img_syn = map(torch.stack, zip(*pairs))
-        net.requires_grad_(False)  # only the synthetic images learn here
-        alignment, centre_loss, centres, real_embeddings = cafe_losses(net, img_real, img_syn, args)
-        surrogate, value = discrimination(centres, real_embeddings, classes, args.num_classes, syn.sharded)
-        loss = alignment + centre_loss + args.inner_weight * surrogate
-        syn.step(loss)
-        syn.sync()  # every process trains the network on the whole set and classifies with every centre
-        net.requires_grad_(True)
-        losses.append(alignment.item() + centre_loss.item() + args.inner_weight * value)
+    def __init__(self, args, data):
+        super().__init__(args, data)
+        self.milestones = [round(f * args.Iteration) for f in (0.6, 0.8, 0.9)]  # 1200, 1600, 1800 of 2000
 
-    def inner_step():
-        run_epoch('train', syn_loader, net, optimizer_net, F.cross_entropy, args, aug=args.dsa)
+    def iteration(self, it, syn, real):
+        args, num_classes = self.args, self.data.num_classes
+        for group in syn.optimizer.param_groups:  # halved at each milestone
+            group['lr'] = args.lr_img * 0.5 ** sum(it >= m for m in self.milestones)
+        net = self.network()
+        optimizer_net = torch.optim.SGD(net.parameters(), lr=args.lr_net)
+        syn_loader = tensor_loader(syn.images.detach(), syn.labels, args.batch_train, shuffle=True)  # sees each update
+        losses = []
 
-    n_outer, n_inner = dynamic_loops(outer_step, inner_step, lambda: query_accuracy(net, real, args), args)
-    return {'loss': sum(losses) / len(losses) / args.num_classes, 'outer': n_outer, 'inner': n_inner}
+        def outer_step():
+            n = min([args.batch_real, *map(len, real.indices_class)])  # as many real images of every class
+            classes = syn.classes  # (under torchrun: this process's share)
+            pairs = [(real.get_images(c, n), syn.of_class(c)) for c in classes]
+            if args.dsa:  # the same transformation for the real and the synthetic batch of a class
+                pairs = [siamese_augment(pair, args, real.rng(c)) for c, pair in zip(classes, pairs)]
+            img_real, img_syn = map(torch.stack, zip(*pairs))
+            net.requires_grad_(False)  # only the synthetic images learn here
+            alignment, centre_loss, centres, real_embeddings = cafe_losses(net, img_real, img_syn, args)
+            surrogate, value = discrimination(centres, real_embeddings, classes, num_classes, syn.sharded)
+            loss = alignment + centre_loss + args.inner_weight * surrogate
+            syn.step(loss)
+            syn.sync()  # every process trains the network on the whole set and classifies with every centre
+            net.requires_grad_(True)
+            losses.append(alignment.item() + centre_loss.item() + args.inner_weight * value)
+
+        def inner_step():
+            run_epoch('train', syn_loader, net, optimizer_net, F.cross_entropy, args, aug=args.dsa)
+
+        n_outer, n_inner = dynamic_loops(outer_step, inner_step, lambda: query_accuracy(net, real, args, num_classes), args)
+        return {'loss': sum(losses) / len(losses) / num_classes, 'outer': n_outer, 'inner': n_inner}
 
 
 PUBLIC_WEIGHTS = ['first', 'second', 'third', 'fourth']  # the public code's names, from the deepest stage
@@ -139,7 +149,7 @@ def default_layer_weights(n_stages):
 
 def parser():
     parser = get_parser('CAFE: dataset condensation by aligning features', methods=['DC', 'DSA'], omit=['compile'],
-                        Iteration=2000, lr_img=0.1, init='noise', num_exp=1, num_eval=20, epoch_eval_noaug=600,
+                        Iteration=2000, lr_img=0.1, init='noise', num_exp=1, num_eval=20,
                         unused={'dis_metric': 'does not apply to CAFE: it aligns features, not gradients'},
                         rules={'dsa_strategy': f'default: None; with --method DSA {STRATEGY_RULE}'})
     parser.add_argument('--layer_weights', type=float, nargs='+', default=None,
@@ -151,16 +161,16 @@ def parser():
     parser.add_argument('--inner_weight', type=float, default=0.01, help='weight of the discrimination loss')
     parser.add_argument('--lambda_1', type=float, default=0.04, help='outer loop: stop when the accuracies vary less')
     parser.add_argument('--lambda_2', type=float, default=0.03, help='inner loop: stop when the accuracies vary more')
-    parser.add_argument('--window', type=int, default=10, help='the number of query accuracies compared')
-    parser.add_argument('--query', type=int, default=128, help='real images per class in a query')
-    parser.add_argument('--max_outer', type=int, default=50, help='at most this many outer steps per iteration')
-    parser.add_argument('--max_inner', type=int, default=50, help='at most this many inner epochs per outer step')
+    parser.add_argument('--window', type=positive, default=10, help='the number of query accuracies compared')
+    parser.add_argument('--query', type=positive, default=128, help='real images per class in a query')
+    parser.add_argument('--max_outer', type=positive, default=50, help='at most this many outer steps per iteration')
+    parser.add_argument('--max_inner', type=positive, default=50, help='at most this many inner epochs per outer step')
     return parser
 
 
 def configure(args):
     """Resolve the flags: DSA's augmentation, the output name, the layer weights and the learning-rate milestones."""
-    set_dsa(args, augments=args.method == 'DSA')
+    resolve_dsa(args, augments=args.method == 'DSA', required={'DC': False, 'DSA': True}.get(args.method))
     args.method = {'DC': 'CAFE', 'DSA': 'CAFE_DSA'}[args.method]  # names the outputs apart from main.py's
     n_stages = len(get_network(args.model, 3, 10, (32, 32), 'cpu').taps)  # the same for every input shape
     weights = args.layer_weights or default_layer_weights(n_stages)
@@ -172,14 +182,8 @@ def configure(args):
     if min(weights) < 0 or args.inner_weight < 0 or args.lambda_1 < 0 or args.lambda_2 < 0:
         raise UsageError('the layer weights, --inner_weight, --lambda_1 and --lambda_2 must not be negative')
     args.layer_weights = weights
-    args.milestones = [round(f * args.Iteration) for f in (0.6, 0.8, 0.9)]  # 1200, 1600, 1800 of 2000
     return args
 
 
-def main():
-    args = configure(setup(parser().parse_args()))
-    condense(args, train_iteration, eval_interval=100, joint_batchnorm=True)
-
-
 if __name__ == '__main__':
-    run_script(main)
+    run_script(lambda: condense(CAFE, configure(setup(parser().parse_args()))))

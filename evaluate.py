@@ -20,17 +20,18 @@ import numpy as np
 import torch
 
 from networks import MODELS
-import utils
-from runs import (STRATEGY_RULE, ArgumentParser, Interrupted, check_numbers, init_distributed, on_main, run_script,
-                  writable_folder)
-from utils import (CORESETS, DATASETS, EVAL_MODES, NO_STRATEGY, ClassImages, ParamDiffAug, UsageError, atomic_json,
-                   check_strategy, default_strategy, eval_args, evaluate_models, expand, fingerprint, generator,
-                   get_dataset, get_eval_pool, load_result, pick_device, test_epochs)
+from runs import STRATEGY_RULE, Flags, Interrupted, get_parser as shared_parser, init_distributed, natural, on_main, \
+    run_script, writable_folder
+from utils import (CORESETS, DATASETS, NO_STRATEGY, ClassImages, DataInfo, Group, UsageError, atomic_json, check_strategy,
+                   default_strategy, evaluate_models, evaluation_args, expand, fingerprint, generator, get_dataset,
+                   get_eval_pool, load_result, pick_device, say, test_epochs)
 
+# Sets made by this toolkit carry their evaluation settings in their record (dsa, dsa_strategy, factor,
+# epoch_eval_noaug); for sets without one (the papers' released files), their file names say which method made them:
 DSA_MADE = ['DSA', 'DM', 'CAFE_DSA', 'IDM', 'ITGAN', 'GANInversion', 'GAN']  # sets evaluated with DSA augmentation
 MOSAICS = {'IDM': 2}  # methods whose stored images are factor x factor mosaics (see utils.expand)
 DC_MADE = ['DC', 'CAFE', *CORESETS]  # sets evaluated with DC's classic augmentation
-NO_AUG_EPOCHS = {'CAFE': 600, 'CAFE_DSA': 600}  # epochs without augmentation; others 300
+NO_AUG_EPOCHS = {'CAFE': 600, 'CAFE_DSA': 600}  # the released CAFE sets' epochs without augmentation; others 300
 GRAY_MODES = ('1', 'L', 'LA', 'I', 'I;16', 'F')  # PIL modes of one-channel images
 
 
@@ -43,13 +44,20 @@ def experiment(text):
 
 
 def get_parser():
-    p = ArgumentParser(description=__doc__.split('\n\n')[0],
-                       epilog='A flag wins over the record res_<...>.json that our scripts write beside a result file, '
-                              'and the record over the file name res_<method>_<dataset>_<model>_<ipc>ipc.pt.')
+    p = shared_parser(__doc__.split('\n\n')[0], groups=('data', 'evaluation', 'run'), omit=('overwrite', 'checkpoint_every', 'log'),
+                      dataset=None, save_path=None, help={
+                          'dataset': 'the real dataset (default: from the record res_<...>.json beside the file, else from '
+                                     'its name)',
+                          'save_path': 'folder for <input>_eval.json (default: beside the input)',
+                          'seed': 'the same seed gives the same accuracies',
+                          'num_eval': 'models trained per architecture and experiment',
+                          'amp': "bfloat16 autocast for training and testing the models (off: the papers' float32 protocol)",
+                          'resume': 'continue the stopped evaluation in <input>_eval.json (same settings): the models it '
+                                    'finished are not trained again, and the accuracies are those of one uninterrupted run'})
+    p.epilog = ('A flag wins over the record res_<...>.json that our scripts write beside a result file, '
+                'and the record over the file name res_<method>_<dataset>_<model>_<ipc>ipc.pt.')
     p.add_argument('input', help="a result file in the papers' format (res_<method>_<dataset>_<model>_<ipc>ipc.pt) "
                                  'or a folder of images <dir>/<class>/*')
-    p.add_argument('--dataset', choices=[*DATASETS, 'ImageFolder'],
-                   help='the real dataset (default: from the record res_<...>.json beside the file, else from its name)')
     p.add_argument('--method', choices=DSA_MADE + DC_MADE,
                    help=f'the method that made the set, which picks the augmentation: DSA ({STRATEGY_RULE}) for '
                         f"{', '.join(DSA_MADE)}; DC's classic one for {', '.join(DC_MADE)} (default: from the record, "
@@ -60,36 +68,17 @@ def get_parser():
     p.add_argument('--model', choices=list(MODELS), metavar='MODEL',
                    help='the training model, for --eval_mode S and SS (default: from the record or the file name, '
                         'else ConvNet)')
-    pool = p.add_mutually_exclusive_group()
-    pool.add_argument('--eval_mode', default='S', choices=EVAL_MODES,
-                      help='S: the training model (BN as its non-BN twin), SS: itself, M/B/W/D/A/P/N: model pools')
-    pool.add_argument('--models', nargs='+', choices=list(MODELS), metavar='MODEL',
-                      help='evaluate on these models instead of an --eval_mode pool: ' + ', '.join(MODELS))
+    p.add_argument('--models', nargs='+', choices=list(MODELS), metavar='MODEL',
+                   help='evaluate on these models instead of an --eval_mode pool: ' + ', '.join(MODELS))
     p.add_argument('--factor', type=int, choices=[1, 2],
                    help='the stored images are factor x factor mosaics (IDM\'s), each expanded to factor² training images '
                         '(default: from the record, else 2 for sets made by IDM, else 1)')
     p.add_argument('--exp', type=experiment, default='all', help='the experiment of the file to evaluate (0, 1, ...), or all')
-    p.add_argument('--num_eval', type=int, default=20, help='models trained per architecture and experiment')
-    p.add_argument('--epoch_eval_train', type=int,
-                   help='epochs to train an evaluation model (default: 1000 with augmentation, else 300; CAFE 600)')
-    p.add_argument('--lr_net', type=float, default=0.01, help='learning rate of the evaluation models')
-    p.add_argument('--batch_train', type=int, default=256, help='batch size for training the evaluation models')
     p.add_argument('--baseline', default='none', choices=['none', 'random'],
                    help='random: also evaluate random real training images, as many of each class as the set has')
-    p.add_argument('--seed', type=int, default=0, help='the same seed gives the same accuracies')
-    p.add_argument('--eval_together', action='store_true', help='train the models of an architecture (up to 10, without '
-                   'BatchNorm) as one batched computation (torch.func.vmap): for GPUs; slower on the CPU')
-    p.add_argument('--test_every', type=int, default=0, metavar='E',
+    p.add_argument('--test_every', type=natural, default=0, metavar='E',
                    help='also test every model after every E epochs of its training (the schedule unchanged): the '
                         'report holds the accuracy against epochs, mean and std over the models (default: 0, at the end only)')
-    p.add_argument('--amp', action='store_true', help='bfloat16 autocast for training and testing the models '
-                                                      "(off: the papers' float32 protocol)")
-    p.add_argument('--device', default='auto', help='auto (CUDA when present), cpu, cuda or cuda:<i>')
-    p.add_argument('--data_path', default='data', help='dataset path')
-    p.add_argument('--save_path', help='folder for <input>_eval.json (default: beside the input)')
-    p.add_argument('--resume', action='store_true',
-                   help='continue the stopped evaluation in <input>_eval.json (same settings): the models it finished '
-                        'are not trained again, and the accuracies are those of one uninterrupted run')
     return p
 
 
@@ -164,6 +153,9 @@ def resolve(args, settings=None):
     check_strategy(args.dsa_strategy)
     args.sources['augmentation'] = why
     args.epoch_eval_noaug = int(record.get('epoch_eval_noaug') or NO_AUG_EPOCHS.get(args.method, 300))
+    if args.dataset == 'ImageFolder' or args.models or args.eval_mode not in 'WDAPN' or args.model.startswith('ConvNet'):
+        return
+    raise UsageError(f'--eval_mode {args.eval_mode} compares ConvNet variants; it needs a ConvNet --model, not {args.model}')
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -267,13 +259,13 @@ def folder_labels(folders, class_names, num_classes, args):
     return [order.index(f) for f in folders]
 
 
-def check_fit(images, labels, where, args):
-    shape, expected = tuple(images.shape[1:]), (args.channel, *args.im_size)
+def check_fit(images, labels, where, args, data):
+    shape, expected = tuple(images.shape[1:]), (data.channel, *data.im_size)
     if shape != expected:
         raise UsageError(f'{where}: images are {"x".join(map(str, shape))}, but {args.dataset} images are '
                          f'{"x".join(map(str, expected))}')
-    if labels.max() >= args.num_classes:
-        raise UsageError(f'{where}: labels go up to {labels.max().item()}, but {args.dataset} has {args.num_classes} classes')
+    if labels.max() >= data.num_classes:
+        raise UsageError(f'{where}: labels go up to {labels.max().item()}, but {args.dataset} has {data.num_classes} classes')
 
 
 def random_real(real, counts, generator):
@@ -311,7 +303,7 @@ def curve(epochs, curves):
 
 
 def augmentation(a):
-    """The augmentation of the evaluation settings `a` (from utils.eval_args), in words."""
+    """The augmentation of the evaluation settings `a` (from utils.evaluation_args), in words."""
     if a.dsa:
         return 'DSA ' + a.dsa_strategy
     return 'none' if a.dc_aug_param['strategy'] == 'none' else 'DC ' + a.dc_aug_param['strategy']
@@ -340,7 +332,7 @@ def output_path(args):
 
 def load(args):
     """The experiments to evaluate [(k, images, labels)], normalised; the accuracies the file recorded; the real
-    training set and test loader. Fills in args: the settings (see resolve) and the dataset's constants."""
+    training set and test loader; the DataInfo. Fills in args: the settings (see resolve)."""
     sets, recorded, settings = read_pt(args) if os.path.isfile(args.input) else (None, {}, None)
     resolve(args, settings)
     if sets is None:
@@ -348,16 +340,16 @@ def load(args):
             raise UsageError(f'--exp {args.exp} is out of range: a folder is one experiment, 0')
         raw, folders, folder_of = read_folder(args)
     im_size = tuple((raw if sets is None else sets[0][1]).shape[2:]) if args.dataset == 'ImageFolder' else None
-    (args.channel, args.im_size, args.num_classes, class_names, args.mean, args.std, dst_train, _,
-     testloader) = get_dataset(args.dataset, args.data_path, im_size, args.device)  # ImageFolder: at the set's size
+    loaded = get_dataset(args.dataset, args.data_path, im_size, args.device)  # ImageFolder: at the set's size
+    data, dst_train, testloader = DataInfo.of(args.dataset, loaded), loaded[6], loaded[8]
     if sets is None:
-        labels = torch.tensor(folder_labels(folders, class_names, args.num_classes, args))[folder_of]
-        mean, std = torch.tensor(args.mean).view(1, -1, 1, 1), torch.tensor(args.std).view(1, -1, 1, 1)
+        labels = torch.tensor(folder_labels(folders, data.class_names, data.num_classes, args))[folder_of]
+        mean, std = torch.tensor(data.mean).view(1, -1, 1, 1), torch.tensor(data.std).view(1, -1, 1, 1)
         sets = [(0, (raw.float() / 255 - mean) / std, labels)]
     for k, images, labels in sets:
-        check_fit(images, labels, f'{args.input} experiment {k}' if os.path.isfile(args.input) else args.input, args)
+        check_fit(images, labels, f'{args.input} experiment {k}' if os.path.isfile(args.input) else args.input, args, data)
     sets = [(k, *expand(images, labels, args.factor)) for k, images, labels in sets]  # (what the models train on)
-    return sets, recorded, dst_train, testloader
+    return sets, recorded, dst_train, testloader, data
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -411,8 +403,11 @@ def resumed(out, settings):
 
 def configure(args):
     """Check the flags; the device (under torchrun the models are shared out among the processes)."""
-    check_numbers(args)
-    args.device = init_distributed(pick_device(args.device))
+    if args.models and 'eval_mode' in args.given:
+        raise UsageError('argument --models: not allowed with argument --eval_mode')
+    if args.resume not in ('none', 'auto'):
+        raise UsageError(f'--resume takes no file here ({args.resume}): it continues the evaluation in <input>_eval.json')
+    args.device, _ = init_distributed(pick_device(args.device))
     if args.dsa_strategy is not None:
         check_strategy(args.dsa_strategy)
     if not os.path.exists(args.input):
@@ -420,49 +415,53 @@ def configure(args):
     return args
 
 
-def draw_baselines(args, sets, counts, dst_train):
+def draw_baselines(args, sets, counts, dst_train, num_classes):
     """--baseline random: the random real images of each experiment (as many per class as the set has),
     drawn before hours of evaluation."""
     if args.baseline != 'random':
         return {}
-    real = ClassImages(dst_train, args.num_classes)
+    real = ClassImages(dst_train, num_classes)
     return {k: random_real(real, n, generator(args.seed, 'random', k)) for (k, _, _), n in zip(sets, counts)}
 
 
 def describe(args, sets, model_pool):
     """Say what is evaluated and how; the evaluation settings of every model."""
     made = f'made by {args.method} (from {args.sources["method"]})' if args.method else 'made by an unnamed method'
-    print(f'{args.input}: {len(sets)} experiment(s) of {len(sets[0][1]) // args.factor ** 2} images; dataset {args.dataset} '
+    say(f'{args.input}: {len(sets)} experiment(s) of {len(sets[0][1]) // args.factor ** 2} images; dataset {args.dataset} '
           f'(from {args.sources["dataset"]}), {made}, training model {args.model} (from {args.sources["model"]})'
           + (f'; labels: {args.sources["labels"]}' if 'labels' in args.sources else '')
           + (f'; stored as {args.factor}x{args.factor} mosaics (from {args.sources["factor"]}), expanded to '
              f'{len(sets[0][1])} training images' if args.factor > 1 else ''))
-    per_model = {m: eval_args(args, m) for m in model_pool}
+    per_model = {m: evaluation_args(args, m, args.epoch_eval_noaug) for m in model_pool}
     for m, a in per_model.items():
-        print(f'evaluating on {m}: augmentation {augmentation(a)} ({args.sources["augmentation"]}), '
+        say(f'evaluating on {m}: augmentation {augmentation(a)} ({args.sources["augmentation"]}), '
               f'{a.epoch_eval_train} epochs, {args.num_eval} model(s) per experiment')
     return per_model
 
 
 def main():
     args = configure(get_parser().parse_args())
-    out = output_path(args)
-    on_main(writable_folder, os.path.dirname(out), '--save_path' if args.save_path else 'the output folder')
-    sets, recorded, dst_train, testloader = load(args)
-    args.dsa_param = ParamDiffAug()
-    counts = [torch.bincount(labels, minlength=args.num_classes).tolist() for _, _, labels in sets]
+    group, out = Group.current(), output_path(args)
+    on_main(group, writable_folder, os.path.dirname(out), '--save_path' if args.save_path else 'the output folder')
+    sets, recorded, dst_train, testloader, data = load(args)
+    counts = [torch.bincount(labels, minlength=data.num_classes).tolist() for _, _, labels in sets]
     args.ipc = max(max(c) for c in counts)
     model_pool = args.models or get_eval_pool(args.eval_mode, args.model, args.model)
     args.eval_mode = None if args.models else args.eval_mode
-    baselines = draw_baselines(args, sets, counts, dst_train)
+    args.resume = args.resume != 'none'  # (the reports record it as a yes or no)
+    args = Flags.freeze(args)
+    baselines = draw_baselines(args, sets, counts, dst_train, data.num_classes)
     per_model = describe(args, sets, model_pool)
-    settings = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None), list, tuple, dict))}
-    settings = dict(settings, models=model_pool, data_id=dst_train.fingerprint,  # (which set, which real data)
+    settings = {k: v for k, v in vars(args).items() if k not in ('given', 'flags')
+                and isinstance(v, (int, float, str, bool, type(None), list, tuple, dict))}
+    settings = dict(settings, channel=data.channel, im_size=list(data.im_size), num_classes=data.num_classes,
+                    class_names=list(data.class_names), mean=list(data.mean), std=list(data.std),
+                    models=model_pool, data_id=data.data_id,  # (which set, which real data)
                     set_id=fingerprint([t.cpu() for _, images, labels in sets for t in (images, labels)]))
     # (set, experiment) -> {(model, numbers): accuracies}, and with --test_every their accuracies against epochs
-    done, curves = on_main(resumed, out, settings) if args.resume else ({}, {})
+    done, curves = on_main(group, resumed, out, settings) if args.resume else ({}, {})
     if args.resume:
-        print(f'continuing the evaluation in {out}: {models_in(done)} model(s) done')
+        say(f'continuing the evaluation in {out}: {models_in(done)} model(s) done')
     accs, base_accs = {m: {} for m in model_pool}, {m: {} for m in model_pool}
 
     def against_epochs(kind, m):  # (only with --test_every)
@@ -483,33 +482,34 @@ def main():
 
     # (every finished model is saved at once: a kill loses at most the model in training; under torchrun each
     # process holds only its own models until the experiment ends)
-    save = (lambda: atomic_json(report(False), out)) if utils.WORLD == 1 else None
+    save = (lambda: atomic_json(report(False), out)) if group.world == 1 else None
     try:
         for k, images, labels in sets:
-            for m, a in evaluate_models(images, labels, model_pool, args, testloader, (k,), on_finish=save,
+            for m, a in evaluate_models(images, labels, model_pool, args, testloader, data, (k,), args.epoch_eval_noaug,
+                                        group, on_finish=save,
                                         finished=done.setdefault(('synthetic', k), {}),
                                         curves=curves.setdefault(('synthetic', k), {})).items():
                 accs[m][str(k)] = a
             if baselines:
                 idx, base_labels = baselines[k]
-                for m, a in evaluate_models(dst_train.images[idx], base_labels, model_pool, args, testloader, ('random', k),
-                                            on_finish=save, finished=done.setdefault(('random', k), {}),
+                for m, a in evaluate_models(dst_train.images[idx], base_labels, model_pool, args, testloader, data,
+                                            ('random', k), args.epoch_eval_noaug, group, on_finish=save, finished=done.setdefault(('random', k), {}),
                                             curves=curves.setdefault(('random', k), {})).items():
                     base_accs[m][str(k)] = a
-            on_main(atomic_json, report(k == sets[-1][0]), out)  # after every experiment: a long run keeps what it has done
+            on_main(group, atomic_json, report(k == sets[-1][0]), out)  # after every experiment: a long run keeps what it has done
     except Interrupted as stop:
-        if utils.WORLD > 1:  # (each process holds only its own models: no collective to save them with)
+        if group.world > 1:  # (each process holds only its own models: no collective to save them with)
             raise
         atomic_json(report(False), out)  # the models finished so far, in the middle of an experiment too
         raise Interrupted(f'{stop}; the {models_in(done)} model(s) finished are in {out}; continue with --resume',
                           stop.code - 128) from None
     final = report(True)
-    print('\n' + table(final))
+    say('\n' + table(final))
     for m, r in final['results'].items() if args.test_every else ():
         c = r['curve']
-        print(f'{m}, accuracy against epochs (mean over {c["n"]} models): '
+        say(f'{m}, accuracy against epochs (mean over {c["n"]} models): '
               + ', '.join('%d: %.2f %%' % (e, 100 * a) for e, a in zip(c['epochs'], c['mean'])))
-    print(f'\nwritten to {out}')
+    say(f'\nwritten to {out}')
 
 
 if __name__ == '__main__':

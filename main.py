@@ -9,59 +9,75 @@ epochs on the synthetic set.
 """
 import torch
 
-from runs import STRATEGY_RULE, condense, get_parser, refuse, run_script, set_dsa, setup
-from utils import (CORESETS, FORGETTING, HERDING, batchnorm_layers, class_gradients, get_loops, get_network, has_batchnorm, match_loss,
-                   run_epoch, select_coreset, siamese_augment, tensor_loader)
+from runs import STRATEGY_RULE, Method, condense, get_parser, positive, refuse, resolve_dsa, run_script, setup
+from utils import (CORESETS, FORGETTING, HERDING, UsageError, batchnorm_layers, class_gradients, get_loops, has_batchnorm,
+                   match_loss, run_epoch, select_coreset, siamese_augment, tensor_loader)
 
 BN_IMAGES_PER_CLASS = 16
 
 
-def freeze_batchnorm(net, real, args):
+def freeze_batchnorm(net, real, num_classes):
     """Measure the BatchNorm statistics on 16 real images per class, then freeze them (eval mode): a
     synthetic batch, e.g. one image, is too small to estimate them."""
     net.train()
     with torch.no_grad():  # (every process draws the same images: from streams of their own)
-        net(torch.cat([real.get_images(c, BN_IMAGES_PER_CLASS, 'batchnorm') for c in range(args.num_classes)]))
+        net(torch.cat([real.get_images(c, BN_IMAGES_PER_CLASS, 'batchnorm') for c in range(num_classes)]))
     for m in batchnorm_layers(net):
         m.eval()
 
 
-def train_iteration(it, syn, real, args):
-    net = get_network(args.model, args.channel, args.num_classes, args.im_size, args.device)
-    optimizer_net = torch.optim.SGD(net.parameters(), lr=args.lr_net)
-    syn_loader = tensor_loader(syn.images.detach(), syn.labels, args.batch_train, shuffle=True)  # sees each update
-    loss_sum = 0
-    for ol in range(args.outer_loop):
-        if has_batchnorm(net):
-            freeze_batchnorm(net, real, args)
-        loss = 0
-        for c in syn.classes:  # (under torchrun: this process's share)
-            img_real, img_syn = real.get_images(c, args.batch_real), syn.of_class(c)
-            if args.dsa:  # the same transformation for the real and the synthetic batch of a class
-                img_real, img_syn = siamese_augment([img_real, img_syn], args, real.rng(c))
-            gw_real = class_gradients(net, img_real, c)  # constants
-            gw_syn = class_gradients(net, img_syn, c, create_graph=True)
-            loss = loss + match_loss(gw_syn, gw_real, args)
-        syn.step(loss)
-        loss_sum += loss.detach()
-        if ol == args.outer_loop - 1:
-            break
-        syn.sync()  # every process trains the network on the whole set
-        for il in range(args.inner_loop):  # train the network on the current synthetic set
-            run_epoch('train', syn_loader, net, optimizer_net, torch.nn.functional.cross_entropy, args, aug=args.dsa)
-    return loss_sum.item() / (args.num_classes * args.outer_loop)
+class GradientMatching(Method):
+    """DC (--method DC) and DSA (--method DSA)."""
+
+    def __init__(self, args, data):
+        super().__init__(args, data)
+        self.outer_loop, self.inner_loop = get_loops(args.ipc)
+
+    @staticmethod
+    def defaults(dataset, ipc):
+        """The papers' settings: 1000 iterations, lr_img 0.1, from noise."""
+        return dict(Iteration=1000, lr_img=0.1, init='noise')
+
+    def iteration(self, it, syn, real):
+        args = self.args
+        net = self.network()
+        optimizer_net = torch.optim.SGD(net.parameters(), lr=args.lr_net)
+        syn_loader = tensor_loader(syn.images.detach(), syn.labels, args.batch_train, shuffle=True)  # sees each update
+        loss_sum = 0
+        for ol in range(self.outer_loop):
+            if has_batchnorm(net):
+                freeze_batchnorm(net, real, self.data.num_classes)
+            loss = 0
+            for c in syn.classes:  # (under torchrun: this process's share)
+                img_real, img_syn = real.get_images(c, args.batch_real), syn.of_class(c)
+                if args.dsa:  # the same transformation for the real and the synthetic batch of a class
+                    img_real, img_syn = siamese_augment([img_real, img_syn], args, real.rng(c))
+                gw_real = class_gradients(net, img_real, c)  # constants
+                gw_syn = class_gradients(net, img_syn, c, create_graph=True)
+                loss = loss + match_loss(gw_syn, gw_real, args)
+            syn.step(loss)
+            loss_sum += loss.detach()
+            if ol == self.outer_loop - 1:
+                break
+            syn.sync()  # every process trains the network on the whole set
+            for il in range(self.inner_loop):  # train the network on the current synthetic set
+                run_epoch('train', syn_loader, net, optimizer_net, torch.nn.functional.cross_entropy, args, aug=args.dsa)
+        return loss_sum.item() / (self.data.num_classes * self.outer_loop)
 
 
-def coreset_images(real, args):
-    """The synthetic set of a coreset method: args.ipc real images per class, selected by args.method."""
-    return real.images[torch.cat(select_coreset(args.method, real, args, args.ipc))]
+class Coreset(Method):
+    """--method random|herding|kcenter|forgetting: --ipc real images per class, selected once; nothing to iterate."""
+    eval_interval = 1
+
+    def init_images(self, real):
+        return real.images[torch.cat(select_coreset(self.args.method, real, self.args, self.data, self.args.ipc))]
 
 
 def parser():
     p = get_parser('DC/DSA: dataset condensation with gradient matching', methods=['DC', 'DSA', *CORESETS],
-                   omit=['compile'], Iteration=1000, lr_img=0.1, init='noise', num_exp=5, num_eval=20,
+                   omit=['compile'], num_exp=5, num_eval=20, **GradientMatching.defaults(None, None),
                    rules={'dsa_strategy': f'default: None; with --method DSA {STRATEGY_RULE}'})
-    p.add_argument('--coreset_epochs', type=int, default=10,
+    p.add_argument('--coreset_epochs', type=positive, default=10,
                    help='herding/kcenter/forgetting: epochs of training the network on the real data')
     p.add_argument('--herding', choices=list(HERDING), default='nearest',
                    help="herding's rule: nearest (the ipc images nearest the class mean: the DC paper's herding row) "
@@ -74,8 +90,9 @@ def parser():
 
 
 def configure(args):
-    """Resolve the flags: DSA's augmentation, the coreset methods' settings (nothing to iterate), DC/DSA's loops."""
-    set_dsa(args, augments=args.method == 'DSA')
+    """Resolve the flags: DSA's augmentation (DC matches and evaluates without it; the coresets evaluate with it
+    when a strategy is named), the coreset methods' settings (nothing to iterate)."""
+    resolve_dsa(args, augments=args.method == 'DSA', required={'DC': False, 'DSA': True}.get(args.method))
     if args.method in CORESETS:  # real images, selected once: nothing to iterate
         refuse(args, ['Iteration', 'init', 'lr_img', 'batch_real', 'dis_metric', 'checkpoint_every'],
                f'does not apply to --method {args.method}: a coreset is selected from real images, not optimised')
@@ -88,16 +105,12 @@ def configure(args):
         refuse(args, ['herding'], f'is for --method herding, not {args.method}')
     if args.method != 'forgetting':
         refuse(args, ['forgetting_score'], f'is for --method forgetting, not {args.method}')
-        args.outer_loop, args.inner_loop = get_loops(args.ipc)
     return args
 
 
 def main():
     args = configure(setup(parser().parse_args()))
-    if args.method in CORESETS:
-        condense(args, None, eval_interval=1, init_images=coreset_images)
-    else:
-        condense(args, train_iteration, eval_interval=500)
+    condense(Coreset if args.method in CORESETS else GradientMatching, args)
 
 
 if __name__ == '__main__':

@@ -13,21 +13,120 @@ on random real images.
 import torch
 import torch.nn.functional as F
 
-from runs import ModelQueue, condense, get_parser, run_script, set_dsa, setup
+from runs import Method, condense, get_parser, positive, resolve_dsa, run_script, setup
 from utils import UsageError, embed, expand, siamese_augment, tile_slices
 
 
-def train_iteration(it, syn, real, args, queue):
-    if it and it % args.reset_every == 0:  # (the authors reset the meters at their evaluation iterations)
-        queue.reset_meters()
-    if it % args.net_generate_interval == 0:
-        queue.push()
-    i = int(torch.randint(len(queue), ()))
-    loss = match(queue.models[i], queue.accuracy(i), syn, real, args)
-    for j in torch.randperm(len(queue))[:args.fetch_net_num].tolist():
-        for _ in range(args.model_train_steps):
-            queue.train_step(j, *real.sample(args.trained_bs))
-    return loss
+class IDM(Method):
+    """The stored set is factor x factor mosaics (init_images, training_set); a queue of models trains on real
+    images alongside (start, state_dict: checkpoints keep it)."""
+    stateful = True
+
+    @staticmethod
+    def defaults(dataset, ipc):
+        """The settings of the authors' command.txt for a dataset and ipc (the flags given override them)."""
+        own = authors_defaults(dataset, ipc)
+        return dict(Iteration=20000, lr_img=0.2, init='real', factor=2, net_num=100, fetch_net_num=2, trained_bs=256,
+                    **own, reset_every=own['eval_interval'])
+
+    @property
+    def eval_interval(self):
+        return self.args.eval_interval
+
+    def init_images(self, real):
+        return mosaic_init(real, self.args.ipc, self.args.factor)
+
+    def start(self, real):
+        """The authors' queue: 3 fresh models at the start (one more every --net_generate_interval iterations),
+        SGD lr --lr_net, momentum 0.9, weight decay 5e-4 (--net_decay)."""
+        args = self.args
+        self.queue = ModelQueue(self.network, args.net_num,
+                                lambda p: torch.optim.SGD(p, lr=args.lr_net, momentum=0.9, weight_decay=5e-4))
+        for _ in range(3):
+            self.queue.push()
+
+    def iteration(self, it, syn, real):
+        args, queue = self.args, self.queue
+        if it and it % args.reset_every == 0:  # (the authors reset the meters at their evaluation iterations)
+            queue.reset_meters()
+        if it % args.net_generate_interval == 0:
+            queue.push()
+        i = int(torch.randint(len(queue), ()))
+        loss = match(queue.models[i], queue.accuracy(i), syn, real, args)
+        for j in torch.randperm(len(queue))[:args.fetch_net_num].tolist():
+            for _ in range(args.model_train_steps):
+                queue.train_step(j, *real.sample(args.trained_bs))
+        return loss
+
+    def state_dict(self):
+        return self.queue.state_dict()
+
+    def load_state_dict(self, state):
+        self.queue.load_state_dict(state)
+
+    def training_set(self, images, labels):
+        """The set that models train on: every stored mosaic expanded to its factor² images."""
+        return expand(images, labels, self.args.factor)
+
+
+class ModelQueue:
+    """Models that train alongside the condensation: each with its optimiser and an accuracy meter of the
+    batches it trained on; at most `size`, the oldest dropped. `network()` makes a freshly initialised model
+    (from torch's global generator), `optimizer(parameters)` its optimiser."""
+
+    def __init__(self, network, size, optimizer):
+        self.network, self.size, self.optimizer = network, size, optimizer
+        self.models, self.optimizers, self.right, self.seen = [], [], [], []
+
+    def __len__(self):
+        return len(self.models)
+
+    def push(self):
+        """A freshly initialised model, with a new optimiser and meter."""
+        self.models.append(self.network().train())
+        self.optimizers.append(self.optimizer(self.models[-1].parameters()))
+        device = next(self.models[-1].parameters()).device
+        self.right.append(torch.zeros((), dtype=torch.long, device=device))
+        self.seen.append(0)
+        if len(self.models) > self.size:
+            for kept in (self.models, self.optimizers, self.right, self.seen):
+                kept.pop(0)
+
+    def accuracy(self, i):
+        """Model i's accuracy in percent on the batches it trained on since the meters were reset (0 before
+        any), as a device tensor: no host sync."""
+        return self.right[i] * (100.0 / self.seen[i]) if self.seen[i] else torch.zeros((), device=self.right[i].device)
+
+    def reset_meters(self):
+        self.right = [torch.zeros_like(r) for r in self.right]
+        self.seen = [0] * len(self.seen)
+
+    def train_step(self, i, images, labels):
+        """One optimiser step of model i on a batch (cross-entropy, train mode); its meter counts the batch."""
+        net, optimizer = self.models[i], self.optimizers[i]
+        net.train()
+        logits = net(images)
+        loss = F.cross_entropy(logits, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        self.right[i] += (logits.detach().argmax(1) == labels).sum()
+        self.seen[i] += len(labels)
+
+    def state_dict(self):
+        return dict(models=[m.state_dict() for m in self.models], optimizers=[o.state_dict() for o in self.optimizers],
+                    right=[int(r) for r in self.right], seen=list(self.seen))
+
+    def load_state_dict(self, state):
+        self.models, self.optimizers, self.right, self.seen = [], [], [], []
+        with torch.random.fork_rng(devices=[]):  # (rebuilding draws initial weights, which the state replaces)
+            for _ in state['models']:
+                self.push()
+        for model, optimizer, s, o in zip(self.models, self.optimizers, state['models'], state['optimizers']):
+            model.load_state_dict(s)
+            optimizer.load_state_dict(o)
+        self.right = [torch.tensor(r, device=rr.device) for r, rr in zip(state['right'], self.right)]
+        self.seen = list(state['seen'])
 
 
 def match(net, accuracy, syn, real, args):
@@ -48,7 +147,7 @@ def match(net, accuracy, syn, real, args):
 
     class_steps(syn, class_loss)
     net.requires_grad_(True)
-    return torch.stack(losses).sum().item() / args.num_classes
+    return torch.stack(losses).sum().item() / syn.num_classes
 
 
 @torch.no_grad()
@@ -86,14 +185,14 @@ def class_steps(syn, class_loss):
         momentum_steps(slice(lo, min(hi, k * ipc)))
 
 
-def mosaic_init(real, args):
+def mosaic_init(real, ipc, factor):
     """Every stored image a mosaic of factor² distinct real images of its class, each shrunk into its tile."""
-    n = args.factor ** 2 * args.ipc
+    n = factor ** 2 * ipc
     fewest = min(map(len, real.indices_class))
     if n > fewest:
-        raise UsageError(f'--ipc {args.ipc} with --factor {args.factor} starts from {n} real images per class; the '
+        raise UsageError(f'--ipc {ipc} with --factor {factor} starts from {n} real images per class; the '
                          f'smallest class has {fewest}')
-    return torch.cat([mosaic(real.get_images(c, n), args.factor) for c in range(args.num_classes)])
+    return torch.cat([mosaic(real.get_images(c, n), factor) for c in range(len(real.indices_class))])
 
 
 def mosaic(tiles, factor=2):
@@ -105,15 +204,6 @@ def mosaic(tiles, factor=2):
         out[..., rows, cols] = F.interpolate(group, size=(rows.stop - rows.start, cols.stop - cols.start),
                                              mode='bilinear', align_corners=False)
     return out
-
-
-def new_queue(real, args):
-    """The authors' queue: 3 fresh models at the start (one more every --net_generate_interval iterations),
-    SGD lr --lr_net, momentum 0.9, weight decay 5e-4 (--net_decay)."""
-    queue = ModelQueue(args, args.net_num, lambda p: torch.optim.SGD(p, lr=args.lr_net, momentum=0.9, weight_decay=5e-4))
-    for _ in range(3):
-        queue.push()
-    return queue
 
 
 # The authors' settings by dataset and ipc (command.txt): the weight of the cross-entropy, the evaluation
@@ -138,64 +228,45 @@ def authors_defaults(dataset, ipc):
 
 def parser():
     p = get_parser('IDM: improved distribution matching', methods=['IDM'], method='IDM', ipc=10, num_exp=5,
-                   num_eval=5, eval_mode='S', Iteration=20000, lr_img=0.2, init='real', dsa_strategy=None,
+                   num_eval=5, eval_mode='S', Iteration=None, lr_img=None, init='real', dsa_strategy=None,
                    batch_real=None, unused={'dis_metric': 'does not apply to IDM: it matches embeddings, not gradients'},
                    rules={'dsa_strategy': 'default: color_crop_cutout_flip_scale_rotate, without flip for MNIST and SVHN',
-                          'batch_real': 'default: 5000 at ipc 1, else 256'})
+                          'batch_real': 'default: 5000 at ipc 1, else 256', 'Iteration': 'default: 20000',
+                          'lr_img': 'default: 0.2'})
     add = p.add_argument
-    add('--factor', type=int, default=2, choices=[1, 2],
-        help='stored images are factor x factor mosaics, expanded to factor² images each (1: plain images)')
+    add('--factor', type=int, default=None, choices=[1, 2],
+        help='stored images are factor x factor mosaics, expanded to factor² images each (1: plain images; default: 2)')
     add('--ce_weight', type=float, default=None,
         help='weight of the accuracy-weighted cross-entropy (default: the authors\', by dataset and ipc: 0.5, or 0.1 '
              'at ipc 50 on CIFAR10 and from ipc 10 on CIFAR100; TinyImageNet 0.5, 0.8 at ipc 50)')
-    add('--eval_interval', type=int, default=None,
+    add('--eval_interval', type=positive, default=None,
         help='evaluate every N iterations in modes S/SS (default: the authors\': 100, 500 from ipc 50; TinyImageNet '
              '1000 at ipc 50)')
-    add('--reset_every', type=int, default=None, help='reset the queue\'s accuracy meters every N iterations '
+    add('--reset_every', type=positive, default=None, help='reset the queue\'s accuracy meters every N iterations '
                                                       '(default: --eval_interval, as the authors do)')
-    add('--net_generate_interval', type=int, default=None, help='add a model to the queue every N iterations '
+    add('--net_generate_interval', type=positive, default=None, help='add a model to the queue every N iterations '
                                                                 '(default: 5 at ipc 1, else 30)')
-    add('--net_num', type=int, default=100, help='at most this many models in the queue (the oldest is dropped)')
-    add('--fetch_net_num', type=int, default=2, help='models of the queue that train on real images each iteration')
-    add('--model_train_steps', type=int, default=None,
+    add('--net_num', type=positive, default=None, help='at most this many models in the queue (the oldest is dropped; '
+                                                       'default: 100)')
+    add('--fetch_net_num', type=positive, default=None,
+        help='models of the queue that train on real images each iteration (default: 2)')
+    add('--model_train_steps', type=positive, default=None,
         help='SGD steps of each of them (default: 10; 50 on CIFAR100 at ipc 10 and TinyImageNet at ipc 50)')
-    add('--trained_bs', type=int, default=256, help='real images per step of the queue\'s training')
+    add('--trained_bs', type=positive, default=None, help='real images per step of the queue\'s training (default: 256)')
     return p
 
 
 def configure(args):
     """Resolve the flags: the authors' defaults by dataset and ipc, DSA's augmentation (always on)."""
-    for k, v in authors_defaults(args.dataset, args.ipc).items():
+    for k, v in IDM.defaults(args.dataset, args.ipc).items():
         if getattr(args, k) is None:
-            setattr(args, k, v)
-    if args.reset_every is None:
-        args.reset_every = args.eval_interval
-    for k in ('eval_interval', 'reset_every', 'net_generate_interval', 'net_num', 'fetch_net_num', 'model_train_steps',
-              'trained_bs'):
-        if getattr(args, k) < 1:
-            raise UsageError(f'--{k} must be at least 1, got {getattr(args, k)}')
+            setattr(args, k, args.eval_interval if k == 'reset_every' else v)  # (every N evaluations, as the authors)
     if args.init != 'real':
         raise UsageError('--init noise does not apply to IDM: its images start as mosaics of real images')
     if args.ce_weight < 0:
         raise UsageError(f'--ce_weight must not be negative, got {args.ce_weight}')
-    set_dsa(args, augments=True)
-    return args
-
-
-def training_set(images, labels, args):
-    """The set that models train on: every stored mosaic expanded to its factor² images."""
-    return expand(images, labels, args.factor)
-
-
-# the harness's hooks (condense's; CL_DM.py calls them too)
-init_images, method_state = mosaic_init, new_queue
-
-
-def main():
-    args = configure(setup(parser().parse_args()))
-    condense(args, train_iteration, eval_interval=args.eval_interval, init_images=init_images, method_state=method_state,
-             expand=lambda images, labels: training_set(images, labels, args))
+    return resolve_dsa(args, augments=True)
 
 
 if __name__ == '__main__':
-    run_script(main)
+    run_script(lambda: condense(IDM, configure(setup(parser().parse_args()))))

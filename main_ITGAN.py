@@ -25,16 +25,15 @@ them, the latents, their labels and source indices, and the generator's SHA-256 
     python train_gan.py --dataset FashionMNIST --arch small
     python main_ITGAN.py --dataset FashionMNIST --generator result/G_FashionMNIST_small.pt --ipc 10
 """
-import copy
 import hashlib
 import os
 
 import torch
 
 import utils
-from runs import condense, get_parser, on_main, result_path, run_script, set_dsa, setup
-from train_gan import load_generator, render
-from utils import UsageError, embed, siamese_augment
+from gan import load_generator, render
+from runs import Flags, Method, condense, get_parser, positive, resolve_dsa, result_path, run_script, setup
+from utils import UsageError, embed, say, siamese_augment
 
 STAGE_DEFAULTS = {  # the authors' settings of each stage
     'GANInversion': dict(Iteration=5000, lr_img=0.1, batch_z=100),
@@ -47,93 +46,98 @@ STAGE_DEFAULTS = {  # the authors' settings of each stage
 # The latents, their sources and the generator
 # ----------------------------------------------------------------------------------------------------
 
-def sources(real, args):
-    """The real training images the latents stand for, class by class ([ipc] per class, an index into
-    real.images): the first --ipc of the class in an order drawn from (--seed, experiment); --ipc as large as
-    the classes takes every image (Fashion-MNIST: 6000). A GANInversion result given by --latents fixes them."""
-    if args.latents:
-        return args.latents_file['source'].to(real.images.device)
-    picked = []
-    for c, idx in enumerate(real.indices_class):
-        order = torch.randperm(len(idx), generator=utils.generator(*real.keys, 'sources', c)).to(idx.device)
-        picked.append(idx[order[:args.ipc]])
-    return torch.cat(picked)
-
-
-def init_latents(real, args):
-    """N(0, I) latents (GAN, GANInversion), or the inverted ones of --latents (ITGAN)."""
-    prepare(args)
-    if args.latents:
-        return args.latents_file['learned'].to(args.device)
-    g = utils.generator(*real.keys, 'latents')
-    return torch.randn(args.num_classes * args.ipc, args.dim_z, generator=g).to(args.device)
-
-
-class Generator:
-    """What IT-GAN holds across iterations: the frozen generator, the latents' source images, and for
+class LatentsOfAGenerator(Method):
+    """What IT-GAN learns: latents of a frozen generator, one per image (--method GANInversion, ITGAN; GAN renders
+    random ones). It holds the generator (loaded on first use), the latents' source images, and for
     GANInversion the frozen feature network and the sources' embeddings."""
 
-    def __init__(self, real, args):
-        self.args, self.G = args, prepare(args)
-        self.source = sources(real, args)
+    def __init__(self, args, data):
+        super().__init__(args, data)
+        self.G = self.latents = None
+
+    @property
+    def eval_interval(self):
+        return self.args.eval_interval
+
+    def optimizer(self, params):
+        return torch.optim.Adam(params, lr=self.args.lr_img, betas=(0.9, 0.999))
+
+    def prepare(self):
+        """The frozen generator (loaded once, after the data: its classes, channels and size must fit) and
+        --latents, checked against it."""
+        if self.G is not None:
+            return
+        args, data = self.args, self.data
+        self.G = load_generator(args.generator, data.num_classes, data.channel, data.im_size).to(args.device)
+        if args.latents:
+            self.latents = read_latents(args, data, self.G.dim_z)
+        n = data.num_classes * args.ipc
+        generator = sum(t.numel() * t.element_size() for t in self.G.state_dict().values())
+        pixels = n * data.channel * data.im_size[0] * data.im_size[1]
+        self.bytes = dict(latents=n * self.G.dim_z * 4, generator=generator, images_float32=pixels * 4,
+                          images_uint8=pixels)
+        say('bytes stored: latents %(latents)d, generator %(generator)d; the images they stand for: '
+            '%(images_float32)d as float32, %(images_uint8)d as 8-bit pixels' % self.bytes)
+
+    def init_images(self, real):
+        """N(0, I) latents (GAN, GANInversion), or the inverted ones of --latents (ITGAN)."""
+        self.prepare()
+        if self.args.latents:
+            return self.latents['learned'].to(self.args.device)
+        g = utils.generator(*real.keys, 'latents')
+        return torch.randn(self.data.num_classes * self.args.ipc, self.G.dim_z, generator=g).to(self.args.device)
+
+    def start(self, real):
+        self.prepare()
+        self.source = self.sources(real)
         self.source_images = real.images[self.source]
         self.net = self.source_features = None
-        if args.method == 'GANInversion':
-            self.net = feature_network(real, args)
+        if self.args.method == 'GANInversion':  # GAN inversion's embedding: a --model trained on the real images
+            # (--feature_epochs, the evaluation protocol's optimiser, no augmentation), frozen; one per experiment,
+            # from its random stream, kept in --save_path (utils.trained_classifier)
+            self.net = utils.trained_classifier(real, range(self.data.num_classes), self.args, self.data,
+                                                self.args.feature_epochs)[0].requires_grad_(False)
             self.source_features = embed(self.net, self.source_images).float()
+
+    def sources(self, real):
+        """The real training images the latents stand for, class by class ([ipc] per class, an index into
+        real.images): the first --ipc of the class in an order drawn from (--seed, experiment); --ipc as large
+        as the classes takes every image (Fashion-MNIST: 6000). A GANInversion result given by --latents fixes
+        them."""
+        if self.args.latents:
+            return self.latents['source'].to(real.images.device)
+        picked = []
+        for c, idx in enumerate(real.indices_class):
+            order = torch.randperm(len(idx), generator=utils.generator(*real.keys, 'sources', c)).to(idx.device)
+            picked.append(idx[order[:self.args.ipc]])
+        return torch.cat(picked)
+
+    def iteration(self, it, syn, real):
+        step = {'GANInversion': inversion_iteration, 'ITGAN': itgan_iteration}.get(self.args.method)
+        return step(syn, real, self.args, self) if step else 0.0
 
     def render(self, z, labels, chunk=500):
         """The images of latents z (in chunks of 500, as the authors' generate())."""
-        parts = [render(self.G, zs, ls, self.args.mean, self.args.std) for zs, ls in zip(z.split(chunk), labels.split(chunk))]
+        mean, std = self.data.mean, self.data.std
+        parts = [render(self.G, zs, ls, mean, std) for zs, ls in zip(z.split(chunk), labels.split(chunk))]
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def saved(self, syn):
-        return dict(source=self.source.cpu(), generator=self.args.generator, generator_sha256=self.args.generator_sha256,
-                    bytes=self.args.bytes)
-
-    def state_dict(self):  # (nothing in it changes across iterations)
-        return {}
-
-    def load_state_dict(self, state):
-        pass
+        return dict(source=self.source.cpu(), generator=self.args.generator,
+                    generator_sha256=self.args.generator_sha256, bytes=self.bytes)
 
 
-def prepare(args):
-    """The frozen generator (loaded once, after the data: its classes, channels and size must fit) and
-    --latents, checked against it."""
-    if getattr(args, 'G', None) is None:
-        args.G = load_generator(args.generator, args.num_classes, args.channel, args.im_size).to(args.device)
-        args.dim_z = args.G.dim_z
-        if args.latents:
-            args.latents_file = read_latents(args)
-        n = args.num_classes * args.ipc
-        generator = sum(t.numel() * t.element_size() for t in args.G.state_dict().values())
-        pixels = n * args.channel * args.im_size[0] * args.im_size[1]
-        args.bytes = dict(latents=n * args.dim_z * 4, generator=generator, images_float32=pixels * 4, images_uint8=pixels)
-        on_main(print, 'bytes stored: latents %(latents)d, generator %(generator)d; the images they stand for: '
-                             '%(images_float32)d as float32, %(images_uint8)d as 8-bit pixels' % args.bytes)
-    return args.G
-
-
-def read_latents(args):
+def read_latents(args, data, dim_z):
     res = utils.load_result(args.latents)
     learned = (res.get('learned') or [None])[0]
     if not isinstance(learned, dict) or not all(torch.is_tensor(learned.get(k)) for k in ('learned', 'source')):
         raise UsageError(f'--latents {args.latents} holds no latents of main_ITGAN.py (a GANInversion result)')
     if learned.get('generator_sha256') != args.generator_sha256:
         raise UsageError(f'--latents {args.latents} were learned with another generator than {args.generator}')
-    if tuple(learned['learned'].shape) != (args.num_classes * args.ipc, args.dim_z):
+    if tuple(learned['learned'].shape) != (data.num_classes * args.ipc, dim_z):
         raise UsageError(f'--latents {args.latents} holds {tuple(learned["learned"].shape)} latents, not '
-                         f'{args.ipc} per class of {args.num_classes} classes of {args.dim_z} numbers')
+                         f'{args.ipc} per class of {data.num_classes} classes of {dim_z} numbers')
     return learned
-
-
-def feature_network(real, args):
-    """GAN inversion's embedding: a --model trained on the real training images (--feature_epochs, the
-    evaluation protocol's optimiser, no augmentation), frozen; one per experiment, from its random stream,
-    kept in --save_path (utils.trained_classifier)."""
-    net, _ = utils.trained_classifier(real, range(args.num_classes), args, args.feature_epochs)
-    return net.requires_grad_(False)
 
 
 def batches(syn, size):
@@ -163,7 +167,7 @@ def adam_steps(syn, loss_of_batch, size):
 # The two stages
 # ----------------------------------------------------------------------------------------------------
 
-def inversion_iteration(it, syn, real, args, gen):
+def inversion_iteration(syn, real, args, gen):
     """GAN inversion: rendered images close to their sources in embedding and in pixels."""
     def loss_of_batch(rows):
         images = gen.render(syn.images[rows], syn.labels[rows])
@@ -174,11 +178,10 @@ def inversion_iteration(it, syn, real, args, gen):
     return adam_steps(syn, loss_of_batch, args.batch_z)
 
 
-def itgan_iteration(it, syn, real, args, gen):
+def itgan_iteration(syn, real, args, gen):
     """IT-GAN: condense each class's real images into the rendered ones (DM's distance under a fresh random
     network), kept near their sources (λ)."""
-    nets = {c: utils.get_network(args.model, args.channel, args.num_classes, args.im_size, args.device)
-            .train().requires_grad_(False) for c in syn.classes}  # (the authors' .train(): instance norm alike)
+    nets = {c: gen.network().train().requires_grad_(False) for c in syn.classes}  # (the authors' .train(): instance norm alike)
     lam = args.lambda_div
 
     def loss_of_batch(rows):
@@ -195,9 +198,6 @@ def itgan_iteration(it, syn, real, args, gen):
     return adam_steps(syn, loss_of_batch, args.batch_z)
 
 
-ITERATIONS = {'GANInversion': inversion_iteration, 'ITGAN': itgan_iteration, 'GAN': None}
-
-
 # ----------------------------------------------------------------------------------------------------
 # The command line
 # ----------------------------------------------------------------------------------------------------
@@ -205,7 +205,7 @@ ITERATIONS = {'GANInversion': inversion_iteration, 'ITGAN': itgan_iteration, 'GA
 def parser():
     p = get_parser('IT-GAN: learned latents of a frozen generator', methods=['ITGAN', 'GANInversion', 'GAN'],
                    method='ITGAN', ipc=10, num_exp=1, num_eval=3, eval_mode='S', Iteration=None, lr_img=None,
-                   init='real', dsa_strategy=None, batch_real=500, epoch_eval_train=200,
+                   init='real', dsa_strategy=None, batch_real=500, epoch_eval_train=200, generator_sha256=None,
                    unused={'dis_metric': 'does not apply to IT-GAN: it matches embeddings, not gradients',
                            'init': 'does not apply to IT-GAN: latents start from N(0, I) or from --latents'},
                    rules={'Iteration': 'default: ITGAN 10000, GANInversion 5000',
@@ -219,11 +219,11 @@ def parser():
              'or only IT-GAN from --latents (default: itgan with --latents, else both)')
     add('--latents', default=None, help="ITGAN: a GANInversion result file (res_GANInversion_<...>.pt) to start from")
     add('--lambda_div', type=float, default=0.001, help="ITGAN: the weight λ of each image's distance to its source")
-    add('--batch_z', type=int, default=None, help='latents of a class per Adam step (default: ITGAN 1250, '
+    add('--batch_z', type=positive, default=None, help='latents of a class per Adam step (default: ITGAN 1250, '
                                                    'GANInversion 100); the last batch may be smaller')
-    add('--inversion_iterations', type=int, default=5000, help='ITGAN --stage both: iterations of the inversion run')
-    add('--eval_interval', type=int, default=5000, help="evaluate every N iterations in modes S/SS (the authors')")
-    add('--feature_epochs', type=int, default=20,
+    add('--inversion_iterations', type=positive, default=5000, help='ITGAN --stage both: iterations of the inversion run')
+    add('--eval_interval', type=positive, default=5000, help="evaluate every N iterations in modes S/SS (the authors')")
+    add('--feature_epochs', type=positive, default=20,
         help="GANInversion: epochs of training the feature network on the real images (the authors' pretrained "
              'ConvNet trained 200)')
     return p
@@ -241,9 +241,6 @@ def configure(args):
         raise UsageError('--method GAN renders random latents as they are: it has no --Iteration')
     if not 0 <= args.lambda_div <= 1:
         raise UsageError(f'--lambda_div must be between 0 and 1, got {args.lambda_div}')
-    for k in ('batch_z', 'feature_epochs', 'eval_interval', 'inversion_iterations'):
-        if getattr(args, k) < 1:
-            raise UsageError(f'--{k} must be at least 1, got {getattr(args, k)}')
     if args.method == 'ITGAN':
         args.stage = args.stage or ('itgan' if args.latents else 'both')
         if args.stage == 'itgan' and not args.latents:
@@ -255,33 +252,24 @@ def configure(args):
     with open(args.generator, 'rb') as f:
         for block in iter(lambda: f.read(1 << 20), b''):
             digest.update(block)
-    args.generator_sha256 = digest.hexdigest()
-    args.flags = [*getattr(args, 'flags', []), 'generator_sha256']
-    set_dsa(args, augments=True)
-    return args
+    args.generator_sha256 = digest.hexdigest()  # (a flag of the run's identity: see parser)
+    return resolve_dsa(args, augments=True)
 
 
 def inversion_of(args):
     """The GANInversion run that --stage both makes first: this run's flags, the inversion's own settings."""
-    inv = copy.copy(args)
-    inv.method, inv.latents, inv.stage, inv.Iteration = 'GANInversion', None, None, args.inversion_iterations
-    inv.lr_img, inv.batch_z = STAGE_DEFAULTS['GANInversion']['lr_img'], STAGE_DEFAULTS['GANInversion']['batch_z']
-    return inv
-
-
-def run(args):
-    return condense(args, ITERATIONS[args.method] or (lambda *a: 0.0), eval_interval=args.eval_interval,
-                    init_images=init_latents, method_state=Generator, render=lambda z, labels, gen: gen.render(z, labels),
-                    optimizer=lambda p: torch.optim.Adam(p, lr=args.lr_img, betas=(0.9, 0.999)))
+    inversion = STAGE_DEFAULTS['GANInversion']
+    return args.replace(method='GANInversion', latents=None, stage=None, Iteration=args.inversion_iterations,
+                        lr_img=inversion['lr_img'], batch_z=inversion['batch_z'])
 
 
 def main():
-    args = configure(setup(parser().parse_args()))
+    args = Flags.freeze(configure(setup(parser().parse_args())))
     if args.method == 'ITGAN' and args.stage == 'both':
         inversion = inversion_of(args)
-        run(inversion)
-        args.latents, args.stage = result_path(inversion), 'itgan'
-    run(args)
+        condense(LatentsOfAGenerator, inversion)
+        args = args.replace(latents=result_path(inversion), stage='itgan')
+    condense(LatentsOfAGenerator, args)
 
 
 if __name__ == '__main__':

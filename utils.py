@@ -9,8 +9,10 @@ get_network, get_eval_pool, evaluate_synset, DiffAugment, ParamDiffAug, match_lo
 epoch, TensorDataset, get_time), so follow-up code that imports them works. The run harness (command line,
 records, checkpoints, the experiment loop) is runs.py; nothing here imports it.
 """
+import argparse
 import contextlib
 import copy
+import dataclasses
 import gzip
 import hashlib
 import json
@@ -26,6 +28,7 @@ import warnings
 import zipfile
 import zlib
 import functools
+import logging
 from functools import partial
 
 import numpy as np
@@ -56,6 +59,18 @@ class Diverged(StopRun):
 
 def get_time():
     return time.strftime('[%Y-%m-%d %H:%M:%S]')
+
+
+log = logging.getLogger('dc')
+
+
+def say(message):
+    """A message for the user: through logging when the program set it up (runs.py does, so that only the
+    main process of a job prints), else on the console beside any progress bar."""
+    if log.hasHandlers():
+        log.info(message)
+    else:
+        tqdm.write(message)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -147,64 +162,25 @@ def _load_mnist_like(name, data_path):
     return None
 
 
-class _PickledDtype:
-    """Stands in for numpy.dtype while unpickling: dtype(spec, align, copy), then __setstate__(state).
-    Plain dtypes only; numpy's own __setstate__ crashes the interpreter on some corrupt states."""
-
-    def __init__(self, spec, align=False, copy=False):
-        if not (isinstance(spec, str) and spec.isalnum()) or np.dtype(spec).hasobject:  # 'u1', 'f8', ...: no structures
-            raise pickle.UnpicklingError('it holds an array of an unsupported type')
-        self.dtype = np.dtype(spec)
-
-    def __setstate__(self, state):  # (version, byte order, subarray, names, fields, ...)
-        if not (isinstance(state, tuple) and len(state) >= 5 and state[1] in ('<', '>', '|', '=')
-                and state[2:5] == (None, None, None)):
-            raise pickle.UnpicklingError('it holds an array of an unsupported type')
-        self.dtype = self.dtype.newbyteorder(state[1])
-
-
-def _frombuffer(data, dtype, shape, order='C'):
-    """An array from its raw bytes (a str when pickled by Python 2), checked by numpy against dtype and shape."""
-    if not isinstance(dtype, _PickledDtype):
-        raise pickle.UnpicklingError('it holds a malformed array')
-    data = data.encode('latin1') if isinstance(data, str) else memoryview(data)
-    return np.frombuffer(bytearray(data), dtype.dtype).reshape(shape, order=order)
-
-
-class _PickledArray:
-    """Stands in for numpy's _reconstruct(ndarray, ...) then __setstate__(state) while unpickling;
-    np.asarray() gives the array."""
-
-    def __init__(self, *args):
-        self.array = None
-
-    def __setstate__(self, state):  # ([version,] shape, dtype, is_fortran, data)
-        shape, dtype, fortran, data = state[-4:]
-        self.array = _frombuffer(data, dtype, shape, 'F' if fortran else 'C')
-
-    def __array__(self, dtype=None, copy=None):
-        return np.asarray(self.array, dtype)
-
-
 def _pickle_globals():
     """What a pickle of plain data and numpy arrays (pickled by numpy 1 or 2, Python 2 or 3) may name."""
-    names = {('numpy', 'ndarray'): _PickledArray, ('numpy', 'dtype'): _PickledDtype, ('_codecs', 'encode'): str.encode}
+    names = {('numpy', 'ndarray'), ('numpy', 'dtype'), ('_codecs', 'encode')}
     for core in ('numpy.core', 'numpy._core'):
-        names.update({(f'{core}.multiarray', '_reconstruct'): _PickledArray, (f'{core}.numeric', '_frombuffer'): _frombuffer,
-                      (f'{core}.multiarray', 'scalar'): lambda dtype, data: _frombuffer(data, dtype, ())[()]})
-    names.update({(m, t.__name__): t for m in ('builtins', '__builtin__') for t in (set, frozenset, complex)})
-    return names
+        names |= {(f'{core}.multiarray', '_reconstruct'), (f'{core}.numeric', '_frombuffer'), (f'{core}.multiarray', 'scalar')}
+    return names | {(m, t) for m in ('builtins', '__builtin__') for t in ('set', 'frozenset', 'complex')}
 
 
-class _DataUnpickler(pickle._Unpickler):
-    """Unpickles plain data and numpy arrays, and refuses anything else: a data file cannot run code. (The
-    pure-Python unpickler: the C one allocates whatever memory a corrupt length or memo index asks for.)"""
+class _DataUnpickler(pickle.Unpickler):
+    """Unpickles plain data and numpy arrays, and refuses any other global (the documented way to restrict
+    them: find_class): a data file cannot run code."""
     GLOBALS = _pickle_globals()
 
     def find_class(self, module, name):
         if (module, name) not in self.GLOBALS:
             raise pickle.UnpicklingError(f'refusing {module}.{name} in a data file')
-        return self.GLOBALS[module, name]
+        if module.startswith('numpy.core'):  # numpy 1's names, numpy._core in numpy 2
+            module = 'numpy._core' + module[len('numpy.core'):] if hasattr(np, '_core') else module
+        return super().find_class(module, name)
 
 
 def _unpickle(path):
@@ -371,7 +347,7 @@ def _load_tree(root, im_size, channel):
     if test_classes != classes:
         raise UsageError(f'{root}: train/ and test/ must have the same class folders; not in both: '
                          + ', '.join(sorted(set(classes) ^ set(test_classes))))
-    if RANK > 0:  # under torchrun rank 0 writes the cache
+    if not Group.current().main:  # under torchrun rank 0 writes the cache
         return x_train, y_train, x_test, y_test, classes
     with contextlib.suppress(UsageError, OSError):  # a read-only data folder just means no cache
         remove_stale_temporaries(root)
@@ -433,6 +409,32 @@ def get_dataset(dataset, data_path, im_size=None, device='cpu'):
     dst_train.fingerprint = fingerprint(arrays[:4])
     testloader = tensor_loader(dst_test.images, dst_test.labels, 256)
     return channel, tuple(im_size), num_classes, list(arrays[4]), mean, std, dst_train, dst_test, testloader
+
+
+@dataclasses.dataclass(frozen=True)
+class DataInfo:
+    """What a run derives from its data: shape, classes, normalisation and identity (a hash of the images and
+    labels). Passed explicitly to what needs it; never written into the flags."""
+    dataset: str
+    channel: int
+    im_size: tuple
+    num_classes: int
+    class_names: tuple
+    mean: tuple
+    std: tuple
+    data_id: str
+
+    @classmethod
+    def of(cls, dataset, loaded):
+        """The info of get_dataset's result `loaded` (channel, im_size, num_classes, class_names, mean, std,
+        dst_train, ...)."""
+        channel, im_size, num_classes, class_names, mean, std, dst_train = loaded[:7]
+        return cls(dataset, channel, tuple(im_size), num_classes, tuple(class_names), tuple(mean), tuple(std),
+                   dst_train.fingerprint)
+
+    def record(self):
+        """As plain JSON values, for records."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
 
 
 def fingerprint(arrays):
@@ -711,7 +713,7 @@ def siamese_augment(batches, args, generator=None):
     """The batches (e.g. a class's real and synthetic images) through one and the same random DSA
     transformation, drawn from `generator` (e.g. the class's stream real.rng(c); default: torch's global one)."""
     seed = int(torch.randint(2 ** 31 - 1, (), generator=generator))
-    return [DiffAugment(x, args.dsa_strategy, seed=seed, param=args.dsa_param) for x in batches]
+    return [DiffAugment(x, args.dsa_strategy, seed=seed, param=getattr(args, 'dsa_param', None)) for x in batches]
 
 
 FULL_STRATEGY = 'color_crop_cutout_flip_scale_rotate'
@@ -851,7 +853,7 @@ def class_gradients(net, images, label, create_graph=False, chunk=64):
 def augmented(images, args, generator=None):
     """The method's training-time augmentation: DSA's (every image its own draw) or DC's classic one."""
     if args.dsa:
-        return DiffAugment(images, args.dsa_strategy, param=args.dsa_param, generator=generator)
+        return DiffAugment(images, args.dsa_strategy, param=getattr(args, 'dsa_param', None), generator=generator)
     return augment(images, getattr(args, 'dc_aug_param', None), generator=generator)  # (main_DM.py sets none)
 
 
@@ -899,12 +901,12 @@ def test_epochs(args):
     return sorted(set(range(every, last, every) if every else ()) | {last})
 
 
-def evaluate_synset(it_eval, net, images_train, labels_train, testloader, args):
+def train_and_test(it_eval, net, images_train, labels_train, testloader, args):
     """Train `net` on the synthetic set only (SGD lr_net, momentum 0.9, weight decay 5e-4, batch
     batch_train, epoch_eval_train epochs, the learning rate x0.1 after half of them, with the method's
-    augmentation), then test it on the real test set. Returns (net, acc_train, acc_test). With
-    args.test_every, it is also tested every so many epochs on the way (the schedule unchanged), and the
-    accuracies at test_epochs(args) are left in args.curve."""
+    augmentation), then test it on the real test set. With args.test_every, it is also tested every so many
+    epochs on the way (the schedule unchanged). Returns (net, acc_train, acc_test, curve): curve holds the
+    test accuracies at test_epochs(args), the last one acc_test."""
     net = net.to(args.device)
     images_train, labels_train = images_train.to(args.device), labels_train.to(args.device)
     lr, Epoch = float(args.lr_net), int(args.epoch_eval_train)
@@ -912,7 +914,8 @@ def evaluate_synset(it_eval, net, images_train, labels_train, testloader, args):
     criterion = nn.CrossEntropyLoss()
     trainloader = tensor_loader(images_train, labels_train, args.batch_train, shuffle=True)
     start, tests, curve = time.time(), test_epochs(args)[:-1], []
-    for ep in tqdm(range(Epoch), desc=f'training evaluation model {it_eval}', leave=False, dynamic_ncols=True):
+    for ep in tqdm(range(Epoch), desc=f'training evaluation model {it_eval}', leave=False, dynamic_ncols=True,
+                   disable=not Group.current().main):
         stats = run_epoch('train', trainloader, net, optimizer, criterion, args, aug=True)
         if ep + 1 == Epoch // 2:
             for group in optimizer.param_groups:
@@ -924,23 +927,27 @@ def evaluate_synset(it_eval, net, images_train, labels_train, testloader, args):
     loss_train, acc_train = loss_train.item() / count, correct.item() / count
     time_train = time.time() - start
     loss_test, acc_test = epoch('test', testloader, net, optimizer, criterion, args, aug=False)
-    args.curve = curve + [acc_test]
-    tqdm.write('%s Evaluate_%02d: epoch = %04d train time = %d s train loss = %.6f train acc = %.4f, test acc = %.4f'
-               % (get_time(), it_eval, Epoch, int(time_train), loss_train, acc_train, acc_test))
-    return net, acc_train, acc_test
+    say('%s Evaluate_%02d: epoch = %04d train time = %d s train loss = %.6f train acc = %.4f, test acc = %.4f'
+        % (get_time(), it_eval, Epoch, int(time_train), loss_train, acc_train, acc_test))
+    return net, acc_train, acc_test, curve + [acc_test]
 
 
-def train_together(model_eval, keys, images, labels, testloader, args):
+def evaluate_synset(it_eval, net, images_train, labels_train, testloader, args):
+    """The papers' evaluation of a synthetic set (see train_and_test). Returns (net, acc_train, acc_test)."""
+    return train_and_test(it_eval, net, images_train, labels_train, testloader, args)[:3]
+
+
+def train_together(model_eval, keys, images, labels, testloader, args, data):
     """len(keys) models of one architecture without BatchNorm, trained on the synthetic set and tested as
     one batched computation (their parameters stacked, torch.func.vmap over them), with the protocol of
-    evaluate_synset. Each model has its own initialisation, batch order and augmentation draws, from its
+    train_and_test. Each model has its own initialisation, batch order and augmentation draws, from its
     own random stream (keys[m]), so each accuracy is a draw from the same distribution as when trained
-    alone. Returns the test accuracies."""
+    alone. Returns the test accuracies and each model's accuracies at test_epochs(args)."""
     from torch.func import functional_call, stack_module_state, vmap
     nets = []
     for k in keys:
         set_seed(*k)
-        nets.append(get_network(model_eval, args.channel, args.num_classes, args.im_size, args.device))
+        nets.append(get_network(model_eval, data.channel, data.num_classes, data.im_size, args.device))
     params, buffers = stack_module_state(nets)
     base = copy.deepcopy(nets[0]).to('meta')
     # --amp: autocast does not reach inside vmap's batched convolutions (a bfloat16 input met a float32
@@ -978,7 +985,8 @@ def train_together(model_eval, keys, images, labels, testloader, args):
         return (right / max(count, 1)).tolist()
 
     tests, curve = test_epochs(args)[:-1], []
-    for ep in tqdm(range(epochs), desc=f'training {M} evaluation models {model_eval}', leave=False, dynamic_ncols=True):
+    for ep in tqdm(range(epochs), desc=f'training {M} evaluation models {model_eval}', leave=False, dynamic_ncols=True,
+                   disable=not Group.current().main):
         orders = torch.stack([torch.randperm(len(images), generator=g) for g in streams]).to(args.device)
         for idx in orders.split(args.batch_train, dim=1):  # [M, batch]: each model its own batch
             x = torch.stack([augmented(images[i], args, g) for i, g in zip(idx, streams)])
@@ -993,22 +1001,21 @@ def train_together(model_eval, keys, images, labels, testloader, args):
             with untouched_rng(args):
                 curve.append(test_all())
     accs = test_all()
-    args.curve = [list(c) for c in zip(*curve, accs)]  # each model's accuracies at test_epochs(args)
-    tqdm.write('%s Evaluate %d %s together: epochs = %04d, test acc = %s' % (
+    say('%s Evaluate %d %s together: epochs = %04d, test acc = %s' % (
         get_time(), M, model_eval, epochs, ' '.join('%.4f' % a for a in accs)))
-    return accs
+    return accs, [list(c) for c in zip(*curve, accs)]
 
 
-def eval_args(args, model_eval):
-    """A copy of args with the evaluation settings for model_eval: the method's augmentation (DSA, or
-    DC's classic one) and the number of epochs (1000 with augmentation, else args.epoch_eval_noaug),
-    unless --epoch_eval_train was given."""
-    a = copy.copy(args)
-    a.dc_aug_param = None if args.dsa else get_daparam(args.dataset, args.model, model_eval, args.ipc)
-    augmented = args.dsa or a.dc_aug_param['strategy'] != 'none'
-    if args.epoch_eval_train is None:
-        a.epoch_eval_train = 1000 if augmented else args.epoch_eval_noaug
-    return a
+def evaluation_args(args, model_eval, noaug_epochs=300):
+    """The evaluation settings of a model_eval trained on a set: the rule of the papers, stated once. The method's
+    augmentation (DSA if args.dsa, else DC's classic one for the dataset and model) and the epochs: 1000 with
+    augmentation, else `noaug_epochs` (the method's: 300, CAFE's 600), unless args.epoch_eval_train is set.
+    Returns a new namespace: args with dc_aug_param and epoch_eval_train."""
+    dc_aug_param = None if args.dsa else get_daparam(args.dataset, args.model, model_eval, args.ipc)
+    epochs = args.epoch_eval_train
+    if epochs is None:
+        epochs = 1000 if args.dsa or dc_aug_param['strategy'] != 'none' else noaug_epochs
+    return argparse.Namespace(**{**vars(args), 'dc_aug_param': dc_aug_param, 'epoch_eval_train': epochs})
 
 
 EVAL_GROUP = 10  # --eval_together: at most this many models of an architecture in one batched computation
@@ -1017,12 +1024,13 @@ EVAL_GROUP = 10  # --eval_together: at most this many models of an architecture 
 TEST_ONE_BY_ONE = ('cpu',)
 
 
-def evaluate_models(images, labels, model_pool, args, testloader, seed_keys=(), split=True, finished=None,
-                    on_finish=None, curves=None):
-    """Evaluate a synthetic set on num_eval fresh models of every architecture in model_pool.
-    Every model trains on a random stream of its own, seeded by (--seed, seed_keys, architecture, number),
-    so evaluating never changes the condensation and each accuracy is the same wherever it is computed:
-    under torchrun (`split`) the models are shared out among the processes and their accuracies gathered.
+def evaluate_models(images, labels, model_pool, args, testloader, data, seed_keys=(), noaug_epochs=300, group=None,
+                    finished=None, on_finish=None, curves=None):
+    """Evaluate a synthetic set on num_eval fresh models of every architecture in model_pool, with the
+    settings of evaluation_args. Every model trains on a random stream of its own, seeded by (--seed,
+    seed_keys, architecture, number), so evaluating never changes the condensation and each accuracy is the
+    same wherever it is computed: the models are shared out among the processes of `group` (default: the
+    job's; Group() keeps them all here) and their accuracies gathered.
     `finished` (a dict, filled in as models finish: (architecture, numbers) -> accuracies) lets a stopped
     evaluation continue: the models already in it are not trained again. On return it holds them all.
     `on_finish()` is called after every model this process trains (e.g. to save `finished`).
@@ -1031,39 +1039,39 @@ def evaluate_models(images, labels, model_pool, args, testloader, seed_keys=(), 
     jobs = []  # (architecture, the numbers of its models, trained together?): BatchNorm models alone
     for m in model_pool:
         numbers = list(range(args.num_eval))
-        if getattr(args, 'eval_together', False) and not has_batchnorm(get_network(m, args.channel, 2, args.im_size, 'cpu')):
+        if getattr(args, 'eval_together', False) and not has_batchnorm(get_network(m, data.channel, 2, data.im_size, 'cpu')):
             jobs += [(m, numbers[i:i + EVAL_GROUP], True) for i in range(0, len(numbers), EVAL_GROUP)]
         else:
             jobs += [(m, [k], False) for k in numbers]
-    rank, world = (RANK, WORLD) if split else (0, 1)
+    group = group or Group.current()
     finished = {} if finished is None else finished
+    mine = {}
     devices = [torch.device(args.device)] if torch.device(args.device).type == 'cuda' else []
     with torch.random.fork_rng(devices=devices), autocast(args):
         for j, (model_eval, numbers, together) in enumerate(jobs):
-            if j % world != rank or (model_eval, tuple(numbers)) in finished:
+            if j % group.world != group.rank or (model_eval, tuple(numbers)) in finished:
                 continue
-            a = eval_args(args, model_eval)
+            a = evaluation_args(args, model_eval, noaug_epochs)
             if together:
                 keys = [(args.seed, *seed_keys, 'eval', model_eval, k) for k in numbers]
-                result = train_together(model_eval, keys, images, labels, testloader, a)
+                result, curve = train_together(model_eval, keys, images, labels, testloader, a, data)
             else:
                 set_seed(args.seed, *seed_keys, 'eval', model_eval, numbers[0])
-                net = get_network(model_eval, args.channel, args.num_classes, args.im_size, args.device)
-                result = [evaluate_synset(numbers[0], net, images.detach(), labels, testloader, a)[2]]
-                a.curve = [a.curve]
-            if curves is not None and getattr(args, 'test_every', 0):
-                curves[model_eval, tuple(numbers)] = a.curve
+                net = get_network(model_eval, data.channel, data.num_classes, data.im_size, args.device)
+                _, _, acc, curve = train_and_test(numbers[0], net, images.detach(), labels, testloader, a)
+                result, curve = [acc], [curve]
+            mine[model_eval, tuple(numbers)] = curve
             finished[model_eval, tuple(numbers)] = result
             if on_finish:
                 on_finish()
-    done = {k: accs for part in (gather_objects(finished) if split else [finished]) for k, accs in part.items()}
+    if curves is not None and getattr(args, 'test_every', 0):
+        curves.update({k: c for part in (gather_objects(mine) if group.world > 1 else [mine]) for k, c in part.items()})
+    done = {k: accs for part in (gather_objects(finished) if group.world > 1 else [finished]) for k, accs in part.items()}
     finished.update(done)  # (every process's models: the caller may save them)
-    if curves is not None and getattr(args, 'test_every', 0) and split:
-        curves.update({k: c for part in gather_objects(curves) for k, c in part.items()})
     accs = {m: [a for model_eval, numbers, _ in jobs if model_eval == m for a in done[model_eval, tuple(numbers)]]
             for m in model_pool}
     for m in model_pool:
-        tqdm.write('Evaluate %d random %s, mean = %.4f std = %.4f' % (args.num_eval, m, np.mean(accs[m]), np.std(accs[m])))
+        say('Evaluate %d random %s, mean = %.4f std = %.4f' % (args.num_eval, m, np.mean(accs[m]), np.std(accs[m])))
     return accs
 
 
@@ -1111,7 +1119,7 @@ def train_classifier(net, real, classes, args, epochs):
     return correct
 
 
-def trained_classifier(real, classes, args, epochs):
+def trained_classifier(real, classes, args, data, epochs):
     """A --model trained for `epochs` on the real images of `classes` (train_classifier), in eval mode, and its
     [epochs, N] record of correct classifications. Herding, k-center, forgetting and IT-GAN's inversion use
     this network. It is trained in a random stream of its own, seeded by one draw from torch's global
@@ -1119,8 +1127,8 @@ def trained_classifier(real, classes, args, epochs):
     same data, settings and draw (another coreset method, another ipc) reads it instead of training it
     again, and gets the same network, the same record and the same random draws afterwards either way."""
     seed = int(torch.randint(2 ** 62, ()))
-    key = dict(data_id=getattr(args, 'data_id', None), dataset=getattr(args, 'dataset', None), model=args.model,
-               channel=args.channel, im_size=list(args.im_size), classes=[int(c) for c in classes], epochs=epochs,
+    key = dict(data_id=data.data_id, dataset=data.dataset, model=args.model,
+               channel=data.channel, im_size=list(data.im_size), classes=[int(c) for c in classes], epochs=epochs,
                lr_net=args.lr_net, batch_train=args.batch_train, amp=bool(getattr(args, 'amp', False)),
                device=torch.device(args.device).type, torch=str(torch.__version__), seed=seed)
     digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
@@ -1129,7 +1137,7 @@ def trained_classifier(real, classes, args, epochs):
     device = torch.device(args.device)
     with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else [], device_type=device.type):
         torch.manual_seed(seed)
-        net = get_network(args.model, args.channel, len(classes), args.im_size, args.device)
+        net = get_network(args.model, data.channel, len(classes), data.im_size, args.device)
         if path and os.path.isfile(path):
             with contextlib.suppress(UsageError):  # (a damaged file is trained again)
                 saved = load_pt(path, {'key': dict, 'state': dict, 'correct': torch.Tensor})
@@ -1138,7 +1146,7 @@ def trained_classifier(real, classes, args, epochs):
                     return net.eval(), saved['correct'].to(args.device)
         with autocast(args):
             correct = train_classifier(net, real, classes, args, epochs)
-    if path and (not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0):
+    if path and Group.current().main:
         os.makedirs(folder, exist_ok=True)
         atomic_save(dict(key=key, state=net.state_dict(), correct=correct.cpu()), path)
     return net.eval(), correct
@@ -1200,18 +1208,18 @@ def forgetting_counts(correct, rule='events'):
 CORESETS = ['random', 'herding', 'kcenter', 'forgetting']
 
 
-def select_coreset(method, real, args, n, classes=None):
+def select_coreset(method, real, args, data, n, classes=None):
     """Indices into real.images of n images per class of `classes` (default: all), one tensor per class,
     chosen by `method`: random, herding or kcenter (in the embedding of a --model network trained for
     --coreset_epochs on the real images of these classes) or forgetting (the images that this training
     forgot most often; ties broken at random). args.herding: its rule (HERDING; default nearest, the DC
     paper's row, as main.py; CL_DM.py's default is greedy, iCaRL's); args.forgetting_score: forgetting's
     (see forgetting_counts; default events)."""
-    classes = list(range(args.num_classes)) if classes is None else list(classes)
+    classes = list(range(data.num_classes)) if classes is None else list(classes)
     if method == 'random':
         return [real.indices_class[c][torch.randperm(len(real.indices_class[c]), device=real.images.device)[:n]]
                 for c in classes]
-    net, correct = trained_classifier(real, classes, args, args.coreset_epochs)
+    net, correct = trained_classifier(real, classes, args, data, args.coreset_epochs)
     picks = []
     for c, counts in zip(classes, correct.split([len(real.indices_class[c]) for c in classes], dim=1)):
         idx = real.indices_class[c]
@@ -1330,7 +1338,7 @@ def atomic_write(path, write):
     """Call write(tmp_path), flush it to disk, rename it to path and sync the folder: a crash, a stop
     signal or a full disk leaves the previous file intact and never a half-written one under its name."""
     path = os.fspath(path)
-    tmp = f'{path}.tmp{os.getpid()}'
+    tmp = f'{path}.tmp-{_HOST}-{os.getpid()}-{os.urandom(4).hex()}'
     try:
         write(tmp)
         with open(tmp, 'rb+') as f:
@@ -1360,16 +1368,18 @@ def atomic_json(obj, path):
 # The files this toolkit writes (results, records, images, checkpoints, CL memories and tables, evaluation
 # reports, decoded-data caches). Only temporaries of these names are ever cleaned up.
 OUR_FILES = r'(res|vis|checkpoint|cl|G|classifier)_.+\.(pt|json|png)|.+_eval\.json|\.cache_.+\.pt'
-_TEMPORARY = re.compile(rf'(?:{OUR_FILES})\.tmp(\d+)')
+_HOST = re.sub(r'[^A-Za-z0-9.]', '_', socket.gethostname())[:64] or 'host'
+_TEMPORARY = re.compile(rf'(?:{OUR_FILES})\.tmp-(?P<host>[A-Za-z0-9._]+)-(?P<pid>\d+)-[0-9a-f]{{8}}')
 
 
 def remove_stale_temporaries(folder):
-    """Remove the half-written files (see atomic_write) that a killed run of ours left in `folder`:
-    temporaries of our own file names whose process is gone; nothing else."""
+    """Remove the half-written files (see atomic_write) that a killed process left in `folder`, only those it
+    can prove are dead: temporaries of our own file names, written on this machine (a shared file system
+    holds other machines' live temporaries) by a process that no longer runs. Nothing else."""
     with contextlib.suppress(OSError):
         for name in os.listdir(folder):
             match = _TEMPORARY.fullmatch(name)
-            if match and not _alive(int(match.group(match.lastindex))):
+            if match and match['host'] == _HOST and not _alive(int(match['pid'])):
                 with contextlib.suppress(OSError):
                     os.remove(os.path.join(folder, name))
 
@@ -1394,25 +1404,45 @@ def denormalise(images, mean, std):
 # Many processes (torchrun)
 # ----------------------------------------------------------------------------------------------------
 
-RANK, WORLD = 0, 1  # this process's rank and the number of processes (0 and 1 when started plainly)
 COMMUNICATED = [0]  # bytes of tensors this process has sent to or received from the others (bench/scaling.py)
 DIST_TIMEOUT = 900  # seconds a collective waits for the other processes before the job fails
 
 
-def shard(n):
+@dataclasses.dataclass(frozen=True)
+class Group:
+    """This process's place in the job: its rank, the number of processes, whether it is the main one (rank 0).
+    torch.distributed holds the process group (torchrun); started plainly, rank 0 of 1."""
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self):
+        return self.rank == 0
+
+    @classmethod
+    def current(cls):
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized():
+            return cls(dist.get_rank(), dist.get_world_size())
+        return cls()
+
+
+def shard(n, group=None):
     """This process's contiguous share of range(n): all of it in a single process."""
-    return range(n * RANK // WORLD, n * (RANK + 1) // WORLD)
+    g = group or Group.current()
+    return range(n * g.rank // g.world, n * (g.rank + 1) // g.world)
 
 
 def broadcast_shards(t, n):
     """t holds n equal groups of rows (e.g. the synthetic images of n classes), each process the up-to-date
     rows of its shard(n): afterwards every process holds every group's rows, bit for bit."""
-    if WORLD == 1:
+    world = Group.current().world
+    if world == 1:
         return
     rows = len(t) // n
     with torch.no_grad():
-        for r in range(WORLD):
-            lo, hi = n * r // WORLD * rows, n * (r + 1) // WORLD * rows
+        for r in range(world):
+            lo, hi = n * r // world * rows, n * (r + 1) // world * rows
             if hi > lo:
                 torch.distributed.broadcast(t.detach()[lo:hi], src=r)
                 COMMUNICATED[0] += t[lo:hi].nbytes
@@ -1420,7 +1450,7 @@ def broadcast_shards(t, n):
 
 def all_reduce(t):
     """The sum of tensor t over all processes (in place; t itself in a single process)."""
-    if WORLD > 1:
+    if Group.current().world > 1:
         torch.distributed.all_reduce(t)
         COMMUNICATED[0] += t.nbytes
     return t
@@ -1445,7 +1475,7 @@ def exact_sum(parts, like, across=True):
 
 
 def all_reduce_max(t):
-    if WORLD > 1:
+    if Group.current().world > 1:
         torch.distributed.all_reduce(t, torch.distributed.ReduceOp.MAX)
         COMMUNICATED[0] += t.nbytes
     return t
@@ -1453,9 +1483,10 @@ def all_reduce_max(t):
 
 def gather_objects(obj):
     """[obj of rank 0, obj of rank 1, ...]: every process's picklable object, on every process."""
-    if WORLD == 1:
+    world = Group.current().world
+    if world == 1:
         return [obj]
-    out = [None] * WORLD
+    out = [None] * world
     torch.distributed.all_gather_object(out, obj)
     return out
 
@@ -1472,8 +1503,8 @@ class SynSet:
     (lr_img, momentum 0.5), or `optimizer([tensor])`. `classes`: those this process moves (default: all);
     under torchrun each process moves its share, and sync() gives every process the others' up-to-date rows."""
 
-    def __init__(self, real, args, images=None, classes=None, optimizer=None):
-        C, ipc = args.num_classes, args.ipc
+    def __init__(self, real, args, data, images=None, classes=None, optimizer=None):
+        C, ipc = data.num_classes, args.ipc
         self.ipc, self.num_classes = ipc, C
         self.classes = list(range(C) if classes is None else classes)
         if images is not None:
@@ -1481,7 +1512,7 @@ class SynSet:
         elif args.init == 'real':
             self.images = torch.cat([real.get_images(c, ipc) for c in range(C)])
         else:
-            self.images = torch.randn(C * ipc, args.channel, *args.im_size, device=args.device)
+            self.images = torch.randn(C * ipc, data.channel, *data.im_size, device=args.device)
         self.images.requires_grad_(True)
         self.labels = torch.arange(C, device=args.device).repeat_interleave(ipc)
         self.optimizer = (optimizer or (lambda p: torch.optim.SGD(p, lr=args.lr_img, momentum=0.5)))([self.images])

@@ -1,31 +1,21 @@
-"""IT-GAN's generator: train a class-conditional GAN on a dataset of the toolkit, and load one back.
+"""Train IT-GAN's class-conditional generator (gan.py) on a dataset of the toolkit.
 
 IT-GAN (Zhao & Bilen, "Synthesizing Informative Training Samples with GAN", 2022) learns latent vectors of a
 frozen class-conditional generator: the DiffAugment-BigGAN for CIFAR of Zhao et al. ("Differentiable
-Augmentation for Data-Efficient GAN Training", 2020). This file holds
-
-- that generator (`--arch biggan`: G_ch 64, dim_z 128, bottom width 4, BigGAN's own spectral norm with u0/sv0
-  buffers, class-conditional BatchNorm, tanh output in [-1, 1]) under the authors' parameter and buffer names,
-  so that their released `G_Pretrained_<dataset>_exp<e>.pth` loads with strict=True; and a narrower one for
-  CPU budgets (`--arch small`: 32 channels instead of 256, two upsampling blocks from a quarter of the image
-  size; 3000 iterations, about an hour of one CPU core for Fashion-MNIST);
-- `render(G, z, labels)`: images in the dataset's normalisation, and `load_generator(path, ...)`, which
-  reads our generator files or the authors' bare state dicts without running code from them;
-- the training recipe of DiffAugment-biggan-cifar10.sh: hinge loss, spectral norm in G and D, a projection
-  discriminator, Adam (lr 2e-4, betas 0 and 0.999), 4 D steps per G step, batch 50, DiffAugment on real and
-  generated images before D (here color_crop_cutout: every transformation, drawn per image), mirrored real
-  images, and a moving average of G's weights (decay 0.9999 from iteration 1000): the generator saved.
-
-Sizes that bottom_width * 2**k does not reach exactly are generated larger and centre-cropped: BigGAN-32
-makes 28x28 images (MNIST, Fashion-MNIST) as 32x32 with 2 pixels cropped at each side; the small arch makes
-them exactly (7 -> 14 -> 28).
+Augmentation for Data-Efficient GAN Training", 2020), in gan.py (`--arch biggan`, or `small` for CPU budgets:
+3000 iterations, about an hour of one CPU core for Fashion-MNIST). This script trains it with the recipe of
+DiffAugment-biggan-cifar10.sh: hinge loss, spectral norm in G and D, a projection discriminator, Adam (lr 2e-4,
+betas 0 and 0.999), 4 D steps per G step, batch 50, DiffAugment on real and generated images before D (here
+color_crop_cutout: every transformation, drawn per image), mirrored real images, and a moving average of G's
+weights (decay 0.9999 from iteration 1000): the generator saved.
 
     python train_gan.py --dataset FashionMNIST --arch small
     python train_gan.py --dataset CIFAR10 --arch biggan --Iteration 2000 --resume auto
 
-Writes in --save_path: G_<dataset>_<arch>.pt (the moving average of G, for load_generator),
-vis_GAN_<dataset>_<arch>.png (its samples, one row per class) and checkpoint_GAN_<dataset>_<arch>.pt, every
---checkpoint_every iterations and at the end; --resume auto continues bit for bit, also to a larger --Iteration.
+Writes in --save_path: G_<dataset>_<arch>.pt (the moving average of G, for gan.load_generator),
+vis_GAN_<dataset>_<arch>.png (its samples, one row per class) and checkpoints checkpoint_GAN_<dataset>_<arch>_<it>.pt
+(the newest two), every --checkpoint_every iterations and at the end; --resume auto continues bit for bit, also to
+a larger --Iteration.
 """
 import argparse
 import functools
@@ -45,8 +35,12 @@ RECIPES = {  # the training defaults of each arch (biggan: DiffAugment-biggan-ci
     'biggan': dict(Iteration=250000, batch_size=50, num_D_steps=4, ema_decay=0.9999, ema_start=1000),  # 1000 epochs
     'small': dict(Iteration=3000, batch_size=50, num_D_steps=2, ema_decay=0.999, ema_start=1000),  # ~1 CPU-hour
 }
+STRATEGY = 'color_crop_cutout'  # DiffAugment's color,translation,cutout in the toolkit's names
+ALL_IN_TURN = utils.ParamDiffAug()
+ALL_IN_TURN.aug_mode = 'M'  # every transformation in turn, as DiffAugment does
 
 
+# ----------------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------------
 

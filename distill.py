@@ -148,7 +148,7 @@ def default_layer_weights(n_stages):
 
 
 def parser():
-    parser = get_parser('CAFE: dataset condensation by aligning features', methods=['DC', 'DSA'], omit=['compile'],
+    parser = get_parser('CAFE: dataset condensation by aligning features', methods=['DC', 'DSA'], method='DC', omit=['compile'],
                         Iteration=2000, lr_img=0.1, init='noise', num_exp=1, num_eval=20,
                         unused={'dis_metric': 'does not apply to CAFE: it aligns features, not gradients'},
                         rules={'dsa_strategy': f'default: None; with --method DSA {STRATEGY_RULE}'})

@@ -74,7 +74,7 @@ class Coreset(Method):
 
 
 def parser():
-    p = get_parser('DC/DSA: dataset condensation with gradient matching', methods=['DC', 'DSA', *CORESETS],
+    p = get_parser('DC/DSA: dataset condensation with gradient matching', methods=['DC', 'DSA', *CORESETS], method='DC',
                    omit=['compile'], num_exp=5, num_eval=20, **GradientMatching.defaults(None, None),
                    rules={'dsa_strategy': f'default: None; with --method DSA {STRATEGY_RULE}'})
     p.add_argument('--coreset_epochs', type=positive, default=10,

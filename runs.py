@@ -307,7 +307,7 @@ FLAGS = {  # every flag a script shares with others (the papers' names): name ->
     'data_path': dict(type=str, default='data', help='dataset path'),
     'im_size': dict(type=int, nargs='+', default=None, help='image size for --dataset ImageFolder (default: 32x32)'),
     # condensation
-    'method': dict(type=str, default='DC', help='method name, used in output file names'),
+    'method': dict(type=str, default=None, help='method name, used in output file names'),
     'model': dict(type=str, default='ConvNet', choices=list(MODELS), metavar='MODEL',
                   help='training model: ' + ', '.join(MODELS)),
     'ipc': dict(type=positive, default=1, help='image(s) per class'),

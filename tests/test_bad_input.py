@@ -28,13 +28,14 @@ def test_a_synthetic_set_that_cannot_fit_is_refused_before_any_work(script, data
 
 
 def test_check_fits_counts_the_images_their_gradient_and_momentum(monkeypatch):
-    args = argparse.Namespace(num_classes=10, ipc=1000, channel=3, im_size=(32, 32), device='cpu')
+    args = argparse.Namespace(ipc=1000, device='cpu')
+    data = utils.DataInfo('CIFAR10', 3, (32, 32), 10, tuple(map(str, range(10))), (0.5,) * 3, (0.25,) * 3, 'id')
     need = 3 * 4 * 10 * 1000 * 3 * 32 * 32
     monkeypatch.setattr(runs, 'available_memory', lambda device: need)
-    runs.check_fits(args)  # just fits
+    runs.check_fits(args, data)  # just fits
     monkeypatch.setattr(runs, 'available_memory', lambda device: need - 1)
     with pytest.raises(utils.UsageError, match='--ipc 1000 needs 0.3 GiB'):
-        runs.check_fits(args)
+        runs.check_fits(args, data)
 
 
 def test_an_allocation_failure_ends_in_one_line_that_names_what_to_reduce(capsys):

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import distill
 import utils
 from helpers import needs_fashion, run, tiny
-from utils import ParamDiffAug, get_network, load_result
+from utils import DataInfo, get_network, load_result
 
 
 class Toy(nn.Module):
@@ -121,10 +121,9 @@ def test_loops_stop_by_their_caps():
 
 
 def cafe_args(**kw):
-    a = dict(model='ConvNetW32', channel=1, num_classes=3, im_size=(12, 12), device='cpu', ipc=1, batch_real=8,
-             batch_train=256, lr_img=0.1, lr_net=0.01, init='noise', dsa=False, dsa_strategy='none',
-             dsa_param=ParamDiffAug(), inner_weight=0.01, lambda_1=0.04, lambda_2=0.03, window=3, query=8,
-             max_outer=4, max_inner=4, milestones=[6, 8, 9], layer_weights=[0.1, 0.1, 1.0, 1.0])
+    a = dict(model='ConvNetW32', device='cpu', ipc=1, batch_real=8, batch_train=256, lr_img=0.1, lr_net=0.01,
+             init='noise', dsa=False, dsa_strategy='none', inner_weight=0.01, lambda_1=0.04, lambda_2=0.03, window=3,
+             query=8, max_outer=4, max_inner=4, Iteration=10, layer_weights=[0.1, 0.1, 1.0, 1.0])
     a.update(kw)
     return argparse.Namespace(**a)
 
@@ -132,12 +131,15 @@ def cafe_args(**kw):
 def test_an_iteration_moves_the_images_and_follows_the_learning_rate_schedule():
     torch.manual_seed(0)
     real, args = tiny(), cafe_args()
-    syn = utils.SynSet(real, args)
+    data = DataInfo('X', 1, (12, 12), 3, ('0', '1', '2'), (0.0,), (1.0,), 'x')
+    cafe = distill.CAFE(args, data)
+    assert cafe.milestones == [6, 8, 9]  # 0.6, 0.8 and 0.9 of --Iteration 10
+    syn = utils.SynSet(real, args, data)
     before = syn.images.detach().clone()
-    out = distill.train_iteration(0, syn, real, args)
+    out = cafe.iteration(0, syn, real)
     assert not torch.equal(syn.images, before) and math.isfinite(out['loss'])
     assert 1 <= out['outer'] <= 4 and out['inner'] <= 4 * 3
-    distill.train_iteration(8, syn, real, args)
+    cafe.iteration(8, syn, real)
     assert syn.optimizer.param_groups[0]['lr'] == pytest.approx(0.1 * 0.25)  # halved at 6 and at 8
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from helpers import needs_fashion, run
-from utils import (ClassImages, TensorDataset, forgetting_counts, get_dataset, get_network, herding, k_center,
+from utils import (ClassImages, DataInfo, TensorDataset, forgetting_counts, get_dataset, get_network, herding, k_center,
                    load_result, nearest_to_mean, select_coreset, train_classifier)
 
 POINTS = torch.tensor([[0., 0.], [10., 0.], [1., 1.], [-1., -1.], [4., 0.]])  # mean (2.8, 0)
@@ -54,7 +54,7 @@ def test_select_coreset_dispatches_to_each_rule(monkeypatch, method, rule, expec
     real = ClassImages(TensorDataset(images, torch.tensor([0, 1] * 5)), 2)
     monkeypatch.setattr(utils, 'embed', lambda net, x: x.flatten(1))
     rule = {} if rule is None else dict(herding=rule)  # none given: nearest (main.py's default)
-    picks = select_coreset(method, real, args(num_classes=2, coreset_epochs=1, **rule), 4)
+    picks = select_coreset(method, real, args(coreset_epochs=1, **rule), info(num_classes=2), 4)
     assert picks[0].tolist() == expected and len(picks[1]) == 4
 
 
@@ -81,10 +81,10 @@ def test_forgetting_picks_forgotten_images_by_default_not_never_learned_ones(mon
     record = torch.tensor([[1, 0, 1, 0], [1, 1, 0, 1], [1, 1, 1, 1], [0, 0, 0, 0], [0, 0, 0, 0]], dtype=torch.bool).T
     correct = torch.ones(4, 10, dtype=torch.bool)  # [epochs, images of class 0 then of class 1]
     correct[:, :5] = record  # class 1: always right
-    monkeypatch.setattr(utils, 'trained_classifier', lambda real, classes, args, epochs: (None, correct))
+    monkeypatch.setattr(utils, 'trained_classifier', lambda real, classes, args, data, epochs: (None, correct))
     real = ClassImages(TensorDataset(torch.zeros(10, 1, 12, 12), torch.tensor([0, 1] * 5)), 2)
-    a = args(num_classes=2) if rule is None else args(num_classes=2, forgetting_score=rule)
-    assert set(select_coreset('forgetting', real, a, 2)[0].tolist()) == expected
+    a = args() if rule is None else args(forgetting_score=rule)
+    assert set(select_coreset('forgetting', real, a, info(num_classes=2), 2)[0].tolist()) == expected
 
 
 def test_the_coreset_rules_main_py_and_continual_learning_use_by_default():
@@ -105,22 +105,26 @@ def clustered(num_classes=3, per_class=30, seed=0):
 
 
 def args(**kw):
-    a = dict(model='ConvNetW32', channel=1, im_size=(12, 12), num_classes=3, device='cpu', lr_net=0.01,
-             batch_train=32, coreset_epochs=3)
+    a = dict(model='ConvNetW32', device='cpu', lr_net=0.01, batch_train=32, coreset_epochs=3)
     a.update(kw)
     return argparse.Namespace(**a)
+
+
+def info(num_classes=3, dataset='toy'):
+    """The DataInfo of 1x12x12 images of num_classes classes."""
+    return DataInfo(dataset, 1, (12, 12), num_classes, tuple(map(str, range(num_classes))), (0.,), (1.,), 'toy-data')
 
 
 @pytest.mark.parametrize('method', ['random', 'herding', 'kcenter', 'forgetting'])
 def test_select_coreset_returns_distinct_images_of_each_class(method):
     torch.manual_seed(0)
     real = clustered()
-    picks = select_coreset(method, real, args(), 5)
+    picks = select_coreset(method, real, args(), info(), 5)
     assert len(picks) == 3
     for c, idx in enumerate(picks):
         assert len(idx) == 5 and len(set(idx.tolist())) == 5
         assert set(idx.tolist()) <= set(real.indices_class[c].tolist())
-    sub = select_coreset(method, real, args(), 4, classes=[2, 0])  # a subset of the classes (continual learning)
+    sub = select_coreset(method, real, args(), info(), 4, classes=[2, 0])  # a subset of the classes (continual learning)
     assert len(sub) == 2  # one selection per class asked for, in their order
     for idx, c in zip(sub, [2, 0]):
         assert len(idx) == 4 and len(set(idx.tolist())) == 4
@@ -140,11 +144,11 @@ def test_the_trained_network_is_kept_and_read_back_as_it_was_trained(tmp_path, m
     """Herding, k-center and forgetting from one seed share one network, trained once and kept in --save_path:
     reading it gives the picks and the later random draws of training it (and of a run without the file)."""
     import utils
-    real, kept = clustered(), args(save_path=str(tmp_path), dataset='toy')
+    real, kept = clustered(), args(save_path=str(tmp_path))
 
     def picks_then_draw(method, a, n=4, seed=1):
         torch.manual_seed(seed)
-        return [p.tolist() for p in select_coreset(method, real, a, n)], torch.rand(3).tolist()
+        return [p.tolist() for p in select_coreset(method, real, a, info(), n)], torch.rand(3).tolist()
 
     uncached = {m: picks_then_draw(m, args()) for m in ('herding', 'kcenter', 'forgetting')}
     assert picks_then_draw('herding', kept) == uncached['herding']  # trains and keeps the network
@@ -156,7 +160,7 @@ def test_the_trained_network_is_kept_and_read_back_as_it_was_trained(tmp_path, m
     assert len(picks_then_draw('kcenter', kept, n=2)[0][0]) == 2  # another ipc: the same network
     monkeypatch.undo()
     picks_then_draw('herding', kept, seed=2)  # another seed, other epochs: other networks
-    picks_then_draw('herding', args(save_path=str(tmp_path), dataset='toy', coreset_epochs=2))
+    picks_then_draw('herding', args(save_path=str(tmp_path), coreset_epochs=2))
     assert len(list(tmp_path.glob('classifier_*.pt'))) == 3
     files[0].write_bytes(b'PK\x03\x04 damaged')  # a damaged file is trained again, and replaced
     assert picks_then_draw('forgetting', kept) == uncached['forgetting']

@@ -7,7 +7,7 @@ import torch
 
 import utils
 from helpers import separable
-from utils import ParamDiffAug, TensorDataset, evaluate_synset, get_eval_pool, get_network, tensor_loader
+from utils import DataInfo, ParamDiffAug, TensorDataset, evaluate_synset, get_eval_pool, get_network, tensor_loader
 
 
 def args(**kw):
@@ -69,17 +69,18 @@ def test_eval_pools_s_and_ss():
 def test_models_trained_together_learn_each_on_its_own_stream(monkeypatch):
     x, y = separable(5, 0)
     xt, yt = separable(20, 1)
-    a = args(epoch_eval_train=20, lr_net=0.03, num_eval=3, seed=0, channel=1, num_classes=10, im_size=(12, 12), dataset='X',
-             epoch_eval_noaug=300, eval_together=True, model='ConvNetW32', ipc=5)
+    a = args(epoch_eval_train=20, lr_net=0.03, num_eval=3, seed=0, dataset='X', eval_together=True, model='ConvNetW32',
+             ipc=5)
+    data = DataInfo('X', 1, (12, 12), 10, tuple(map(str, range(10))), (0.0,), (1.0,), 'x')
     loader = tensor_loader(xt, yt, 256)
-    together = utils.evaluate_models(x, y, ['ConvNetW32'], a, loader)['ConvNetW32']
+    together = utils.evaluate_models(x, y, ['ConvNetW32'], a, loader, data)['ConvNetW32']
     assert len(together) == 3 and min(together) > 0.8
-    assert utils.evaluate_models(x, y, ['ConvNetW32'], a, loader)['ConvNetW32'] == together  # seeded
+    assert utils.evaluate_models(x, y, ['ConvNetW32'], a, loader, data)['ConvNetW32'] == together  # seeded
     monkeypatch.setattr(utils, 'TEST_ONE_BY_ONE', ())  # the test pass through vmap (as on a GPU): the same accuracies
-    assert utils.evaluate_models(x, y, ['ConvNetW32'], a, loader)['ConvNetW32'] == together
+    assert utils.evaluate_models(x, y, ['ConvNetW32'], a, loader, data)['ConvNetW32'] == together
     monkeypatch.undo()
     a.amp = True  # bfloat16 (autocast does not reach inside vmap: the models run on bfloat16 copies)
-    in_bf16 = utils.evaluate_models(x, y, ['ConvNetW32'], a, loader)['ConvNetW32']
+    in_bf16 = utils.evaluate_models(x, y, ['ConvNetW32'], a, loader, data)['ConvNetW32']
     assert len(in_bf16) == 3 and min(in_bf16) > 0.8
     a.amp = False
     keys = [(0, 'eval', 'ConvNetW32', k) for k in range(2)]
@@ -89,7 +90,7 @@ def test_models_trained_together_learn_each_on_its_own_stream(monkeypatch):
         inits.append(get_network('ConvNetW32', 1, 10, (12, 12), 'cpu').classifier.weight)
     assert not torch.equal(*inits)
     a.num_eval = 1
-    bn = utils.evaluate_models(x, y, ['ConvNetBN'], a, loader)['ConvNetBN']  # BatchNorm: one at a time
+    bn = utils.evaluate_models(x, y, ['ConvNetBN'], a, loader, data)['ConvNetBN']  # BatchNorm: one at a time
     a.eval_together = False
-    assert utils.evaluate_models(x, y, ['ConvNetBN'], a, loader)['ConvNetBN'] == bn  # as without --eval_together
+    assert utils.evaluate_models(x, y, ['ConvNetBN'], a, loader, data)['ConvNetBN'] == bn  # as without --eval_together
     assert len(bn) == 1 and bn[0] > 0.5  # (chance: 0.1)

@@ -12,7 +12,7 @@ import main
 import runs
 import utils
 from helpers import needs_fashion, run, tiny
-from utils import (EVAL_POOLS, ParamDiffAug, SynSet, class_gradients, get_eval_pool,
+from utils import (EVAL_POOLS, DataInfo, Group, SynSet, class_gradients, get_eval_pool,
                    get_loops, get_network, load_result, match_loss, tensor_loader)
 
 # gradients of a conv weight (2 output units), a linear weight (1 unit) and a bias
@@ -59,11 +59,20 @@ def test_chunked_real_gradients_equal_the_whole_batch():
 
 
 def step_args(**kw):
-    a = dict(model='ConvNetW32', channel=1, num_classes=3, im_size=(12, 12), device='cpu', ipc=2, batch_real=8,
-             batch_train=256, lr_img=0.1, lr_net=0.01, init='noise', dis_metric='ours', dsa=False,
-             dsa_strategy='none', dsa_param=ParamDiffAug(), outer_loop=1, inner_loop=1)
+    a = dict(model='ConvNetW32', device='cpu', ipc=2, batch_real=8, batch_train=256, lr_img=0.1, lr_net=0.01,
+             init='noise', dis_metric='ours', dsa=False, dsa_strategy='none')
     a.update(kw)
     return argparse.Namespace(**a)
+
+
+DATA = DataInfo('toy', 1, (12, 12), 3, ('0', '1', '2'), (0.,), (1.,), 'toy-data')  # tiny()'s
+
+
+def gradient_matching(args, outer_loop=1, inner_loop=1):
+    """DC/DSA on tiny()'s data, with the given loops (not those of --ipc)."""
+    method = main.GradientMatching(args, DATA)
+    method.outer_loop, method.inner_loop = outer_loop, inner_loop
+    return method
 
 
 @pytest.mark.parametrize('dsa', [False, True])
@@ -72,10 +81,10 @@ def test_one_matching_step_moves_the_images_and_lowers_the_loss(monkeypatch, dsa
     real = tiny()  # batch_real = class size: every draw is the whole class, so the real gradients are fixed
     args = step_args(dsa=dsa, dsa_strategy='flip' if dsa else 'none')
     fixed = get_network(args.model, 1, 3, (12, 12), 'cpu')
-    monkeypatch.setattr(main, 'get_network', lambda *a, **k: copy.deepcopy(fixed))
-    syn = SynSet(real, args)
+    monkeypatch.setattr(main.GradientMatching, 'network', lambda self, *a, **k: copy.deepcopy(fixed))
+    syn, method = SynSet(real, args, DATA), gradient_matching(args)
     before = syn.images.detach().clone()
-    losses = [main.train_iteration(it, syn, real, args) for it in range(4)]
+    losses = [method.iteration(it, syn, real) for it in range(4)]
     assert not torch.equal(syn.images, before) and torch.isfinite(syn.images).all()
     if not dsa:  # a flip changes the real gradients from step to step
         assert all(b < a for a, b in zip(losses, losses[1:])), losses
@@ -84,7 +93,7 @@ def test_one_matching_step_moves_the_images_and_lowers_the_loss(monkeypatch, dsa
 @pytest.mark.parametrize('outer_loop', [1, 2])
 def test_inner_loop_trains_the_network_between_outer_steps_only(monkeypatch, outer_loop):
     torch.manual_seed(0)
-    real, args = tiny(), step_args(outer_loop=outer_loop, inner_loop=3)
+    real, args = tiny(), step_args()
     made = []
 
     def network(*a, **k):
@@ -92,8 +101,8 @@ def test_inner_loop_trains_the_network_between_outer_steps_only(monkeypatch, out
         made.append(copy.deepcopy(made[-1]))  # its initial state
         return made[-2]
 
-    monkeypatch.setattr(main, 'get_network', network)
-    main.train_iteration(0, SynSet(real, args), real, args)
+    monkeypatch.setattr(runs, 'get_network', network)  # (what Method.network builds with)
+    gradient_matching(args, outer_loop, 3).iteration(0, SynSet(real, args, DATA), real)
     net, initial = made
     changed = [not torch.equal(a, b) for a, b in zip(net.parameters(), initial.parameters()) if a.dim() > 1]
     assert all(changed) if outer_loop == 2 else not any(changed)  # (conv biases before a norm get no gradient)
@@ -104,7 +113,7 @@ def test_batchnorm_statistics_are_measured_on_real_images_then_frozen():
     real, args = tiny(), step_args(model='ConvNetBN')
     net = get_network('ConvNetBN', 1, 3, (12, 12), 'cpu')
     bn = next(m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d))
-    main.freeze_batchnorm(net, real, args)
+    main.freeze_batchnorm(net, real, 3)
     assert not bn.training and bn.num_batches_tracked == 1 and not torch.equal(bn.running_var, torch.ones_like(bn.running_var))
     stats = bn.running_mean.clone()
     net(torch.randn(4, 1, 12, 12) * 10)  # frozen: a synthetic batch no longer changes them
@@ -116,13 +125,13 @@ def test_a_batchnorm_model_matches_with_the_statistics_of_real_images_frozen(mon
     real images per class (here the whole class), then BN frozen while the real and the synthetic gradients
     are matched; one SGD step of the images (lr 0.1, the momentum buffer starts at the gradient)."""
     torch.manual_seed(0)
-    real, args = tiny(), step_args(model='ConvNetBN', outer_loop=1, batch_real=8)  # 8 = the class size
+    real, args = tiny(), step_args(model='ConvNetBN', batch_real=8)  # 8 = the class size
     fixed = get_network('ConvNetBN', 1, 3, (12, 12), 'cpu')
     used = []
-    monkeypatch.setattr(main, 'get_network', lambda *a, **k: used.append(copy.deepcopy(fixed)) or used[-1])
-    syn = SynSet(real, args)
+    monkeypatch.setattr(main.GradientMatching, 'network', lambda self, *a, **k: used.append(copy.deepcopy(fixed)) or used[-1])
+    syn = SynSet(real, args, DATA)
     before = syn.images.detach().clone()
-    loss = main.train_iteration(0, syn, real, args)
+    loss = gradient_matching(args, outer_loop=1).iteration(0, syn, real)
 
     def matching(net, images):
         total = 0
@@ -163,17 +172,17 @@ def test_every_evaluation_pool_trains_and_tests_each_of_its_models(monkeypatch):
     images, labels = torch.randn(20, channel, size, size), torch.arange(10).repeat(2)
     testloader = tensor_loader(torch.randn(10, channel, size, size), torch.arange(10), 256)
     args = argparse.Namespace(seed=0, device='cpu', num_eval=1, dsa=False, dataset='FashionMNIST', model='ConvNet', ipc=2,
-                              epoch_eval_train=1, epoch_eval_noaug=300, lr_net=0.01, batch_train=256, channel=channel,
-                              num_classes=10, im_size=(size, size), dsa_strategy='none', dsa_param=ParamDiffAug())
+                              epoch_eval_train=1, lr_net=0.01, batch_train=256, dsa_strategy='none')
+    data = DataInfo('FashionMNIST', channel, (size, size), 10, tuple(map(str, range(10))), (0.,), (1.,), 'x')
     built, trained = [], []
-    network, train = utils.get_network, utils.evaluate_synset
+    network, train = utils.get_network, utils.train_and_test
     monkeypatch.setattr(utils, 'get_network', lambda *a, **k: built.append(a) or network(*a, **k))
-    monkeypatch.setattr(utils, 'evaluate_synset', lambda *a, **k: trained.append(a[1]) or train(*a, **k))
+    monkeypatch.setattr(utils, 'train_and_test', lambda *a, **k: trained.append(a[1]) or train(*a, **k))
     for mode in ['S', 'SS', *EVAL_POOLS]:
         pool = get_eval_pool(mode, 'ConvNet', 'ConvNet')
         built.clear()
         trained.clear()
-        accs = utils.evaluate_models(images, labels, pool, args, testloader)
+        accs = utils.evaluate_models(images, labels, pool, args, testloader, data)
         assert list(accs) == pool and all(len(a) == 1 for a in accs.values()), (mode, accs)
         # a fresh model of every architecture, built for the data's shape, trained once
         assert [a[0] for a in built] == pool and all(a[1:4] == (channel, 10, (size, size)) for a in built)
@@ -182,13 +191,17 @@ def test_every_evaluation_pool_trains_and_tests_each_of_its_models(monkeypatch):
             assert abs(10 * a[0] - round(10 * a[0])) < 1e-6, (mode, accs)
 
 
-def test_evaluation_iterations():
-    a = argparse.Namespace(Iteration=1200, eval_mode='S')
-    assert runs.eval_iterations(a, 500) == [0, 500, 1000, 1200]  # the last one always
-    a.Iteration = 1000
-    assert runs.eval_iterations(a, 500) == [0, 500, 1000]
-    a.eval_mode, a.Iteration = 'M', 1200
-    assert runs.eval_iterations(a, 500) == [1200]
+def test_evaluation_iterations(tmp_path):
+    data = DataInfo('MNIST', 1, (28, 28), 10, tuple(map(str, range(10))), (0.,), (1.,), 'x')
+
+    def eval_its(*flags):  # DC's evaluations (every 500 iterations in modes S/SS)
+        args = main.configure(main.parser().parse_args([*flags, '--save_path', str(tmp_path)]))
+        assert main.GradientMatching.eval_interval == 500
+        return runs.Run(args, data, main.GradientMatching(args, data), Group(0, 1), None).eval_its
+
+    assert eval_its('--Iteration', '1200', '--eval_mode', 'S') == [0, 500, 1000, 1200]  # the last one always
+    assert eval_its('--Iteration', '1000', '--eval_mode', 'S') == [0, 500, 1000]
+    assert eval_its('--Iteration', '1200', '--eval_mode', 'M') == [1200]
 
 
 @pytest.mark.e2e

@@ -13,7 +13,7 @@ import main_IDM
 import runs
 import utils
 from helpers import crash_and_resume, one_thread, run, torchrun
-from utils import ClassImages, TensorDataset, load_result
+from utils import ClassImages, DataInfo, TensorDataset, load_result
 
 
 def authors_expand(x):
@@ -38,8 +38,7 @@ def test_mosaic_init_puts_four_distinct_real_images_in_quadrant_order():
     index = torch.arange(len(labels)).float()
     real = ClassImages(TensorDataset(index.view(-1, 1, 1, 1).expand(-1, 1, 16, 16).clone(), labels), C)
     real.start(0, 'init')
-    args = argparse.Namespace(num_classes=C, ipc=2, factor=2)
-    stored = main_IDM.mosaic_init(real, args)
+    stored = main_IDM.mosaic_init(real, 2, 2)  # ipc 2, factor 2
     assert stored.shape == (C * 2, 1, 16, 16)
     tiles, _ = utils.expand(stored, None)  # [TL of every image, BL, TR, BR], each constant
     ids = tiles.view(4, C * 2, -1)
@@ -53,9 +52,12 @@ def test_mosaic_init_puts_four_distinct_real_images_in_quadrant_order():
 
 
 def tiny_args(**kw):
-    a = dict(model='ConvNet', channel=1, num_classes=3, im_size=(8, 8), device='cpu', lr_net=0.01, net_num=5,
-             net_generate_interval=2, reset_every=3, fetch_net_num=2, model_train_steps=1, trained_bs=4)
+    a = dict(model='ConvNet', device='cpu', lr_net=0.01, net_num=5, net_generate_interval=2, reset_every=3,
+             fetch_net_num=2, model_train_steps=1, trained_bs=4)
     return argparse.Namespace(**{**a, **kw})
+
+
+TINY = DataInfo('toy', 1, (8, 8), 3, ('0', '1', '2'), (0.,), (1.,), 'toy-data')  # tiny_real()'s
 
 
 def tiny_real(C=3, n=8):
@@ -66,13 +68,15 @@ def tiny_real(C=3, n=8):
 def test_the_queue_grows_every_interval_up_to_its_cap_and_resets_its_meters(monkeypatch):
     args, real = tiny_args(), tiny_real()
     torch.manual_seed(0)
-    queue = main_IDM.new_queue(real, args)
+    idm = main_IDM.IDM(args, TINY)
+    idm.start(real)
+    queue = idm.queue
     resets, sizes = [], []
     monkeypatch.setattr(main_IDM, 'match', lambda *a: 0.0)
     reset = queue.reset_meters
     for it in range(12):
         monkeypatch.setattr(queue, 'reset_meters', lambda: resets.append(it) or reset())
-        main_IDM.train_iteration(it, None, real, args, queue)
+        idm.iteration(it, None, real)
         sizes.append(len(queue))
     assert sizes == [4, 4, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5]  # 3, one more at 0, 2, 4, ...: at most net_num 5
     assert resets == [3, 6, 9]
@@ -83,8 +87,8 @@ def test_the_queue_grows_every_interval_up_to_its_cap_and_resets_its_meters(monk
 
 
 def test_queue_accuracy_is_the_percent_right_since_the_reset():
-    args = tiny_args()
-    queue = runs.ModelQueue(args, 3, lambda p: torch.optim.SGD(p, lr=0.0))
+    queue = main_IDM.ModelQueue(lambda: utils.get_network('ConvNet', 1, 3, (8, 8), 'cpu'), 3,
+                                lambda p: torch.optim.SGD(p, lr=0.0))
     torch.manual_seed(0)
     queue.push()
     images, labels = torch.randn(6, 1, 8, 8), torch.tensor([0, 1, 2, 0, 1, 2])
@@ -127,8 +131,8 @@ def test_the_class_loss_with_one_forward_is_the_authors_with_two(model, monkeypa
     formula with its separate forwards: embed for the DM distance, net(x) for the cross-entropy weighted by
     ce_weight x the model's accuracy in percent, on the expanded images under one shared DSA draw."""
     real = tiny_real(C=3, n=12)
-    args = argparse.Namespace(batch_real=6, factor=2, ce_weight=0.5, num_classes=3, dsa_strategy='color_crop_scale',
-                              dsa_param=utils.ParamDiffAug())
+    args = argparse.Namespace(batch_real=6, factor=2, ce_weight=0.5, dsa_strategy='color_crop_scale')
+    syn = argparse.Namespace(num_classes=3)  # (class_steps is patched: the loss's mean over the classes)
     torch.manual_seed(0)
     net = utils.get_network(model, 1, 3, (8, 8), 'cpu')
     images = torch.randn(2, 1, 8, 8)
@@ -136,7 +140,7 @@ def test_the_class_loss_with_one_forward_is_the_authors_with_two(model, monkeypa
     ours = []
     monkeypatch.setattr(main_IDM, 'class_steps', lambda syn, class_loss: ours.append(class_loss(1, images)))
     real.start(0, 1)
-    main_IDM.match(net, accuracy, None, real, args)
+    main_IDM.match(net, accuracy, syn, real, args)
     real.start(0, 1)  # the same draws again: the real batch and the DSA parameters of class 1
     img_real = real.get_images(1, args.batch_real)
     img_real, img_syn = utils.siamese_augment([img_real, authors_expand(images)], args, real.rng(1))
@@ -146,7 +150,7 @@ def test_the_class_loss_with_one_forward_is_the_authors_with_two(model, monkeypa
     assert not any(p.requires_grad is False for p in net.parameters())  # the queue's model trains again after
     monkeypatch.setattr(main_IDM, 'class_steps', lambda syn, class_loss: ours.append(class_loss(1, images)))
     real.start(0, 1)
-    main_IDM.match(net, torch.tensor(0.0), None, real, args)  # an untrained model's weight 0: DM's distance alone
+    main_IDM.match(net, torch.tensor(0.0), syn, real, args)  # an untrained model's weight 0: DM's distance alone
     assert ours[1].item() == pytest.approx(distance.item(), rel=1e-5)
 
 
@@ -171,12 +175,12 @@ def test_a_crashed_run_resumes_bit_identically_queue_and_all(data, tmp_path, mon
 
     def run_main(save_path, *extra):
         monkeypatch.setattr(sys, 'argv', ['main_IDM.py', *args, '--save_path', str(save_path), *extra])
-        main_IDM.main()
+        runs.condense(main_IDM.IDM, main_IDM.configure(runs.setup(main_IDM.parser().parse_args())))
         return load_result(glob.glob(str(save_path / 'res_*.pt'))[0])
 
     whole = run_main(tmp_path / 'whole')
     # cut in iteration 3 of experiment 1 (the 8th iteration): the queue has trained for 7 iterations
-    resumed = crash_and_resume(monkeypatch, run_main, main_IDM, 'train_iteration', 4 + 3 + 1, tmp_path / 'cut')
+    resumed = crash_and_resume(monkeypatch, run_main, main_IDM.IDM, 'iteration', 4 + 3 + 1, tmp_path / 'cut')
     for (a, la), (b, lb) in zip(resumed['data'], whole['data']):
         assert a.shape == (20, 1, 28, 28) and torch.equal(a, b) and torch.equal(la, lb)  # stored unexpanded
     assert resumed['accs_all_exps'] == whole['accs_all_exps'] and len(resumed['data']) == 2

@@ -14,7 +14,7 @@ import main
 import main_DM
 import utils
 from helpers import run_in_process
-from utils import ClassImages, ParamDiffAug, SynSet, TensorDataset, default_strategy, eval_args
+from utils import ClassImages, DataInfo, SynSet, TensorDataset, default_strategy, evaluation_args
 
 COMMON = dict(dataset='CIFAR10', model='ConvNet', lr_net=0.01, batch_train=256, data_path='data', seed=0)
 CONDENSE = dict(COMMON, batch_real=256, save_path='result', eval_mode='S', num_eval=20, dsa_strategy='None')
@@ -43,6 +43,9 @@ def configured(script, *argv):
     return script.configure(script.parser().parse_args(list(argv)))
 
 
+CIFAR10 = DataInfo('CIFAR10', 3, (32, 32), 10, tuple(map(str, range(10))), (0.5,) * 3, (0.25,) * 3, 'x')
+
+
 def test_rule_based_defaults():
     args = configured(main_DM)
     assert args.dsa and args.dsa_strategy == 'color_crop_cutout_flip_scale_rotate' and args.eval_mode == 'SS'
@@ -50,13 +53,13 @@ def test_rule_based_defaults():
     assert configured(main_DM, '--ipc', '100', '--dataset', 'CIFAR100').lr_img == 1.0
     cafe = configured(distill)
     assert cafe.layer_weights == [0.1, 0.1, 1.0, 1.0]  # the public code's, for a depth-3 ConvNet
-    assert cafe.milestones == [1200, 1600, 1800] and cafe.method == 'CAFE' and not cafe.dsa
+    assert distill.CAFE(cafe, CIFAR10).milestones == [1200, 1600, 1800] and cafe.method == 'CAFE' and not cafe.dsa
     assert configured(distill, '--method', 'DSA').method == 'CAFE_DSA'
     assert configured(distill, '--model', 'ConvNetD4').layer_weights == [0.1, 0.1, 0.1, 1.0, 1.0]
     assert configured(distill, '--first_weight', '0.5', '--fourth_weight', '2').layer_weights == [2.0, 0.1, 1.0, 0.5]
-    assert (configured(main).outer_loop, configured(main).inner_loop) == (1, 1)
-    assert (configured(main, '--ipc', '10').outer_loop, configured(main, '--ipc', '10').inner_loop) == (10, 50)
-    assert main_DM.parser().get_default('epoch_eval_noaug') == 300 and distill.parser().get_default('epoch_eval_noaug') == 600
+    dc, dc10 = (main.GradientMatching(configured(main, *argv), CIFAR10) for argv in ([], ['--ipc', '10']))
+    assert (dc.outer_loop, dc.inner_loop) == (1, 1) and (dc10.outer_loop, dc10.inner_loop) == (10, 50)
+    assert main_DM.DM.noaug_epochs == 300 and distill.CAFE.noaug_epochs == 600
 
 
 @pytest.mark.parametrize('method,expected', [('random', (0, 0.1, 'real')), ('herding', (0, 0.1, 'real')),
@@ -99,24 +102,29 @@ def test_dm_without_augmentation_when_asked():
 
 
 def eval_namespace(**kw):
-    a = dict(dsa=False, dataset='CIFAR10', model='ConvNet', ipc=10, epoch_eval_train=None, epoch_eval_noaug=300)
+    a = dict(dsa=False, dataset='CIFAR10', model='ConvNet', ipc=10, epoch_eval_train=None)
     a.update(kw)
     return argparse.Namespace(**a)
 
 
 def test_evaluation_epochs_follow_the_rule():
-    assert eval_args(eval_namespace(dsa=True), 'ConvNet').epoch_eval_train == 1000  # DSA augmentation
-    assert eval_args(eval_namespace(), 'ConvNet').epoch_eval_train == 300  # DC, no augmentation
-    assert eval_args(eval_namespace(dataset='MNIST'), 'ConvNet').epoch_eval_train == 1000  # DC's classic augmentation
-    assert eval_args(eval_namespace(), 'ConvNetBN').epoch_eval_train == 1000  # crop/noise for ConvNetBN
-    assert eval_args(eval_namespace(epoch_eval_noaug=600), 'ConvNet').epoch_eval_train == 600  # CAFE
-    assert eval_args(eval_namespace(epoch_eval_noaug=600, dsa=True), 'ConvNet').epoch_eval_train == 1000  # CAFE+DSA
-    assert eval_args(eval_namespace(epoch_eval_train=7, dsa=True), 'ConvNet').epoch_eval_train == 7  # explicit wins
+    assert evaluation_args(eval_namespace(dsa=True), 'ConvNet').epoch_eval_train == 1000  # DSA augmentation
+    assert evaluation_args(eval_namespace(), 'ConvNet').epoch_eval_train == 300  # DC, no augmentation
+    assert evaluation_args(eval_namespace(dataset='MNIST'), 'ConvNet').epoch_eval_train == 1000  # DC's classic augmentation
+    assert evaluation_args(eval_namespace(), 'ConvNetBN').epoch_eval_train == 1000  # crop/noise for ConvNetBN
+    assert evaluation_args(eval_namespace(), 'ConvNet', 600).epoch_eval_train == 600  # CAFE
+    assert evaluation_args(eval_namespace(dsa=True), 'ConvNet', 600).epoch_eval_train == 1000  # CAFE+DSA
+    assert evaluation_args(eval_namespace(epoch_eval_train=7, dsa=True), 'ConvNet').epoch_eval_train == 7  # explicit wins
+    given = eval_namespace()
+    assert evaluation_args(given, 'ConvNet') is not given and given.epoch_eval_train is None  # a new namespace
 
 
 def test_dm_learning_rate_rule():
-    assert main_DM.default_lr_img('CIFAR10', 10) == 1.0 and main_DM.default_lr_img('CIFAR10', 100) == 10.0
-    assert main_DM.default_lr_img('CIFAR100', 100) == 1.0 and main_DM.default_lr_img('FashionMNIST', 50) == 1.0
+    def lr_img(dataset, ipc):
+        return main_DM.DM.defaults(dataset, ipc)['lr_img']
+
+    assert lr_img('CIFAR10', 10) == 1.0 and lr_img('CIFAR10', 100) == 10.0
+    assert lr_img('CIFAR100', 100) == 1.0 and lr_img('FashionMNIST', 50) == 1.0
     assert configured(main_DM, '--ipc', '100', '--lr_img', '0.5').lr_img == 0.5  # a given rate wins
 
 
@@ -157,8 +165,8 @@ def class_valued(counts, size=2):
 
 
 def dm_args(**kw):
-    a = dict(model='ConvNet', channel=1, num_classes=3, im_size=(2, 2), device='cpu', ipc=2, batch_real=5, lr_img=1.0,
-             init='noise', dsa=False, dsa_strategy='none', dsa_param=ParamDiffAug(), amp=False, compile=False)
+    a = dict(model='ConvNet', device='cpu', ipc=2, batch_real=5, lr_img=1.0, init='noise', dsa=False,
+             dsa_strategy='none', amp=False, compile=False)
     a.update(kw)
     return argparse.Namespace(**a)
 
@@ -166,13 +174,14 @@ def dm_args(**kw):
 @pytest.mark.parametrize('bn', [False, True])
 def test_dm_loss_is_the_squared_distance_of_class_mean_embeddings(monkeypatch, bn):
     real = class_valued([7, 3, 9])  # class 1 has fewer than --batch_real (5) images
-    args = dm_args()
+    args, data = dm_args(), DataInfo('X', 1, (2, 2), 3, ('0', '1', '2'), (0.0,), (1.0,), 'x')
     stub = Stub(bn)
-    monkeypatch.setattr(main_DM, 'get_network', lambda *a, **k: stub)
-    syn = SynSet(real, args, images=torch.zeros(6, 1, 2, 2))
+    dm = main_DM.DM(args, data)
+    monkeypatch.setattr(dm, 'network', lambda *a, **k: stub)
+    syn = SynSet(real, args, data, images=torch.zeros(6, 1, 2, 2))
     with torch.no_grad():
         syn.images[2:4] = 0.5  # class 1's synthetic images
-    loss = main_DM.train_iteration(0, syn, real, args)
+    loss = dm.iteration(0, syn, real)
     # per class: 4 pixels x (c - synthetic mean)^2, summed, then divided by the number of classes
     assert loss == pytest.approx(4 * ((0 - 0) ** 2 + (1 - 0.5) ** 2 + (2 - 0) ** 2) / 3)
     if bn:  # all classes as one batch, equally many of each: min(batch_real, smallest class) = 3

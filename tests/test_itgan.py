@@ -9,7 +9,7 @@ import torch
 
 import main_ITGAN
 import runs
-import train_gan as tg
+import gan
 import utils
 from helpers import assert_one_line_error, crash_and_resume, run_in_process
 from utils import load_result
@@ -25,9 +25,9 @@ def one_thread():
 
 def generator_file(path, num_classes=10, channel=1, im_size=(28, 28), dim_z=16):
     torch.manual_seed(0)  # (the same file every time: its hash names it)
-    G = tg.build_generator('small', num_classes, channel, im_size, G_ch=4, dim_z=dim_z)
+    G = gan.build_generator('small', num_classes, channel, im_size, G_ch=4, dim_z=dim_z)
     G.mean, G.std = [0.1307] * channel, [0.3081] * channel
-    utils.atomic_save(tg.generator_record(G, 'small', 'MNIST', 5, {'seed': 0}), path)
+    utils.atomic_save(gan.generator_record(G, 'small', 'MNIST', 5, {'seed': 0}), path)
     return str(path)
 
 
@@ -38,13 +38,14 @@ def flags(data, tmp_path, *extra, method='GANInversion'):
 
 
 def prepared(data, tmp_path, *extra, method='GANInversion'):
-    """main_ITGAN's args, real images, synthetic latents and method state, as condense's start makes them."""
+    """main_ITGAN's args, real images, synthetic latents and method (started), as condense's experiment makes them."""
     args = main_ITGAN.configure(runs.setup(main_ITGAN.parser().parse_args(
         [*flags(data, tmp_path, *extra, method=method), '--save_path', str(tmp_path / 'res')])))
-    real, _ = runs.load_real(args)
-    syn = runs.new_synset(real, args, (0, 0), main_ITGAN.init_latents,
-                          optimizer=lambda p: torch.optim.Adam(p, lr=args.lr_img))
-    return args, real, syn, main_ITGAN.Generator(real, args)
+    real, _, info = runs.load_real(args)
+    gen = main_ITGAN.LatentsOfAGenerator(args, info)
+    syn = runs.new_synset(real, gen, (0, 0))
+    gen.start(real)
+    return args, real, syn, gen
 
 
 def test_rendered_images_have_the_datas_shape_and_normalisation(data, tmp_path):
@@ -53,7 +54,7 @@ def test_rendered_images_have_the_datas_shape_and_normalisation(data, tmp_path):
     assert images.shape == (50, 1, 28, 28) and syn.images.shape == (50, 16)
     pixels = images * 0.3081 + 0.1307  # back to [0, 1]: G's tanh output mapped by (x + 1) / 2
     assert pixels.min() >= -1e-6 and pixels.max() <= 1 + 1e-6
-    raw = (args.G(syn.images.detach()[:3], syn.labels[:3]) + 1) / 2
+    raw = (gen.G(syn.images.detach()[:3], syn.labels[:3]) + 1) / 2
     assert torch.allclose(pixels[:3], raw, atol=1e-6)
 
 
@@ -67,24 +68,24 @@ def test_one_iteration_moves_every_latent_and_nothing_of_the_generator(data, tmp
                                                         source=gen.source, generator_sha256=args.generator_sha256)]}, path)
         extra += ['--latents', path]
     args, real, syn, gen = prepared(data, tmp_path, *extra, method=method)
-    G_before = {k: v.clone() for k, v in args.G.state_dict().items()}
+    G_before = {k: v.clone() for k, v in gen.G.state_dict().items()}
     z_before = syn.images.detach().clone()
     steps = []
     step = syn.optimizer.step
     monkeypatch.setattr(syn.optimizer, 'step', lambda *a: steps.append(syn.images.grad.clone()) or step(*a))
-    runs.step(main_ITGAN.ITERATIONS[method], 0, syn, real, args, (0, 0), gen)
+    runs.step(gen, 0, syn, real, (0, 0))
     # 5 latents per class in batches of 2: three steps, the last of one latent per class (the authors' loop
     # range(5 // 2) would have taken two and left every class's fifth latent unchanged)
     assert len(steps) == 3
     assert [sorted(set(g.abs().sum(1).nonzero().flatten().remainder(5).tolist())) for g in steps] == [[0, 1], [2, 3], [4]]
     assert (syn.images.detach() != z_before).all(dim=1).all()  # every latent moved
-    assert all(torch.equal(v, G_before[k]) for k, v in args.G.state_dict().items())  # the generator did not
-    assert all(p.grad is None for p in args.G.parameters())
+    assert all(torch.equal(v, G_before[k]) for k, v in gen.G.state_dict().items())  # the generator did not
+    assert all(p.grad is None for p in gen.G.parameters())
 
 
 def test_inversion_lowers_its_loss(data, tmp_path):
     args, real, syn, gen = prepared(data, tmp_path, '--batch_z', 5)
-    losses = [runs.step(main_ITGAN.inversion_iteration, it, syn, real, args, (0, 0), gen) for it in range(15)]
+    losses = [runs.step(gen, it, syn, real, (0, 0)) for it in range(15)]  # (--method GANInversion: inversion_iteration)
     # (a random tiny generator can only come so close to real digits: the loss falls steadily, not far)
     assert all(b < a for a, b in zip(losses, losses[1:])) and losses[-1] < 0.97 * losses[0], losses
 
@@ -98,7 +99,7 @@ def test_the_diversity_term_pairs_each_latent_with_its_own_source(data, tmp_path
         gen.index = order
         losses = []
         monkeypatch.setattr(main_ITGAN, 'adam_steps', lambda syn, fn, size: losses.append(fn(torch.arange(0, 50, 5))))
-        main_ITGAN.itgan_iteration(0, syn, real, args, gen)
+        main_ITGAN.itgan_iteration(syn, real, args, gen)
         return losses[0]
 
     # the rendered images of the first latent of each class equal their own sources: no distance
@@ -115,7 +116,7 @@ def test_a_crashed_run_resumes_bit_identically_and_saves_its_latents(data, tmp_p
         return load_result(glob.glob(str(save_path / 'res_*.pt'))[0])
 
     whole = run_main(tmp_path / 'whole')
-    resumed = crash_and_resume(monkeypatch, run_main, main_ITGAN.ITERATIONS, 'GANInversion', 3, tmp_path / 'cut')
+    resumed = crash_and_resume(monkeypatch, run_main, main_ITGAN.LatentsOfAGenerator, 'iteration', 3, tmp_path / 'cut')
     assert torch.equal(resumed['data'][0][0], whole['data'][0][0]) and resumed['data'][0][0].shape == (50, 1, 28, 28)
     learned = resumed['learned'][0]
     assert torch.equal(learned['learned'], whole['learned'][0]['learned']) and learned['learned'].shape == (50, 16)

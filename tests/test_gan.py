@@ -1,4 +1,4 @@
-"""train_gan.py: IT-GAN's generator. The authors' BigGAN-32 state dicts load strictly, files that do not fit
+"""gan.py and train_gan.py: IT-GAN's generator. The authors' BigGAN-32 state dicts load strictly, files that do not fit
 are refused in one line, rendered images are in the dataset's normalisation, training moves D, G and the
 moving average as it should, and a resumed run ends with the weights of an uninterrupted one."""
 import argparse
@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+import gan
 import train_gan as tg
 import utils
 from helpers import assert_one_line_error, run_in_process, stopped_at_call
@@ -63,15 +64,14 @@ def authors_file(path, num_classes=10, drop=None, add=None, reshape=None):
 
 
 def namespace(**kw):
-    """Training args for a tiny problem: 3 classes of 1x12x12 images, the small arch."""
-    a = dict(seed=0, arch='small', num_classes=3, channel=1, im_size=(12, 12), device='cpu', mean=[0.2861],
-             std=[0.3530], lr_G=2e-4, lr_D=2e-4, batch_size=6, num_D_steps=1, mirror=True, dsa_strategy=tg.STRATEGY,
-             ema_start=0, ema_decay=0.9, amp=False, samples_per_class=2)
+    """Training args for a tiny problem (TINY_DATA), the small arch."""
+    a = dict(seed=0, arch='small', device='cpu', lr_G=2e-4, lr_D=2e-4, batch_size=6, num_D_steps=1, mirror=True,
+             dsa_strategy=tg.STRATEGY, ema_start=0, ema_decay=0.9, amp=False, samples_per_class=2)
     a.update(kw)
-    a = argparse.Namespace(**a)
-    a.diff_param = utils.ParamDiffAug()
-    a.diff_param.aug_mode = 'M'
-    return a
+    return argparse.Namespace(**a)
+
+
+TINY_DATA = utils.DataInfo('X', 1, (12, 12), 3, ('0', '1', '2'), (0.2861,), (0.3530,), 'x')  # 3 classes of 1x12x12
 
 
 def tiny_real(n=24, num_classes=3, size=12, seed=0):
@@ -85,7 +85,7 @@ def tiny_real(n=24, num_classes=3, size=12, seed=0):
 # ----------------------------------------------------------------------------------------------------
 
 def test_biggan32_has_the_authors_keys_and_shapes_in_their_order():
-    G = tg.build_generator('biggan', 10, 3, (32, 32))
+    G = gan.build_generator('biggan', 10, 3, (32, 32))
     expected = authors_biggan32_keys(10)
     assert [(k, tuple(v.shape)) for k, v in G.state_dict().items()] == list(expected.items())
     assert len(expected) == 72 and sum(p.numel() for p in G.parameters()) == 4_304_387  # BigGAN-CIFAR's G
@@ -93,13 +93,13 @@ def test_biggan32_has_the_authors_keys_and_shapes_in_their_order():
 
 def test_the_authors_state_dict_loads_strict_and_renders(tmp_path):
     state = authors_file(tmp_path / 'G_Pretrained_CIFAR10_exp0.pth')
-    tg.build_generator('biggan', 10, 3, (32, 32)).load_state_dict(state, strict=True)
+    gan.build_generator('biggan', 10, 3, (32, 32)).load_state_dict(state, strict=True)
     _, _, _, mean, std = DATASETS['CIFAR10']
-    G = tg.load_generator(tmp_path / 'G_Pretrained_CIFAR10_exp0.pth', 10, 3, (32, 32), mean, std)
+    G = gan.load_generator(tmp_path / 'G_Pretrained_CIFAR10_exp0.pth', 10, 3, (32, 32), mean, std)
     assert not G.training and not any(p.requires_grad for p in G.parameters())
     assert all(torch.equal(v, state[k]) for k, v in G.state_dict().items())
     z = torch.randn(2, 128, requires_grad=True)
-    x = tg.render(G, z, torch.tensor([0, 9]))
+    x = gan.render(G, z, torch.tensor([0, 9]))
     assert x.shape == (2, 3, 32, 32)
     x.sum().backward()
     assert z.grad is not None and G.state_dict()['linear.u0'].equal(state['linear.u0'])  # eval: u0 not updated
@@ -114,7 +114,7 @@ def test_the_authors_state_dict_loads_strict_and_renders(tmp_path):
 def test_an_authors_file_that_does_not_fit_is_refused_in_one_line(tmp_path, damage, message):
     authors_file(tmp_path / 'G.pth', **damage)
     with pytest.raises(UsageError) as e:
-        tg.load_generator(tmp_path / 'G.pth', 10, 3, (32, 32), [0.5] * 3, [0.5] * 3)
+        gan.load_generator(tmp_path / 'G.pth', 10, 3, (32, 32), [0.5] * 3, [0.5] * 3)
     assert message in str(e.value) and '\n' not in str(e.value), str(e.value)
 
 
@@ -125,20 +125,20 @@ def test_an_authors_file_that_does_not_fit_is_refused_in_one_line(tmp_path, dama
 def test_an_authors_file_for_other_images_is_refused_in_one_line(tmp_path, data_shape, message):
     authors_file(tmp_path / 'G.pth')
     with pytest.raises(UsageError) as e:
-        tg.load_generator(tmp_path / 'G.pth', 10, *data_shape, [0.5], [0.5])
+        gan.load_generator(tmp_path / 'G.pth', 10, *data_shape, [0.5], [0.5])
     assert message in str(e.value) and '\n' not in str(e.value), str(e.value)
 
 
 def our_file(path, arch='small', num_classes=3, channel=1, im_size=(12, 12)):
-    G = tg.build_generator(arch, num_classes, channel, im_size)
+    G = gan.build_generator(arch, num_classes, channel, im_size)
     G.mean, G.std = [0.2861] * channel, [0.3530] * channel
-    utils.atomic_save(tg.generator_record(G, arch, 'X', 5, {'seed': 0}), path)
+    utils.atomic_save(gan.generator_record(G, arch, 'X', 5, {'seed': 0}), path)
     return G
 
 
 def test_our_generator_file_loads_back_frozen_with_its_normalisation(tmp_path):
     G = our_file(tmp_path / 'G.pt')
-    H = tg.load_generator(tmp_path / 'G.pt', 3, 1, (12, 12))
+    H = gan.load_generator(tmp_path / 'G.pt', 3, 1, (12, 12))
     assert (H.mean, H.std) == (G.mean, G.std) and not H.training
     assert all(torch.equal(v, G.state_dict()[k]) for k, v in H.state_dict().items())
     assert set(utils.load_pt(tmp_path / 'G.pt')) >= {'arch', 'num_classes', 'channel', 'im_size', 'dim_z', 'state_dict'}
@@ -152,7 +152,7 @@ def test_our_generator_file_loads_back_frozen_with_its_normalisation(tmp_path):
 def test_our_file_for_other_data_is_refused_in_one_line(tmp_path, wanted, message):
     our_file(tmp_path / 'G.pt')
     with pytest.raises(UsageError) as e:
-        tg.load_generator(tmp_path / 'G.pt', *wanted)
+        gan.load_generator(tmp_path / 'G.pt', *wanted)
     assert message in str(e.value) and '\n' not in str(e.value), str(e.value)
 
 
@@ -174,7 +174,7 @@ class Evil:
 def test_a_file_that_is_no_generator_is_refused_without_running_it(tmp_path, capfd, content, message):
     torch.save(content, tmp_path / 'G.pt')
     with pytest.raises(UsageError) as e:
-        tg.load_generator(tmp_path / 'G.pt', 3, 1, (12, 12))
+        gan.load_generator(tmp_path / 'G.pt', 3, 1, (12, 12))
     assert message in str(e.value) and '\n' not in str(e.value), str(e.value)
     assert 'unsafe' not in ''.join(capfd.readouterr())
 
@@ -187,8 +187,8 @@ def test_a_file_that_is_no_generator_is_refused_without_running_it(tmp_path, cap
 @pytest.mark.parametrize('arch', ['small', 'biggan'])
 def test_rendered_images_have_the_datasets_shape_and_normalised_range(dataset, arch):
     channel, im_size, num_classes, mean, std = DATASETS[dataset]
-    G = tg.build_generator(arch, num_classes, channel, im_size).eval()
-    x = tg.render(G, torch.randn(3, G.dim_z), torch.tensor([0, 1, 9]), mean, std)
+    G = gan.build_generator(arch, num_classes, channel, im_size).eval()
+    x = gan.render(G, torch.randn(3, G.dim_z), torch.tensor([0, 1, 9]), mean, std)
     low, high = [(torch.tensor(v) - torch.tensor(mean)) / torch.tensor(std) for v in (0.0, 1.0)]
     assert x.shape == (3, channel, *im_size)
     assert (x >= low.view(1, -1, 1, 1) - 1e-6).all() and (x <= high.view(1, -1, 1, 1) + 1e-6).all()
@@ -203,16 +203,16 @@ def test_render_maps_minus_one_and_one_to_the_normalised_black_and_white():
 
     G = Extremes()
     G.mean, G.std = mean, std
-    x = tg.render(G, torch.zeros(2, 4), torch.zeros(2, dtype=torch.long))
+    x = gan.render(G, torch.zeros(2, 4), torch.zeros(2, dtype=torch.long))
     black, white = torch.tensor(-mean[0] / std[0]), torch.tensor((1 - mean[0]) / std[0])
     assert torch.allclose(x[..., :14], black) and torch.allclose(x[..., 14:], white)
-    assert torch.allclose(tg.to_gan_range(x, mean, std), G(torch.zeros(2, 4), None))
+    assert torch.allclose(gan.to_gan_range(x, mean, std), G(torch.zeros(2, 4), None))
 
 
 def test_render_without_a_normalisation_says_so_in_one_line():
-    G = tg.build_generator('small', 3, 1, (12, 12))
+    G = gan.build_generator('small', 3, 1, (12, 12))
     with pytest.raises(UsageError, match="needs the dataset's mean and std"):
-        tg.render(G, torch.zeros(1, G.dim_z), torch.zeros(1, dtype=torch.long))
+        gan.render(G, torch.zeros(1, G.dim_z), torch.zeros(1, dtype=torch.long))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -221,7 +221,7 @@ def test_render_without_a_normalisation_says_so_in_one_line():
 
 def test_spectral_norm_brings_the_largest_singular_value_to_one_and_keeps_u_in_eval_mode():
     torch.manual_seed(0)
-    conv = tg.SNConv2d(4, 8)
+    conv = gan.SNConv2d(4, 8)
     with torch.no_grad():
         conv.weight.mul_(10)
         for _ in range(200):
@@ -243,7 +243,7 @@ def hinge_D(gan, x, y, z, y_fake):
 
 def test_d_steps_lower_ds_loss_on_a_fixed_batch():
     args = namespace(lr_D=1e-3, dsa_strategy='None', mirror=False)
-    gan, (x, y) = tg.GAN(args), tiny_real(6)
+    gan, (x, y) = tg.GAN(args, TINY_DATA), tiny_real(6)
     z, y_fake = torch.randn(6, gan.G.dim_z), torch.arange(6) % 3
     before = hinge_D(gan, x, y, z, y_fake)
     for s in range(5):
@@ -253,7 +253,7 @@ def test_d_steps_lower_ds_loss_on_a_fixed_batch():
 
 def test_g_steps_raise_ds_score_of_generated_images():
     args = namespace(lr_G=1e-3, dsa_strategy='None')
-    gan = tg.GAN(args)
+    gan = tg.GAN(args, TINY_DATA)
     z, y = torch.randn(6, gan.G.dim_z), torch.arange(6) % 3
 
     def score():
@@ -276,7 +276,7 @@ def distance(a, b):
 
 def test_the_moving_average_copies_g_before_ema_start_then_lags_and_moves_toward_it():
     args = namespace(ema_start=2, ema_decay=0.9)
-    gan, real = tg.GAN(args), tiny_real()
+    gan, real = tg.GAN(args, TINY_DATA), tiny_real()
     tg.train_iteration(0, gan, real, args)  # iteration 1 of the recipe: before ema_start, a copy
     assert distance(gan.G_ema, gan.G) == 0
     tg.train_iteration(1, gan, real, args)
@@ -288,7 +288,7 @@ def test_the_moving_average_copies_g_before_ema_start_then_lags_and_moves_toward
 
 def test_an_iteration_under_amp_keeps_weights_and_losses_float32():
     args = namespace(amp=True)
-    gan = tg.GAN(args)
+    gan = tg.GAN(args, TINY_DATA)
     before = gan.G.linear.weight.clone()
     stats = tg.train_iteration(0, gan, tiny_real(), args)
     assert all(isinstance(v, float) and v == v for v in stats.values())
@@ -306,9 +306,9 @@ def test_real_batches_walk_through_shuffled_epochs():
 
 def test_the_sample_grid_has_one_row_per_class(tmp_path):
     args = namespace(save_path=str(tmp_path), dataset='X', arch='small', samples_per_class=4)
-    G = tg.build_generator('small', 3, 1, (12, 12)).eval()
-    G.mean, G.std = args.mean, args.std
-    tg.save_samples(G, args)
+    G = gan.build_generator('small', 3, 1, (12, 12)).eval()
+    G.mean, G.std = TINY_DATA.mean, TINY_DATA.std
+    tg.save_samples(G, args, TINY_DATA)
     with Image.open(tg.vis_path(args)) as im:
         assert im.size == (4 * 14 + 2, 3 * 14 + 2)  # save_image's 2-pixel padding
 
@@ -335,15 +335,18 @@ def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(data, tmp_p
         m.setattr(tg, 'train_iteration', stopped_at_call(3, tg.train_iteration, calls))
         p = train_gan(*args, '--save_path', tmp_path / 'cut')
     assert p.returncode == 130 and len(calls) == 3, p.stderr[-2000:]
-    assert utils.load_pt(tmp_path / 'cut' / 'checkpoint_GAN_MNIST_small.pt')['it'] == 2
+    # the newest two checkpoints are kept, named by their iteration: the newest is the state after iteration 2
+    assert sorted(p.name for p in (tmp_path / 'cut').glob('checkpoint_*')) == [
+        'checkpoint_GAN_MNIST_small_0000000001.pt', 'checkpoint_GAN_MNIST_small_0000000002.pt']
+    assert utils.load_pt(tmp_path / 'cut' / 'checkpoint_GAN_MNIST_small_0000000002.pt')['it'] == 2
     assert_one_line_error(train_gan(*args, '--save_path', tmp_path / 'cut'), 'an unfinished run left', '--resume auto')
     p = train_gan(*args, '--save_path', tmp_path / 'cut', '--resume', 'auto')
     assert p.returncode == 0 and 'resuming from' in p.stdout, p.stderr[-2000:]
-    whole, cut = (utils.load_pt(tmp_path / d / 'checkpoint_GAN_MNIST_small.pt') for d in ('whole', 'cut'))
+    whole, cut = (utils.load_pt(tmp_path / d / 'checkpoint_GAN_MNIST_small_0000000004.pt') for d in ('whole', 'cut'))
     assert whole['it'] == cut['it'] == 4
     for part in ('G', 'D', 'G_ema'):
         assert all(torch.equal(v, cut['gan'][part][k]) for k, v in whole['gan'][part].items()), part
-    G = tg.load_generator(tmp_path / 'cut' / 'G_MNIST_small.pt', 10, 1, (28, 28))
+    G = gan.load_generator(tmp_path / 'cut' / 'G_MNIST_small.pt', 10, 1, (28, 28))
     assert all(torch.equal(v, whole['gan']['G_ema'][k]) for k, v in G.state_dict().items())
     assert (G.mean, G.std) == ([0.1307], [0.3081])
     with Image.open(tmp_path / 'cut' / 'vis_GAN_MNIST_small.png') as im:
@@ -351,9 +354,9 @@ def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(data, tmp_p
 
 
 @pytest.mark.parametrize('flags, parts', [
-    (['--batch_size', 0], ['--batch_size must be at least 1']),
+    (['--batch_size', 0], ['argument --batch_size: must be at least 1']),
     (['--ema_decay', 1], ['--ema_decay must lie in [0, 1)']),
-    (['--lr_G', 'nan'], ['--lr_G must be a positive number']),
+    (['--lr_G', 'nan'], ['argument --lr_G: must be a positive number']),
     (['--dsa_strategy', 'color_blur'], ['blur']),
     (['--resume', 'nowhere.pt'], ['--resume nowhere.pt: no such checkpoint file']),
     (['--im_size', 16], ['--im_size is for --dataset ImageFolder']),
@@ -376,4 +379,4 @@ def test_files_of_a_run_with_other_settings_are_not_replaced(data, tmp_path, tra
     p = train_gan(*TINY, '--data_path', data, '--save_path', tmp_path, '--Iteration', 2, '--seed', 1, '--resume', 'auto')
     assert_one_line_error(p, 'other settings', '--seed 0 there, 1 here')
     p = train_gan(*TINY, '--data_path', data, '--save_path', tmp_path, '--Iteration', 1, '--seed', 1, '--overwrite')
-    assert p.returncode == 0 and tg.load_generator(tmp_path / 'G_MNIST_small.pt', 10, 1, (28, 28)) is not None
+    assert p.returncode == 0 and gan.load_generator(tmp_path / 'G_MNIST_small.pt', 10, 1, (28, 28)) is not None

@@ -41,7 +41,18 @@ def finished(tmp_path_factory, data):
 @pytest.fixture
 def main_dm(monkeypatch, capsys):
     """main_DM.py's main run in this process (as run_script runs it): its exit status and output."""
-    return lambda *args: run_in_process(monkeypatch, capsys, 'main_DM.py', *args, main=main_DM.main)
+    return lambda *args: run_in_process(monkeypatch, capsys, 'main_DM.py', *args, main=dm_main)
+
+
+def dm_main():
+    """main_DM.py's last line (its __main__ block)."""
+    return runs.condense(main_DM.DM, main_DM.configure(runs.setup(main_DM.parser().parse_args())))
+
+
+def method(iteration, interval=2000):
+    """A runs.Method whose iteration is `iteration(it, syn, real)`, evaluated every `interval` iterations."""
+    return type('Fn', (runs.Method,), dict(eval_interval=interval,
+                                           iteration=lambda self, it, syn, real: iteration(it, syn, real)))
 
 
 def files(folder):
@@ -105,13 +116,14 @@ def test_a_rerun_without_resume_never_deletes_an_unfinished_run(data, tmp_path, 
 
 
 def test_periodic_checkpoints_in_every_experiment(data, tmp_path, monkeypatch):
-    monkeypatch.setattr(utils, 'evaluate_models', lambda images, labels, pool, *a, **k: {m: [0.5] for m in pool})
+    monkeypatch.setattr(runs, 'evaluate_models', lambda images, labels, pool, *a, **k: {m: [0.5] for m in pool})
     saved = []
     save = runs.Checkpoints.save
-    monkeypatch.setattr(runs.Checkpoints, 'save', lambda self, exp, it, *a, **k: saved.append((exp, it)) or save(self, exp, it, *a, **k))
+    monkeypatch.setattr(runs.Checkpoints, 'save', lambda self, progress, state: saved.append((state['exp'], state['it']))
+                        or save(self, progress, state))
     args = dm_args(data, tmp_path / 'r', '--ipc', 1, '--Iteration', 7, '--num_exp', 3, '--eval_mode', 'M',
                    '--checkpoint_every', 3, '--dsa_strategy', 'none')
-    runs.condense(args, lambda it, syn, real, a: 0.0, eval_interval=2000)
+    runs.condense(method(lambda it, syn, real: 0.0), args)
     # every 3 iterations (3 done since the last checkpoint), and after each (final) evaluation
     assert saved == [(0, 3), (0, 6), (0, 7), (1, 3), (1, 6), (1, 7), (2, 3), (2, 6), (2, 7)]
 
@@ -119,15 +131,13 @@ def test_periodic_checkpoints_in_every_experiment(data, tmp_path, monkeypatch):
 @pytest.mark.e2e
 def test_a_stop_signal_is_not_mistaken_for_a_corrupt_checkpoint(finished, data, tmp_path, monkeypatch):
     res = shutil.copytree(finished, tmp_path / 'res')
-    args = dm_args(data, res, '--ipc', 1)
-    args.num_classes = 10
 
     def signal_arrives(*a, **k):
         raise Interrupted('stopped by SIGTERM', signal.SIGTERM)
 
     monkeypatch.setattr(torch, 'load', signal_arrives)
     with pytest.raises(Interrupted):  # not "warning: skipping ... corrupt"
-        runs.Checkpoints(args, {}).load('auto')
+        runs.Checkpoints(str(res / 'checkpoint_DM_MNIST_ConvNet_1ipc_'), {}, utils.Group(0, 1)).load('auto')
     with pytest.raises(Interrupted):
         load_pt(res / RES)
 
@@ -164,13 +174,21 @@ def test_sigterm_mid_iteration_stops_within_seconds_and_resume_reproduces_the_ru
 
 
 def test_only_our_own_temporaries_are_cleaned(tmp_path):
+    """Temporaries are `<name>.tmp-<host>-<pid>-<8 hex>`: only ours (our file names), of this host, of a dead
+    process are removed; a live process's, another host's (a shared file system) and anything else stay."""
     dead = 2 ** 22 + 12345  # beyond the pid range: no such process
+    host = utils._HOST
+    other = 'x' + host  # another machine sharing the folder (its pid means nothing here)
     ours = ['res_DM_MNIST_ConvNet_1ipc.pt', 'vis_DM_MNIST_ConvNet_1ipc_exp0_iter0.png', 'checkpoint_DM_x_0000000003.pt',
             'cl_DM_CIFAR100_ConvNet_20ipc_5steps_seed0.pt', 'cl_DM_MNIST_ConvNet_2ipc_2steps.json', 'res_x_eval.json',
             '.cache_32x32_3ch_abcdef.pt']
-    theirs = ['notes.tmp1', f'data.csv.tmp{dead}', f'my_res_file.txt.tmp{dead}', f'res_DM.pt.tmp{os.getpid()}',
-              f'experiment.pt.tmp{dead}', f'res_DM_x.pt.tmpx{dead}']
-    for name in [f'{n}.tmp{dead}' for n in ours] + theirs + ours:
+    theirs = ['notes.tmp1', f'data.csv.tmp-{host}-{dead}-0123abcd', f'my_res_file.txt.tmp-{host}-{dead}-0123abcd',
+              f'res_DM.pt.tmp-{host}-{os.getpid()}-0123abcd',  # a live process's
+              f'experiment.pt.tmp-{host}-{dead}-0123abcd', f'res_DM_x.pt.tmpx-{host}-{dead}-0123abcd',
+              f'res_DM_x.pt.tmp-{host}-{dead}-0123abcz', f'res_DM_x.pt.tmp-{host}-{dead}',
+              f'res_DM_x.pt.tmp{dead}'] + \
+             [f'{n}.tmp-{other}-{dead}-0123abcd' for n in ours]  # another host's: never removed
+    for name in [f'{n}.tmp-{host}-{dead}-0123abcd' for n in ours] + theirs + ours:
         (tmp_path / name).write_text('x')
     utils.remove_stale_temporaries(tmp_path)
     assert sorted(os.listdir(tmp_path)) == sorted(theirs + ours)
@@ -205,7 +223,7 @@ def test_sigint_in_process_is_caught_by_the_loop(data, tmp_path):
                    '--checkpoint_every', 1, '--dsa_strategy', 'none', '--num_eval', 1, '--epoch_eval_train', 1)
     seen = []
 
-    def iteration(it, syn, real, a):
+    def iteration(it, syn, real):
         with torch.no_grad():
             syn.images.add_(1.0)  # a partial update...
         seen.append(syn.images.detach().clone())
@@ -216,7 +234,7 @@ def test_sigint_in_process_is_caught_by_the_loop(data, tmp_path):
 
     t = time.time()
     with pytest.raises(Interrupted, match='SIGINT at iteration 2 of experiment 0'):
-        runs.condense(args, iteration, eval_interval=2000)
+        runs.condense(method(iteration), args)
     assert time.time() - t < 20
     state = load_pt(sorted(glob.glob(str(tmp_path / 'r' / 'checkpoint_*.pt')))[-1])
     assert state['it'] == 2 and torch.equal(state['images'], seen[1])  # not seen[2]: iteration 2 was abandoned
@@ -237,10 +255,10 @@ class FakeClock:
 def test_minutes_end_the_run_on_time_with_evaluations_at_0_half_and_the_end_and_resume_keeps_the_clock(
         data, tmp_path, monkeypatch):
     evaluated, crash = [], {'at': None}
-    monkeypatch.setattr(utils, 'evaluate_models',
-                        lambda images, labels, pool, a, t, keys, **k: evaluated.append(keys) or {m: [0.5] for m in pool})
+    monkeypatch.setattr(runs, 'evaluate_models',
+                        lambda images, labels, pool, a, t, d, keys, *r, **k: evaluated.append(keys) or {m: [0.5] for m in pool})
 
-    def train_iteration(it, syn, real, args):  # every iteration leaves its mark on the images
+    def train_iteration(it, syn, real):  # every iteration leaves its mark on the images
         if it == crash['at']:
             raise RuntimeError('crash')
         syn.images.data.add_(1.0)
@@ -250,7 +268,7 @@ def test_minutes_end_the_run_on_time_with_evaluations_at_0_half_and_the_end_and_
         monkeypatch.setattr(runs.time, 'perf_counter', FakeClock(10.0))
         args = dm_args(data, save_path, '--ipc', 1, '--Iteration', 100, '--num_exp', 1, '--minutes', 1, '--snapshots',
                        '--checkpoint_every', 1, '--dsa_strategy', 'none', *flags)
-        return runs.condense(args, train_iteration, eval_interval=2)
+        return runs.condense(method(train_iteration, 2), args)
 
     condense(tmp_path / 'whole')
     # 10 s per iteration: half the time (30 s) is past after 3 iterations, the minute after 6
@@ -278,10 +296,10 @@ def test_minutes_end_the_run_on_time_with_evaluations_at_0_half_and_the_end_and_
 
 
 def test_num_eval_0_with_snapshots_saves_the_sets_without_evaluating(data, tmp_path, monkeypatch):
-    monkeypatch.setattr(utils, 'evaluate_models', lambda *a, **k: pytest.fail('evaluated'))
+    monkeypatch.setattr(runs, 'evaluate_models', lambda *a, **k: pytest.fail('evaluated'))
     args = dm_args(data, tmp_path / 'r', '--ipc', 1, '--Iteration', 2, '--num_exp', 1, '--num_eval', 0, '--snapshots',
                    '--eval_mode', 'SS', '--dsa_strategy', 'none')
-    summary = runs.condense(args, lambda it, syn, real, a: 0.0, eval_interval=1)
+    summary = runs.condense(method(lambda it, syn, real: 0.0, 1), args)
     assert summary == {'ConvNet': dict(mean=None, std=None, n=0, accs=[])}
     assert sorted(f for f in os.listdir(tmp_path / 'r') if f.startswith('res_')) == [
         'res_DM_MNIST_ConvNet_1ipc.json', 'res_DM_MNIST_ConvNet_1ipc.pt', 'res_DM_MNIST_ConvNet_1ipc_exp0_iter0.pt',

@@ -5,7 +5,6 @@ import json
 import pytest
 import torch
 
-import main_DM
 from helpers import needs_fashion, run, run_in_process
 from utils import load_pt
 
@@ -41,8 +40,7 @@ def test_the_same_seed_gives_the_same_set_however_many_models_evaluate_it(data, 
              '--data_path', data]
     sets = []
     for num_eval, save_path in ((1, tmp_path / 'one'), (2, tmp_path / 'two')):
-        p = run_in_process(monkeypatch, capsys, 'main_DM.py', *flags, '--num_eval', num_eval, '--save_path', save_path,
-                           main=main_DM.main)
+        p = run_in_process(monkeypatch, capsys, 'main_DM.py', *flags, '--num_eval', num_eval, '--save_path', save_path)
         assert p.returncode == 0, p.stderr[-2000:]
         saved = load_pt(save_path / 'res_DM_MNIST_ConvNet_2ipc.pt')
         assert len(saved['accs_all_exps']['ConvNet']) == 2 * num_eval  # num_eval models per experiment

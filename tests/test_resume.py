@@ -40,7 +40,24 @@ def wait_for_checkpoint(proc, save_path, progress):
 @pytest.fixture
 def main_dm(monkeypatch, capsys):
     """main_DM.py's main run in this process (as run_script runs it): its exit status and output."""
-    return lambda *args: run_in_process(monkeypatch, capsys, 'main_DM.py', *args, main=main_DM.main)
+    return lambda *args: run_in_process(monkeypatch, capsys, 'main_DM.py', *args, main=dm_main)
+
+
+def dm_main():
+    """main_DM.py's last line (its __main__ block)."""
+    return runs.condense(main_DM.DM, main_DM.configure(runs.setup(main_DM.parser().parse_args())))
+
+
+def method(iteration, interval=2000, base=runs.Method):
+    """A method (a subclass of `base`) whose iteration is `iteration(it, syn, real, method)` (None: base's),
+    evaluated every `interval` iterations."""
+    members = dict(eval_interval=interval)
+    if iteration is not None:
+        members['iteration'] = lambda self, it, syn, real: iteration(it, syn, real, self)
+    return type('Fn', (base,), members)
+
+
+DM2 = method(None, 2, main_DM.DM)  # DM, evaluated every 2 iterations
 
 
 @pytest.mark.e2e
@@ -102,7 +119,7 @@ def small_args(data, save_path, *extra):
 
 
 def test_nan_in_the_images_stops_the_run_and_keeps_what_was_written(data, tmp_path):
-    def poisoned(it, syn, real, args):
+    def poisoned(it, syn, real, m):
         if it == 2:
             with torch.no_grad():
                 syn.images[0, 0, 0, 0] = float('nan')
@@ -110,7 +127,7 @@ def test_nan_in_the_images_stops_the_run_and_keeps_what_was_written(data, tmp_pa
 
     args = small_args(data, tmp_path, '--num_exp', '2')
     with pytest.raises(Diverged, match='iteration 2 of experiment 0') as e:
-        runs.condense(args, poisoned, eval_interval=2000)
+        runs.condense(method(poisoned), args)
     assert 'checkpoint_DM_MNIST_ConvNet_1ipc_0000000002.pt' in str(e.value)
     state = load_pt(tmp_path / 'checkpoint_DM_MNIST_ConvNet_1ipc_0000000002.pt')
     assert torch.isfinite(state['images']).all()  # the last good state, not overwritten by the NaN
@@ -186,21 +203,21 @@ def test_really_full_disk(tmp_path):
 @pytest.mark.e2e
 def test_a_stop_during_evaluation_cuts_it_short_and_resume_redoes_it(data, tmp_path, monkeypatch):
     whole = small_args(data, tmp_path / 'whole')
-    runs.condense(whole, main_DM.train_iteration, eval_interval=2)
+    runs.condense(DM2, whole)
     expected = load_result(tmp_path / 'whole' / 'res_DM_MNIST_ConvNet_1ipc.pt')['data'][0][0]
 
-    evaluate = utils.evaluate_models
+    evaluate = runs.evaluate_models
     # the second evaluation (iteration 2) is interrupted half way
-    monkeypatch.setattr(utils, 'evaluate_models', stopped_at_call(2, evaluate, []))
+    monkeypatch.setattr(runs, 'evaluate_models', stopped_at_call(2, evaluate, []))
     cut = small_args(data, tmp_path / 'cut')
     t = time.time()
     with pytest.raises(runs.Interrupted, match='SIGINT at iteration 2'):
-        runs.condense(cut, main_DM.train_iteration, eval_interval=2)
+        runs.condense(DM2, cut)
     assert time.time() - t < 50  # the evaluation did not run to its end
     state = load_pt(sorted(glob.glob(str(tmp_path / 'cut' / 'checkpoint_*.pt')))[-1])
     assert state['it'] == 2 and state['evaluated'] is False
-    monkeypatch.setattr(utils, 'evaluate_models', evaluate)
-    runs.condense(small_args(data, tmp_path / 'cut', '--resume', 'auto'), main_DM.train_iteration, eval_interval=2)
+    monkeypatch.setattr(runs, 'evaluate_models', evaluate)
+    runs.condense(DM2, small_args(data, tmp_path / 'cut', '--resume', 'auto'))
     assert torch.equal(load_result(tmp_path / 'cut' / 'res_DM_MNIST_ConvNet_1ipc.pt')['data'][0][0], expected)
 
 
@@ -210,56 +227,57 @@ def test_a_stopped_evaluation_continues_with_the_models_not_yet_trained(data, tm
     accuracies of the models already trained, and the resumed run trains only the others, with the same
     accuracies as an uninterrupted run."""
     three = ('--num_eval', '3', '--num_exp', '1')
-    runs.condense(small_args(data, tmp_path / 'whole', *three), main_DM.train_iteration, eval_interval=2)
+    runs.condense(DM2, small_args(data, tmp_path / 'whole', *three))
     whole = json.load(open(tmp_path / 'whole' / 'res_DM_MNIST_ConvNet_1ipc.json'))['history']
 
-    train = utils.evaluate_synset
+    train = utils.train_and_test  # (as utils.evaluate_models calls it: one model)
     calls = []  # models 1-3: iteration 0; 4-6: iteration 2, stopped in the third
-    monkeypatch.setattr(utils, 'evaluate_synset', stopped_at_call(6, train, calls))
+    monkeypatch.setattr(utils, 'train_and_test', stopped_at_call(6, train, calls))
     with pytest.raises(runs.Interrupted, match='SIGINT at iteration 2'):
-        runs.condense(small_args(data, tmp_path / 'cut', *three), main_DM.train_iteration, eval_interval=2)
+        runs.condense(DM2, small_args(data, tmp_path / 'cut', *three))
     state = load_pt(sorted(glob.glob(str(tmp_path / 'cut' / 'checkpoint_*.pt')))[-1])
     assert state['it'] == 2 and state['evaluated'] is False
     assert sorted(state['finished']) == [('ConvNet', (0,)), ('ConvNet', (1,))]
 
     calls.clear()
-    monkeypatch.setattr(utils, 'evaluate_synset', lambda *a, **k: calls.append(1) or train(*a, **k))
-    runs.condense(small_args(data, tmp_path / 'cut', *three, '--resume', 'auto'), main_DM.train_iteration, eval_interval=2)
+    monkeypatch.setattr(utils, 'train_and_test', lambda *a, **k: calls.append(1) or train(*a, **k))
+    runs.condense(DM2, small_args(data, tmp_path / 'cut', *three, '--resume', 'auto'))
     assert len(calls) == 1 + 3  # the third model of iteration 2, then the three of iteration 4
     cut = json.load(open(tmp_path / 'cut' / 'res_DM_MNIST_ConvNet_1ipc.json'))['history']
     assert [(h['it'], h['accs']) for h in cut] == [(h['it'], h['accs']) for h in whole]
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize('script,flags', [  # (DC: test_runs.py, a stop in the middle of an iteration; DM: above)
-    ('main', ['--method', 'DSA', '--dsa_strategy', 'crop_flip']),
-    ('distill', ['--query', '2', '--window', '2', '--max_outer', '3', '--max_inner', '2', '--eval_mode', 'SS']),
+@pytest.mark.parametrize('script,cls,flags', [  # (DC: test_runs.py, a stop in the middle of an iteration; DM: above)
+    ('main', 'GradientMatching', ['--method', 'DSA', '--dsa_strategy', 'crop_flip']),
+    ('distill', 'CAFE', ['--query', '2', '--window', '2', '--max_outer', '3', '--max_inner', '2', '--eval_mode', 'SS']),
 ])
-def test_every_method_resumes_bit_identically_after_a_crash(data, tmp_path, monkeypatch, script, flags):
+def test_every_method_resumes_bit_identically_after_a_crash(data, tmp_path, monkeypatch, script, cls, flags):
     module = __import__(script)
+    method_class = getattr(module, cls)
     args = ['--dataset', 'MNIST', '--model', 'ConvNetW32', '--ipc', '2', '--Iteration', '4', '--num_exp', '2', '--num_eval', '1',
             '--epoch_eval_train', '1', '--batch_real', '4', '--checkpoint_every', '1', '--data_path', str(data), *flags]
 
     def run_main(save_path, *extra):
         monkeypatch.setattr(sys, 'argv', [script, *args, '--save_path', str(save_path), *extra])
-        module.main()
+        runs.condense(method_class, module.configure(runs.setup(module.parser().parse_args())))
         return load_result(glob.glob(str(save_path / 'res_*.pt'))[0])
 
     whole = run_main(tmp_path / 'whole')
-    step = module.train_iteration
+    step = method_class.iteration
     calls = []
 
-    def crash_in_the_second_experiment(it, *a):
+    def crash_in_the_second_experiment(self, it, *a):
         calls.append(it)
         if len(calls) == 4 + 3 + 1:  # iteration 3 of experiment 1
             raise RuntimeError('crash')
-        return step(it, *a)
+        return step(self, it, *a)
 
-    monkeypatch.setattr(module, 'train_iteration', crash_in_the_second_experiment)
+    monkeypatch.setattr(method_class, 'iteration', crash_in_the_second_experiment)
     with pytest.raises(RuntimeError, match='crash'):
         run_main(tmp_path / 'cut')
     calls = []
-    monkeypatch.setattr(module, 'train_iteration', lambda it, *a: calls.append(it) or step(it, *a))
+    monkeypatch.setattr(method_class, 'iteration', lambda self, it, *a: calls.append(it) or step(self, it, *a))
     resumed = run_main(tmp_path / 'cut', '--resume', 'auto')
     assert calls == [3]  # only the iteration that crashed is done again
     assert len(resumed['data']) == len(whole['data']) == 2
@@ -284,9 +302,10 @@ def test_a_file_torch_did_not_write_or_a_truncated_one_is_named_as_such(tmp_path
 # What identifies a run: the flags (as the script resolved them) and the data, not every attribute
 # ----------------------------------------------------------------------------------------------------
 
-def pull(it, syn, real, args):
+def pull(it, syn, real, m):
     """A stand-in method: one step of the images towards the mean of a fresh draw of 2 real images per class."""
-    target = torch.stack([real.get_images(c, 2).mean(0) for c in range(args.num_classes)]).repeat_interleave(args.ipc, 0)
+    target = torch.stack([real.get_images(c, 2).mean(0)
+                          for c in range(m.data.num_classes)]).repeat_interleave(m.args.ipc, 0)
     loss = (syn.images - target).square().sum()
     syn.step(loss)
     return loss.item()
@@ -294,18 +313,17 @@ def pull(it, syn, real, args):
 
 def test_the_signature_is_the_flags_and_the_data(data, tmp_path):
     args = small_args(data, tmp_path)
-    runs.load_real(args)  # (records the identity of the data: data_id)
-    sig = runs.signature(args)
-    assert set(sig) == (set(args.flags) - runs.RESUMABLE) | {'data_id'}
+    _, _, data_info = runs.load_real(args)  # (the identity of the data: data_id)
+    sig = runs.signature(args, data_info)
+    assert set(sig) == (set(args.flags) - runs.NOT_AN_IDENTITY) | {'data_id'}
     assert sig['dsa_strategy'] == 'color_crop_cutout_scale_rotate' and sig['lr_img'] == 1.0  # as configure() resolved them
     assert 'dsa' not in sig and 'channel' not in sig and 'num_classes' not in sig  # derived, not flags
     args.something_new = 3  # a later version derives one more attribute from the flags
     args.num_classes = 11
-    assert runs.signature(args) == sig
-    assert runs.settings(args)['something_new'] == 3  # (the record's protocol still shows it)
+    assert runs.signature(args, data_info) == sig
+    assert runs.settings(args, data_info)['something_new'] == 3  # (the record's protocol still shows it)
     other = small_args(data, tmp_path / 'b', '--lr_img', 0.5, '--checkpoint_every', 2, '--device', 'cpu')
-    runs.load_real(other)
-    assert runs.differences(sig, runs.signature(other)) == '--lr_img 1.0 there, 0.5 here'  # resumable flags aside
+    assert runs.differences(sig, runs.signature(other, runs.load_real(other)[2])) == '--lr_img 1.0 there, 0.5 here'  # resumable flags aside
     # an older version's signature held more keys: only this version's are compared
     assert runs.differences({**sig, 'outer_loop': 7}, sig) == ''
     assert runs.differences({k: v for k, v in sig.items() if k != 'amp'}, sig) == '--amp None there, False here'
@@ -318,9 +336,9 @@ def test_the_signature_is_the_flags_and_the_data(data, tmp_path):
 def test_a_run_resumes_after_a_script_derives_another_attribute(data, tmp_path, monkeypatch):
     """Checkpoints and the record written before a new derived attribute (or by an older version, whose
     signature held more keys) are this run's: --resume continues them, to the uninterrupted result."""
-    monkeypatch.setattr(utils, 'evaluate_models', lambda images, labels, pool, *a, **k: {m: [0.5] for m in pool})
+    monkeypatch.setattr(runs, 'evaluate_models', lambda images, labels, pool, *a, **k: {m: [0.5] for m in pool})
     flags = ['--num_exp', 2, '--ipc', 2]
-    runs.condense(small_args(data, tmp_path / 'whole', *flags), pull, eval_interval=2000)
+    runs.condense(method(pull), small_args(data, tmp_path / 'whole', *flags))
     whole = load_result(tmp_path / 'whole' / 'res_DM_MNIST_ConvNet_2ipc.pt')['data']
     calls = []
 
@@ -332,7 +350,7 @@ def test_a_run_resumes_after_a_script_derives_another_attribute(data, tmp_path, 
 
     cut = tmp_path / 'cut'
     with pytest.raises(RuntimeError, match='crash'):
-        runs.condense(small_args(data, cut, *flags), crash_in_the_second_experiment, eval_interval=2000)
+        runs.condense(method(crash_in_the_second_experiment), small_args(data, cut, *flags))
     newest = sorted(glob.glob(str(cut / 'checkpoint_*.pt')))[-1]
     state = load_pt(newest)
     assert (state['exp'], state['it']) == (1, 2) and 'something_new' not in state['signature']
@@ -346,7 +364,7 @@ def test_a_run_resumes_after_a_script_derives_another_attribute(data, tmp_path, 
     args = small_args(data, cut, *flags, '--resume', 'auto')
     args.something_new = 3
     calls.clear()
-    runs.condense(args, lambda it, *a: calls.append(it) or pull(it, *a), eval_interval=2000)
+    runs.condense(method(lambda it, *a: calls.append(it) or pull(it, *a)), args)
     assert calls == [2, 3]  # continued where it stopped
     resumed = load_result(cut / 'res_DM_MNIST_ConvNet_2ipc.pt')['data']
     assert len(resumed) == len(whole) == 2 and all(torch.equal(a[0], b[0]) for a, b in zip(resumed, whole))

@@ -108,6 +108,30 @@ def zca_inverse(x, mean, T_inv, chunk=4096):
     return torch.cat(out).reshape(x.shape) if out else x.clone()
 
 
+def pixels01(images, mean, std):
+    """The [0,1] pixels of images that utils.get_dataset normalised with (mean, std) per channel: x * std + mean,
+    rounded to the 1/255 grid of the 8-bit pixels they were read from, i.e. exactly the authors' ToTensor() values."""
+    m = torch.tensor(mean, dtype=images.dtype, device=images.device).view(-1, 1, 1)
+    s = torch.tensor(std, dtype=images.dtype, device=images.device).view(-1, 1, 1)
+    return (images * s + m).mul_(255).round_().div_(255)
+
+
+def whiten_dataset(train_images, test_images, mean, std, eps=0.1):
+    """The authors' --zca data, in place of get_dataset's normalised tensors (changed in place, so that every
+    view of them, e.g. a test loader's, sees it): ZCA fitted on the whole training set of [0,1] pixels (no
+    mean/std normalisation), applied to the training and the test images. Returns (zca_mean, T, T_inv) for
+    zca_apply / zca_inverse. Deterministic given the data: anyone holding the same data (its data_id) refits
+    the same transform with whiten_dataset(train, test, mean, std, eps)."""
+    with torch.no_grad():
+        x = pixels01(train_images, mean, std)
+        z_mean, T, T_inv = zca_fit(x, eps)
+        train_images.copy_(zca_apply(x, z_mean, T))
+        del x
+        if test_images is not None and len(test_images):
+            test_images.copy_(zca_apply(pixels01(test_images, mean, std), z_mean, T))
+    return z_mean, T, T_inv
+
+
 # ----------------------------------------------------------------------------------------------------
 # One flat parameter vector (the authors' ReparamModule, without reparametrising the module)
 # ----------------------------------------------------------------------------------------------------
@@ -268,7 +292,7 @@ def tesla_grads(net, w0, w_target, images, labels, syn_lr, syn_steps, batch_syn=
 # ----------------------------------------------------------------------------------------------------
 
 def train_expert(net, images, labels, epochs, lr=0.01, batch=256, augment=None, generator=None, on_epoch=None,
-                 start_epoch=0, decay=False):
+                 start_epoch=0, decay=False, momentum=0.0, weight_decay=0.0, optimizer=None):
     """Train an expert as the authors' buffer.py: plain SGD (momentum 0, weight decay 0: their --mom and --l2
     defaults), cross-entropy, batches of `batch` from a fresh permutation every epoch (their DataLoader with
     shuffle=True; the last batch may be smaller), each batch through augment(x, generator) (their DiffAugment
@@ -279,13 +303,15 @@ def train_expert(net, images, labels, epochs, lr=0.01, batch=256, augment=None, 
     epoch. on_epoch(e, snapshot, net, generator) is called after epoch e (1-based count of epochs done): to test,
     log or save a resumable state. Resuming: the net's state_dict (parameters and buffers) and
     generator.get_state() after epoch k, then train_expert(..., start_epoch=k) with the same `epochs` continues
-    bit for bit (no optimiser state exists with momentum 0)."""
+    bit for bit (no optimiser state exists with momentum 0). momentum, weight_decay: their --mom and --l2 (one SGD
+    optimiser for the whole expert, as theirs); with momentum, pass `optimizer` (an SGD over net.parameters() whose
+    state the caller saves and restores) to resume bit for bit."""
     net.train()
     snapshots = [flat_params(net).cpu()]
-    params = list(net.parameters())
+    opt = optimizer or torch.optim.SGD(net.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     for e in range(start_epoch, epochs):
-        lr_e = lr * (0.1 if decay and e > epochs // 2 + 1 else 1.0)
-        opt = torch.optim.SGD(params, lr=lr_e, momentum=0, weight_decay=0)
+        for group in opt.param_groups:
+            group['lr'] = lr * (0.1 if decay and e > epochs // 2 + 1 else 1.0)
         for idx in torch.randperm(len(images), generator=generator).split(batch):
             x = images[idx]
             if augment is not None:

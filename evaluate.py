@@ -407,6 +407,8 @@ def configure(args):
         raise UsageError('argument --models: not allowed with argument --eval_mode')
     if args.resume not in ('none', 'auto'):
         raise UsageError(f'--resume takes no file here ({args.resume}): it continues the evaluation in <input>_eval.json')
+    if args.num_eval == 0:  # (the shared flag allows 0 for condensation with --snapshots; an evaluation needs a model)
+        raise UsageError('--num_eval must be at least 1, got 0')
     args.device, _ = init_distributed(pick_device(args.device))
     if args.dsa_strategy is not None:
         check_strategy(args.dsa_strategy)

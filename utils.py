@@ -1061,6 +1061,8 @@ def evaluate_models(images, labels, model_pool, args, testloader, data, seed_key
                 _, _, acc, curve = train_and_test(numbers[0], net, images.detach(), labels, testloader, a)
                 result, curve = [acc], [curve]
             mine[model_eval, tuple(numbers)] = curve
+            if curves is not None and getattr(args, 'test_every', 0):  # (filled in as `finished`: a stop keeps them)
+                curves[model_eval, tuple(numbers)] = curve
             finished[model_eval, tuple(numbers)] = result
             if on_finish:
                 on_finish()

@@ -14,7 +14,7 @@ import evaluate
 import utils
 from helpers import (assert_one_line_error, needs_fashion, patterns, run, run_in_process, stopped_at_call, write_mnist,
                      write_patterns)
-from runs import summarise
+from runs import Record, settings, signature
 from utils import default_strategy, get_dataset
 
 FAST = ['--epoch_eval_train', 2, '--num_eval', 1]
@@ -140,10 +140,10 @@ def test_a_papers_file_with_numpy_scalars_every_experiment_and_the_same_seed(tmp
 
 @pytest.mark.e2e
 def test_our_result_file_takes_its_settings_from_the_record_beside_it(tmp_path, data):
-    """A record as runs.summarise writes it; the file name (renamed) says nothing."""
+    """A record as runs.Record writes it; the file name (renamed) says nothing."""
     made = argparse.Namespace(method='DM', dataset='MNIST', model='ConvNetD1', ipc=2, num_exp=1, save_path=str(tmp_path),
                               dsa=True, dsa_strategy='crop', epoch_eval_noaug=300, Iteration=3, im_size=(28, 28))
-    summarise(made, {'ConvNetD1': [0.25]})
+    Record(made, settings(made), signature(made)).finish({'ConvNetD1': [0.25]})
     papers_file(tmp_path / 'res_DM_MNIST_ConvNetD1_2ipc.pt', n_exp=1)
     for ext in ('pt', 'json'):
         os.rename(tmp_path / f'res_DM_MNIST_ConvNetD1_2ipc.{ext}', tmp_path / f'res_mine.{ext}')
@@ -228,10 +228,10 @@ def test_a_stopped_evaluation_continues_with_resume_and_gives_the_uninterrupted_
     assert evaluate_in_process(path, *flags, '--save_path', tmp_path / 'whole').returncode == 0
     whole = report_of(tmp_path / 'whole' / 'res_DSA_MNIST_ConvNet_2ipc_eval.json')
 
-    train = utils.evaluate_synset
+    train = utils.train_and_test
     out = tmp_path / 'cut' / 'res_DSA_MNIST_ConvNet_2ipc_eval.json'
     # stopped in the second model of the second experiment's set: its first model is done
-    monkeypatch.setattr(utils, 'evaluate_synset', stopped_at_call(6, train, []))
+    monkeypatch.setattr(utils, 'train_and_test', stopped_at_call(6, train, []))
     p = evaluate_in_process(path, *flags, '--save_path', out.parent)
     assert p.returncode == 130 and f'the 5 model(s) finished are in {out}; continue with --resume' in p.stderr, p.stderr
     cut = report_of(out)
@@ -240,7 +240,7 @@ def test_a_stopped_evaluation_continues_with_resume_and_gives_the_uninterrupted_
         [('random', 0, 0), ('random', 0, 1), ('synthetic', 0, 0), ('synthetic', 0, 1), ('synthetic', 1, 0)]
 
     calls = []
-    monkeypatch.setattr(utils, 'evaluate_synset', stopped_at_call(0, train, calls))  # counts, never stops
+    monkeypatch.setattr(utils, 'train_and_test', stopped_at_call(0, train, calls))  # counts, never stops
     p = evaluate_in_process(path, *flags, '--save_path', out.parent, '--resume')
     assert p.returncode == 0, p.stderr
     assert len(calls) == 3  # the set's second model of experiment 1 and its 2 random-image models
@@ -285,7 +285,7 @@ def test_test_every_records_accuracy_against_epochs_and_leaves_the_models_as_the
     assert 'ConvNet, accuracy against epochs (mean over 2 models): 2: ' in p.stdout
     if not together:  # stopped in the second model and resumed: the curves of one uninterrupted run
         out = tmp_path / 'cut' / 'res_DSA_MNIST_ConvNet_2ipc_eval.json'
-        monkeypatch.setattr(utils, 'evaluate_synset', stopped_at_call(2, utils.evaluate_synset, []))
+        monkeypatch.setattr(utils, 'train_and_test', stopped_at_call(2, utils.train_and_test, []))
         assert evaluate_in_process(path, *flags, '--test_every', 2, '--save_path', out.parent).returncode == 130
         monkeypatch.undo()
         assert evaluate_in_process(path, *flags, '--test_every', 2, '--save_path', out.parent, '--resume').returncode == 0
@@ -298,7 +298,7 @@ def test_a_killed_evaluation_keeps_every_model_it_finished(tmp_path, data, monke
     path = tmp_path / 'res_DSA_MNIST_ConvNet_2ipc.pt'
     papers_file(path)
     flags = ['--epoch_eval_train', 2, '--num_eval', 2, '--data_path', data, '--save_path', tmp_path / 'out']
-    train, calls = utils.evaluate_synset, []
+    train, calls = utils.train_and_test, []
 
     class Killed(Exception):
         pass
@@ -309,13 +309,13 @@ def test_a_killed_evaluation_keeps_every_model_it_finished(tmp_path, data, monke
             raise Killed
         return train(*a, **k)
 
-    monkeypatch.setattr(utils, 'evaluate_synset', killed_at_the_fourth)
+    monkeypatch.setattr(utils, 'train_and_test', killed_at_the_fourth)
     with pytest.raises(Killed):
         run_in_process(monkeypatch, capsys, 'evaluate.py', path, *flags, main=evaluate.main)
     saved = report_of(tmp_path / 'out' / 'res_DSA_MNIST_ConvNet_2ipc_eval.json')
     assert sorted((d['exp'], d['numbers'][0]) for d in saved['done']) == [(0, 0), (0, 1), (1, 0)]
     calls.clear()
-    monkeypatch.setattr(utils, 'evaluate_synset', stopped_at_call(0, train, calls))
+    monkeypatch.setattr(utils, 'train_and_test', stopped_at_call(0, train, calls))
     p = run_in_process(monkeypatch, capsys, 'evaluate.py', path, *flags, '--resume', main=evaluate.main)
     assert p.returncode == 0 and len(calls) == 1, p.stderr  # only the model that was in training
 
@@ -375,12 +375,12 @@ BAD = [  # (arguments, a part of the expected message)
     (['{tmp}/res_odd.pt'], "unknown dataset 'CIFAR11' (from the record"),
     (['{tmp}/res_DM_MNIST_ConvNetX_2ipc.pt'], "unknown model 'ConvNetX' (from the file name)"),
     ([GOOD, '--num_eval', '0'], '--num_eval must be at least 1'),
-    ([GOOD, '--num_eval', 'two'], 'invalid int'),
-    ([GOOD, '--epoch_eval_train', '0'], '--epoch_eval_train must be at least 1'),
-    ([GOOD, '--batch_train', '0'], '--batch_train must be at least 1'),
-    ([GOOD, '--lr_net', '-1'], '--lr_net must be a positive number'),
-    ([GOOD, '--lr_net', 'nan'], '--lr_net must be a positive number'),
-    ([GOOD, '--seed', '-1'], '--seed must be at least 0'),
+    ([GOOD, '--num_eval', 'two'], "argument --num_eval: 'two' is not a whole number"),
+    ([GOOD, '--epoch_eval_train', '0'], 'argument --epoch_eval_train: must be at least 1, got 0'),
+    ([GOOD, '--batch_train', '0'], 'argument --batch_train: must be at least 1, got 0'),
+    ([GOOD, '--lr_net', '-1'], 'argument --lr_net: must be a positive number, got -1'),
+    ([GOOD, '--lr_net', 'nan'], 'argument --lr_net: must be a positive number, got nan'),
+    ([GOOD, '--seed', '-1'], 'argument --seed: must be at least 0, got -1'),
     ([GOOD, '--dsa_strategy', 'color_blur'], "unknown augmentation 'blur'"),
     ([GOOD, '--method', 'KIP'], "invalid choice: 'KIP'"),
     ([GOOD, '--eval_mode', 'Q'], "invalid choice: 'Q'"),

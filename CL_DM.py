@@ -111,11 +111,11 @@ def load_memories(path, record, steps, args, data):
         if args.overwrite and differences(theirs, record):
             return [], 0
         check_record(path, theirs, record, 'was built with other settings', '--overwrite to build the memories again')
-    data = saved['data']
-    for k, (images, labels) in enumerate(data[:len(steps)]):
+    stored = saved['data']
+    for k, (images, labels) in enumerate(stored[:len(steps)]):
         if sorted(set(labels.tolist())) != sorted(steps[k]) or images.shape[1:] != (data.channel, *data.im_size):
             raise UsageError(f'{path}: step {k} holds other classes or image shapes than this run')
-    return data, theirs.get('released_steps', 0) if theirs else len(data)
+    return stored, theirs.get('released_steps', 0) if theirs else len(stored)
 
 
 def memories(seed, steps, real, args, data, record):

@@ -5,6 +5,7 @@ import argparse
 import pytest
 import torch
 
+import together as batched
 import utils
 from helpers import separable
 from utils import DataInfo, ParamDiffAug, TensorDataset, evaluate_synset, get_eval_pool, get_network, tensor_loader
@@ -76,7 +77,7 @@ def test_models_trained_together_learn_each_on_its_own_stream(monkeypatch):
     together = utils.evaluate_models(x, y, ['ConvNetW32'], a, loader, data)['ConvNetW32']
     assert len(together) == 3 and min(together) > 0.8
     assert utils.evaluate_models(x, y, ['ConvNetW32'], a, loader, data)['ConvNetW32'] == together  # seeded
-    monkeypatch.setattr(utils, 'TEST_ONE_BY_ONE', ())  # the test pass through vmap (as on a GPU): the same accuracies
+    monkeypatch.setattr(batched, "TEST_ONE_BY_ONE", ())  # the test pass through vmap (as on a GPU): the same accuracies
     assert utils.evaluate_models(x, y, ['ConvNetW32'], a, loader, data)['ConvNetW32'] == together
     monkeypatch.undo()
     a.amp = True  # bfloat16 (autocast does not reach inside vmap: the models run on bfloat16 copies)

@@ -11,7 +11,7 @@ from collections import deque
 import torch
 import torch.nn.functional as F
 
-from runs import STRATEGY_RULE, Method, condense, get_parser, natural, positive, resolve_dsa, run_script, setup
+from runs import STRATEGY_RULE, Method, condense, get_parser, positive, resolve_dsa, run_script, setup
 from utils import (UsageError, all_reduce, broadcast_shards, correct, exact_sum, get_network, has_batchnorm,
                    run_epoch, shard, siamese_augment, tensor_loader)
 

@@ -10,7 +10,7 @@ epochs on the synthetic set.
 import torch
 
 from runs import STRATEGY_RULE, Method, condense, get_parser, positive, refuse, resolve_dsa, run_script, setup
-from utils import (CORESETS, FORGETTING, HERDING, UsageError, batchnorm_layers, class_gradients, get_loops, has_batchnorm,
+from utils import (CORESETS, FORGETTING, HERDING, batchnorm_layers, class_gradients, get_loops, has_batchnorm,
                    match_loss, run_epoch, select_coreset, siamese_augment, tensor_loader)
 
 BN_IMAGES_PER_CLASS = 16

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from utils import Group, augmented, generator, get_network, get_time, say, set_seed, test_epochs
+from utils import Group, augmented, generator, get_network, get_time, say, set_seed, test_epochs, untouched_rng
 
 # device types on which the models' test passes run one by one, not through vmap, whose grouped convolutions are
 # slower there (same logits; docs/speed.md)

@@ -359,9 +359,8 @@ def _load_tree(root, im_size, channel):
 
 
 def get_dataset(dataset, data_path, im_size=None, device='cpu'):
-    """Load a dataset as normalised tensors.
-
-    Returns (channel, im_size, num_classes, class_names, mean, std, dst_train, dst_test, testloader),
+    """Load a dataset as normalised tensors. Returns (channel, im_size, num_classes, class_names, mean, std,
+    dst_train, dst_test, testloader),
     as in the papers' code. Named datasets are read from torchvision's on-disk layout in `data_path`
     (downloaded there when the network allows), or from an image-folder tree `data_path/<name>/train|test/
     <class>/*`, keeping the dataset's constants. `dataset='ImageFolder'` reads the tree `data_path/train|test`
@@ -954,11 +953,10 @@ EVAL_GROUP = 10  # --eval_together: at most this many models of an architecture 
 
 def evaluate_models(images, labels, model_pool, args, testloader, data, seed_keys=(), noaug_epochs=300, group=None,
                     finished=None, on_finish=None, curves=None):
-    """Evaluate a synthetic set on num_eval fresh models of every architecture in model_pool, with the
-    settings of evaluation_args. Every model trains on a random stream of its own, seeded by (--seed,
-    seed_keys, architecture, number), so evaluating never changes the condensation and each accuracy is the
-    same wherever it is computed: the models are shared out among the processes of `group` (default: the
-    job's; Group() keeps them all here) and their accuracies gathered.
+    """Evaluate a synthetic set on num_eval fresh models of every architecture in model_pool (evaluation_args).
+    Each model trains on a random stream seeded by (--seed, seed_keys, architecture, number), so evaluating never
+    changes the condensation and an accuracy is the same wherever it is computed: the models are shared out among
+    the processes of `group` (default: the job's; Group() keeps them all here) and their accuracies gathered.
     `finished` (a dict, filled in as models finish: (architecture, numbers) -> accuracies) lets a stopped
     evaluation continue: the models already in it are not trained again. On return it holds them all.
     `on_finish()` is called after every model this process trains (e.g. to save `finished`).

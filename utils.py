@@ -1483,10 +1483,9 @@ class SynSet:
 
 
 def expand(images, labels, factor=2):
-    """IDM's storage-equal "factor" sets: each stored image is a factor x factor mosaic of smaller images;
-    every tile, upsampled (bilinear) to the full size, becomes a training image with the stored image's
-    label. Tiles are ordered tile-major, column by column (factor 2: top-left, bottom-left, top-right,
-    bottom-right of every image), as in the IDM authors' code. factor 1: the set as it is. (labels may be None.)"""
+    """IDM's storage-equal "factor" sets: every tile of each stored factor x factor mosaic, upsampled (bilinear) to
+    the full size, is a training image with the stored image's label; tile-major, column by column (factor 2:
+    top-left, bottom-left, top-right, bottom-right of every image), as the IDM authors' code. (labels may be None.)"""
     if factor == 1:
         return images, labels
     H, W = images.shape[-2:]

@@ -124,8 +124,9 @@ def make_expert(i, args, train, test, data, record, folder, group):
                                      generator=generator.get_state(), snapshots=torch.stack(done)))
 
     augment = (lambda x, g: DiffAugment(x, args.dsa_strategy, generator=g)) if args.dsa else None
-    snapshots = T.train_expert(net, train.images, train.labels, args.train_epochs, args.lr_teacher, args.batch_train,
-                               augment, gen, on_epoch, start_epoch=start, decay=args.decay, optimizer=opt)
+    snapshots = T.train_expert(net, train.images, train.labels, args.train_epochs, lr=args.lr_teacher,
+                               batch=args.batch_train, augment=augment, generator=gen, on_epoch=on_epoch,
+                               start_epoch=start, decay=args.decay, optimizer=opt)
     assert len(done) == len(snapshots) + start == args.train_epochs + 1
     acc = test_accuracy(net, test)
     atomic_save({'record': dict(record, expert=i, test_acc=acc), 'trajectory': torch.stack(done)}, expert_path(folder, i))

@@ -19,7 +19,6 @@ Until the harness has the hooks for it (see the report in docs/mtt.md), this scr
 runs.condense (`condense` below): the same loop, with the data whitened after loading and an Experiment that
 evaluates with the learned rate and saves it.
 """
-import contextlib
 import hashlib
 import math
 import os
@@ -103,7 +102,7 @@ class MTT(Method):
             if not self.negative:
                 say(f'note: the learned step size became negative ({lr:.3g}) at iteration {it}; kept, as the authors do')
             self.negative += 1
-        return dict(loss=float(loss), syn_lr=lr, negative_lr=float(lr < 0))
+        return dict(loss=loss.item(), syn_lr=lr, negative_lr=float(lr < 0))
 
     def learned_lr(self):
         return self.syn_lr.item()
@@ -132,8 +131,11 @@ def load_experts(args, data, net):
     theirs = sorted((f for f in os.listdir(folder) if f.startswith('replay_buffer_') and f.endswith('.pt')),
                     key=lambda f: (len(f), f)) if os.path.isdir(folder) else []
     if not ours and not theirs:
+        other = buffer_folder(args.buffer_path, args.dataset, args.model, not args.zca)
+        hint = (f' ({other} holds experts {"without" if args.zca else "with"} ZCA: '
+                f'{"--no-zca" if args.zca else "--zca"} uses them)' if os.path.isdir(other) and os.listdir(other) else '')
         raise UsageError(f'no experts in {folder}: make them with python buffer.py --dataset {args.dataset} --model '
-                         f'{args.model}{" --zca" if args.zca else ""} --buffer_path {args.buffer_path}')
+                         f'{args.model}{" --zca" if args.zca else ""} --buffer_path {args.buffer_path}{hint}')
     shapes = [list(p.shape) for p in net.parameters()]
     want = dict(dataset=args.dataset, data_id=data.data_id, model=args.model, zca=bool(args.zca), param_shapes=shapes)
     experts, h, epochs = [], hashlib.sha1(), None

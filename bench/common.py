@@ -5,7 +5,7 @@ the JSON lines they print and read.
 A benchmark imports this module from bench/ (its own folder, first on sys.path when it runs as a script);
 the project's scripts and utils are imported from ROOT, or from another checkout put first on sys.path
 with `use_code` (bench/speed.py cafe --baseline). Such a checkout must have runs.py and the scripts'
-configure() (commit 03ae916 on).
+configure() and the method classes of the harness redesign (commit ea91562 on).
 """
 import importlib
 import json
@@ -117,17 +117,46 @@ def script_args(script, dataset, ipc, a, *flags):
     return script.configure(runs.setup(script.parser().parse_args(argv)))
 
 
+# each script's method class (main.py: gradient matching, or the coresets for their --method)
+METHODS = {'main': 'GradientMatching', 'main_DM': 'DM', 'distill': 'CAFE', 'main_IDM': 'IDM'}
+
+
+def method_class(script, args):
+    """The method class `script` condenses with for `args` (as its __main__ block picks it)."""
+    module = script_module(script)
+    name = module.__name__
+    if name == 'main' and args.method in getattr(module, 'CORESETS', ()):
+        return module.Coreset
+    return getattr(module, METHODS[name])
+
+
+def condense(script, argv):
+    """A whole run of our `script` for the command line `argv`, as its __main__ block runs it (without
+    run_script's exit): its parser, runs.setup, its configure(), runs.condense with its method class."""
+    import runs
+    script = script_module(script)
+    args = script.configure(runs.setup(script.parser().parse_args(argv)))
+    return runs.condense(method_class(script, args), args)
+
+
 def setup(dataset, ipc, a, *flags, script=None):
-    """What a condensation run of `script` (main, main_DM or distill, as a module or a name; default main.py)
-    starts its first experiment with: its args (see script_args), the real images by class, the test loader,
-    and the synthetic set from the random streams of (--seed, 0); under torchrun, holding this process's
-    share of the classes."""
+    """What a condensation run of `script` (main, main_DM, distill or main_IDM, as a module or a name; default
+    main.py) starts its first experiment with: its args (see script_args), frozen as runs.condense freezes them,
+    the real images by class, the test loader, the data's DataInfo, the method (the script's method class built
+    with them) and the synthetic set from the random streams of (--seed, 0); under torchrun, holding this
+    process's share of the classes (every class for a joint-BatchNorm method on a BatchNorm model, as runs.Run
+    does)."""
     import runs
     import utils
-    args = script_args(script or 'main', dataset, ipc, a, *flags)
-    real, testloader = runs.load_real(args)
-    syn = runs.new_synset(real, args, (args.seed, 0), classes=utils.shard(args.num_classes))
-    return args, real, testloader, syn
+    script = script_module(script or 'main')
+    args = runs.Flags.freeze(script_args(script, dataset, ipc, a, *flags))
+    real, testloader, data = runs.load_real(args)
+    method = method_class(script, args)(args, data)
+    joint = method.joint_batchnorm and utils.has_batchnorm(
+        utils.get_network(args.model, data.channel, 2, data.im_size, 'cpu'))
+    classes = None if joint else utils.shard(data.num_classes)
+    syn = runs.new_synset(real, method, (args.seed, 0), classes=classes)
+    return args, real, testloader, data, method, syn
 
 
 def test_batches(testloader, n=None):

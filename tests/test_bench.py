@@ -49,13 +49,19 @@ def bench(script, *args, save_path):
 
 def test_setup_resolves_the_flags_with_each_scripts_own_configure(tiny_data, tmp_path):
     a = Namespace(data_path=str(tiny_data), save_path=str(tmp_path), script_flags='--seed 3')
-    args, real, testloader, syn = common.setup('MNIST', 10, a, '--method', 'DSA')  # main.py by default
+    args, real, testloader, data, method, syn = common.setup('MNIST', 10, a, '--method', 'DSA')  # main.py by default
     assert args.dsa and 'flip' not in args.dsa_strategy  # the digits' strategy, as main.py's configure picks it
-    assert (args.outer_loop, args.inner_loop) == (10, 50) and args.seed == 3  # the papers' loops; --script_flags
+    assert type(method).__name__ == 'GradientMatching' and method.args is args and method.data is data
+    assert (method.outer_loop, method.inner_loop) == (10, 50) and args.seed == 3  # the papers' loops; --script_flags
+    with pytest.raises(AttributeError, match='frozen'):  # frozen, as runs.condense freezes them
+        args.ipc = 1
+    assert data.num_classes == 10 and data.channel == 1 and data.im_size == (28, 28)
     assert syn.images.shape == (100, 1, 28, 28) and syn.classes == list(range(10)) and len(real.indices_class) == 10
     assert common.script_args('main_DM', 'MNIST', 10, a).lr_img == 1.0  # main_DM.py's rule
     cafe = common.script_args('distill.py', 'MNIST', 1, a, '--Iteration', '100')
-    assert cafe.method == 'CAFE' and cafe.layer_weights == [0.1, 0.1, 1.0, 1.0] and cafe.milestones == [60, 80, 90]
+    assert cafe.method == 'CAFE' and cafe.layer_weights == [0.1, 0.1, 1.0, 1.0]
+    import distill
+    assert distill.CAFE(cafe, data).milestones == [60, 80, 90]
 
 
 def changed(a, **kw):

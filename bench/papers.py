@@ -231,7 +231,10 @@ def worker(a):
     script = common.script_module(a.script)
     sys.argv = [a.script, *shlex.split(a.flags)]
     t = time.perf_counter()
-    script.main()
+    if a.side == 'papers':
+        script.main()
+    else:  # (our scripts' __main__ block: their parser, setup, configure and runs.condense with their method)
+        common.condense(script, sys.argv[1:])
     common.emit({'seconds': time.perf_counter() - t, 'rates': rates})
 
 
@@ -240,12 +243,11 @@ def count_flops(script, flags, ipc, dataset, a):
     from torch.utils.flop_counter import FlopCounterMode
     import runs
     common.use_code()
-    args, real, _, syn = common.setup(dataset, ipc, a, *flags, '--save_path', os.path.join(a.save_path, 'flops'),
-                                  script=script)
-    module = common.script_module(script)
-    carried = (module.method_state(real, args),) if getattr(module, 'method_state', None) else ()  # (IDM's queue)
+    args, real, _, _, method, syn = common.setup(dataset, ipc, a, *flags, '--save_path',
+                                                 os.path.join(a.save_path, 'flops'), script=script)
+    method.start(real)  # (IDM's queue of models)
     with FlopCounterMode(display=False) as counter:
-        runs.step(module.train_iteration, 0, syn, real, args, (args.seed, 0), *carried)
+        runs.step(method, 0, syn, real, (args.seed, 0))
     return counter.get_total_flops()
 
 

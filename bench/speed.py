@@ -20,12 +20,11 @@ cafe: one CAFE iteration (ipc 1) with the dynamic loops held at --outer outer st
 epochs after each (lambda_1 0 and lambda_2 1 never stop them early), so float32 and bfloat16 do the same
 work; reported with the number of queries and the seconds per query. `--baseline <checkout>` first runs
 the same float32 iteration with another checkout's distill.py, runs.py and utils.py (e.g. a `git worktree`
-of the commit before a change; from commit 03ae916 on, which has runs.py), in a fresh process of the same
-run, and states every row's speed relative to it.
+of the commit before a change; from commit ea91562 on, whose harness has the method classes), in a fresh
+process of the same run, and states every row's speed relative to it.
 Every row also gives this machine's float32 and bfloat16 matrix rates, measured just before it.
 """
 import argparse
-import copy
 import os
 import sys
 import time
@@ -40,16 +39,15 @@ import runs  # noqa: E402
 import utils  # noqa: E402
 
 
-def evaluation_flops(syn, args, test):
+def evaluation_flops(syn, args, test, data):
     """Floating-point operations of evaluating one model (training for args.epoch_eval_train epochs, then the
     test pass), counted with torch.utils.flop_counter: runs of 1 and 2 epochs give the test pass and an epoch."""
     from torch.utils.flop_counter import FlopCounterMode
     counts = []
     for epochs in (1, 2):
-        one = copy.copy(args)
-        one.epoch_eval_train, one.num_eval, one.eval_together = epochs, 1, False
+        one = args.replace(epoch_eval_train=epochs, num_eval=1, eval_together=False)
         with FlopCounterMode(display=False) as counter:
-            utils.evaluate_models(syn.images, syn.labels, ['ConvNet'], one, test)
+            utils.evaluate_models(syn.images, syn.labels, ['ConvNet'], one, test, data)
         counts.append(counter.get_total_flops())
     return counts[0] + (counts[1] - counts[0]) * (args.epoch_eval_train - 1)
 
@@ -59,27 +57,27 @@ def precisions(a):
     return (False,) if a.float32_only else (False, True)
 
 
-def seconds_per_model(syn, args, test, num_eval, together, a):
+def seconds_per_model(syn, args, test, data, num_eval, together, a):
     """Seconds per model of evaluating `num_eval` ConvNets (trained together or one at a time), and the
     matrix rates measured just before."""
-    args.num_eval, args.eval_together = num_eval, together
+    args = args.replace(num_eval=num_eval, eval_together=together)
     rates = common.matrix_rates(a.matrix_size)
     t = time.perf_counter()
-    utils.evaluate_models(syn.images, syn.labels, ['ConvNet'], args, test)
+    utils.evaluate_models(syn.images, syn.labels, ['ConvNet'], args, test, data)
     return (time.perf_counter() - t) / num_eval, rates
 
 
 def evaluation(dataset, a):
     for ipc in a.ipcs:
         for amp in precisions(a):
-            args, real, testloader, syn = common.setup(dataset, ipc, a, '--method', 'DSA', '--init', 'real',
-                                                       *(['--amp'] if amp else []))
+            args, real, testloader, data, _, syn = common.setup(dataset, ipc, a, '--method', 'DSA', '--init', 'real',
+                                                                *(['--amp'] if amp else []))
             test = common.test_batches(testloader, a.test_images)
-            args.epoch_eval_train = max(1, a.epochs_per_ipc // ipc) if a.epochs_per_ipc else a.epochs
-            gflop = evaluation_flops(syn, args, test) / 1e9
-            alone, rates_alone = seconds_per_model(syn, args, test, a.alone, False, a)
+            args = args.replace(epoch_eval_train=max(1, a.epochs_per_ipc // ipc) if a.epochs_per_ipc else a.epochs)
+            gflop = evaluation_flops(syn, args, test, data) / 1e9
+            alone, rates_alone = seconds_per_model(syn, args, test, data, a.alone, False, a)
             for num_eval in a.num_evals:
-                together, rates = seconds_per_model(syn, args, test, num_eval, True, a)
+                together, rates = seconds_per_model(syn, args, test, data, num_eval, True, a)
                 # each against the rates measured just before it
                 was, now = common.fractions(gflop, alone, rates_alone), common.fractions(gflop, together, rates)
                 common.emit(dict(dataset=dataset, what=f'evaluation, ipc {ipc}, num_eval {num_eval}', amp=amp,
@@ -93,18 +91,17 @@ def evaluation(dataset, a):
 
 def dm(dataset, a):
     import main_DM
-    args, real, _, syn = common.setup(dataset, 10, a, script=main_DM)
-    runs_of = {False: (args, syn)}
-    if not a.float32_only:
-        amp_args = copy.copy(args)
-        amp_args.amp = True  # the same real images (and draws) for both; a synthetic set of its own
-        runs_of[True] = amp_args, runs.new_synset(real, amp_args, (args.seed, 0), classes=syn.classes)
+    args, real, _, data, method, syn = common.setup(dataset, 10, a, script=main_DM)
+    runs_of = {False: (method, syn)}
+    if not a.float32_only:  # the same real images (and draws) for both; a synthetic set of its own
+        amp_method = main_DM.DM(args.replace(amp=True), data)
+        runs_of[True] = amp_method, runs.new_synset(real, amp_method, (args.seed, 0), classes=syn.classes)
     times = {amp: [] for amp in runs_of}
     rates = common.matrix_rates(a.matrix_size)
     for it in range(a.repeats + 1):
-        for amp, (run_args, run_syn) in runs_of.items():
+        for amp, (run_method, run_syn) in runs_of.items():
             t = time.perf_counter()
-            runs.step(main_DM.train_iteration, it, run_syn, real, run_args, (args.seed, 0))
+            runs.step(run_method, it, run_syn, real, (args.seed, 0))
             if it:  # the first of each is a warm-up
                 times[amp].append(time.perf_counter() - t)
     median = {amp: sorted(t)[len(t) // 2] for amp, t in times.items()}
@@ -126,8 +123,9 @@ def cafe(dataset, a):
         base = row['seconds']
         common.emit(dict(row, code=a.baseline, speedup=1.0))
     for amp in precisions(a):
-        args, real, _, syn = common.setup(dataset, 1, a, '--lambda_1', '0', '--lambda_2', '1', '--max_outer', str(a.outer),
-                                          '--max_inner', str(a.inner), *(['--amp'] if amp else []), script=distill)
+        args, real, _, _, method, syn = common.setup(dataset, 1, a, '--lambda_1', '0', '--lambda_2', '1',
+                                                     '--max_outer', str(a.outer), '--max_inner', str(a.inner),
+                                                     *(['--amp'] if amp else []), script=distill)
         queries = []
         query = distill.query_accuracy
 
@@ -141,7 +139,7 @@ def cafe(dataset, a):
         rates = common.matrix_rates(a.matrix_size)
         t = time.perf_counter()
         try:
-            stats = runs.step(distill.train_iteration, 0, syn, real, args, (args.seed, 0))
+            stats = runs.step(method, 0, syn, real, (args.seed, 0))
         finally:
             distill.query_accuracy = query
         seconds = time.perf_counter() - t

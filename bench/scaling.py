@@ -30,20 +30,21 @@ def worker(a):
     import runs
     import utils
     script, ipc, flags, *_ = WHAT[a.what]
-    args, real, _, syn = common.setup(a.dataset, ipc, a, *flags, script=script)
-    train_iteration = common.script_module(script).train_iteration
+    args, real, _, _, method, syn = common.setup(a.dataset, ipc, a, *flags, script=script)
+    method.start(real)
+    group = utils.Group.current()
     times, sent = [], []
     for it in range(a.warmup + a.iterations):
         utils.COMMUNICATED[0] = 0
-        if utils.WORLD > 1:
+        if group.world > 1:
             torch.distributed.barrier()
         t = time.perf_counter()
-        runs.step(train_iteration, it, syn, real, args, (args.seed, 0))
-        if utils.WORLD > 1:
+        runs.step(method, it, syn, real, (args.seed, 0))
+        if group.world > 1:
             torch.distributed.barrier()
         times.append(time.perf_counter() - t)
         sent.append(utils.COMMUNICATED[0])
-    if utils.RANK == 0:
+    if group.main:
         common.emit({'seconds': float(np.median(times[a.warmup:])), 'bytes': int(np.median(sent[a.warmup:]))})
 
 

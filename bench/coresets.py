@@ -22,25 +22,25 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import main  # noqa: E402
 import utils  # noqa: E402
-from runs import load_real, run_script, setup  # noqa: E402
+from runs import Flags, load_real, run_script, setup  # noqa: E402
 
 
-def stats(real, args, ipcs):
+def stats(real, testloader, args, data, ipcs):
     utils.set_seed(args.seed, 0)  # experiment 0's stream, as main.py's selection draws it
     real.start(args.seed, 0, 'init')
-    classes = range(args.num_classes)
-    net, correct = utils.trained_classifier(real, classes, args, args.coreset_epochs)
+    classes = list(range(data.num_classes))
+    net, correct = utils.trained_classifier(real, classes, args, data, args.coreset_epochs)
     rows = []
     for c, record in zip(classes, correct.split([len(i) for i in real.indices_class], dim=1)):
         idx = real.indices_class[c]
         events = utils.forgetting_counts(record, 'events')
         features = utils.embed(net, real.images[idx])
-        rows.append(dict(cls=args.class_names[c], images=len(idx), never_learned=int((~record.any(0)).sum()),
+        rows.append(dict(cls=data.class_names[c], images=len(idx), never_learned=int((~record.any(0)).sum()),
                          forgotten=int((events > 0).sum()), most_events=int(events.max()),
                          last_epoch_right=float(record[-1].float().mean()),
                          herding_rules_agree={n: len(set(utils.herding(features, n).tolist())
                                                      & set(utils.nearest_to_mean(features, n).tolist())) for n in ipcs}))
-    test_acc = utils.epoch('test', args.testloader, net, None, torch.nn.CrossEntropyLoss(), args, aug=False)[1]
+    test_acc = utils.epoch('test', testloader, net, None, torch.nn.CrossEntropyLoss(), args, aug=False)[1]
     return dict(dataset=args.dataset, model=args.model, coreset_epochs=args.coreset_epochs, seed=args.seed,
                 test_accuracy=test_acc, classes=rows)
 
@@ -62,8 +62,9 @@ def run():
     ours, rest = sizes.parse_known_args()
     ipcs = ours.ipc  # (every other flag is main.py's, resolved as main.py resolves it for --method herding)
     args = main.configure(setup(main.parser().parse_args([*rest, '--method', 'herding', '--ipc', str(max(ipcs))])))
-    real, args.testloader = load_real(args)
-    report = stats(real, args, ipcs)
+    args = Flags.freeze(args)  # (as main.py's run freezes them)
+    real, testloader, data = load_real(args)
+    report = stats(real, testloader, args, data, ipcs)
     print(f'{args.dataset}: a {args.model} trained {args.coreset_epochs} epochs (seed {args.seed}, experiment 0); '
           f'test accuracy {100 * report["test_accuracy"]:.2f} %')
     print(table(report, ipcs))

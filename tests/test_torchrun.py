@@ -1,7 +1,6 @@
 """Under torchrun (2 processes, gloo on the CPU): the same synthetic sets and accuracies as one process, bit
 for bit; evaluation and continual learning shared out; resume; a killed process ends the job."""
 import glob
-import importlib
 import json
 import os
 import signal
@@ -20,13 +19,13 @@ TINY = ['--dataset', 'MNIST', '--ipc', 2, '--num_exp', 1, '--num_eval', 3, '--ep
 
 @pytest.fixture
 def plain(monkeypatch, capsys):
-    """A script's main() in this process, with one thread as each torchrun process has (their results must be
-    equal, bit for bit)."""
+    """A script (its __main__ block) in this process, with one thread as each torchrun process has (their
+    results must be equal, bit for bit)."""
     def run_plain(script, *args):
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
-            return run_in_process(monkeypatch, capsys, script, *args, main=importlib.import_module(script[:-3]).main)
+            return run_in_process(monkeypatch, capsys, script, *args)  # (its __main__ block: run_script(...))
         finally:
             torch.set_num_threads(threads)
     return run_plain

@@ -6,13 +6,14 @@ centres classify real images well. A dynamic bi-level optimisation sets how long
 continue until the network's accuracy on real query images settles; between them the network trains on
 the synthetic set until that accuracy moves.
 """
+import math
 from collections import deque
 
 import torch
 import torch.nn.functional as F
 
 from runs import STRATEGY_RULE, Method, condense, get_parser, positive, resolve_dsa, run_script, setup
-from utils import (UsageError, all_reduce, broadcast_shards, correct, exact_sum, get_network, has_batchnorm,
+from utils import (COMMUNICATED, Group, UsageError, all_reduce, broadcast_shards, correct, get_network, has_batchnorm,
                    run_epoch, shard, siamese_augment, tensor_loader)
 
 
@@ -48,7 +49,7 @@ def discrimination(centres, real_embeddings, classes, num_classes, sharded):
 
     Returns (a surrogate whose gradient with respect to this process's `centres` [K, d] is the loss's, the
     loss's value). The gradient is derived by hand, (softmax - one-hot)^T @ embeddings for each class, and
-    summed over every class of every process exactly (utils.exact_sum), so that any number of processes
+    summed over every class of every process exactly (exact_sum), so that any number of processes
     gives the same synthetic set, bit for bit."""
     all_centres = torch.zeros(num_classes, centres.shape[1], device=centres.device)
     all_centres[classes] = centres.detach()
@@ -62,6 +63,32 @@ def discrimination(centres, real_embeddings, classes, num_classes, sharded):
         grads.append(p.t() @ e)
     centre_grads = exact_sum(grads, all_centres, across=sharded)
     return (centres * centre_grads[classes]).sum(), value
+
+
+def exact_sum(parts, like, across=True):
+    """The sum of a list of float32 tensors shaped like `like`, over all processes (`across`; else this
+    process's only), computed exactly in 64-bit fixed point: it does not depend on how the terms are
+    grouped in processes, so any number of processes gives the same float32 result, bit for bit."""
+    reduce, reduce_max = (all_reduce, all_reduce_max) if across else (lambda t: t, lambda t: t)
+    stats = torch.tensor([max([float(p.abs().max()) for p in parts] + [0.0]), len(parts)], dtype=torch.float64,
+                         device=like.device)
+    top = reduce_max(stats[:1].clone()).item()
+    count = reduce(stats[1:].clone()).item()
+    if top == 0:
+        return torch.zeros_like(like)
+    scale = 2.0 ** (61 - math.ceil(math.log2(top * count)))  # every term and the sum fit in 62 bits
+    total = torch.zeros(like.shape, dtype=torch.int64, device=like.device)
+    for p in parts:
+        total += (p.double() * scale).round().long()
+    return (reduce(total).double() / scale).float()
+
+
+def all_reduce_max(t):
+    """The maximum of tensor t over all processes (in place)."""
+    if Group.current().world > 1:
+        torch.distributed.all_reduce(t, torch.distributed.ReduceOp.MAX)
+        COMMUNICATED[0] += t.nbytes
+    return t
 
 
 def query_accuracy(net, real, args, num_classes):

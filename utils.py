@@ -1385,31 +1385,6 @@ def all_reduce(t):
     return t
 
 
-def exact_sum(parts, like, across=True):
-    """The sum of a list of float32 tensors shaped like `like`, over all processes (`across`; else this
-    process's only), computed exactly in 64-bit fixed point: it does not depend on how the terms are
-    grouped in processes, so any number of processes gives the same float32 result, bit for bit."""
-    reduce, reduce_max = (all_reduce, all_reduce_max) if across else (lambda t: t, lambda t: t)
-    stats = torch.tensor([max([float(p.abs().max()) for p in parts] + [0.0]), len(parts)], dtype=torch.float64,
-                         device=like.device)
-    top = reduce_max(stats[:1].clone()).item()
-    count = reduce(stats[1:].clone()).item()
-    if top == 0:
-        return torch.zeros_like(like)
-    scale = 2.0 ** (61 - math.ceil(math.log2(top * count)))  # every term and the sum fit in 62 bits
-    total = torch.zeros(like.shape, dtype=torch.int64, device=like.device)
-    for p in parts:
-        total += (p.double() * scale).round().long()
-    return (reduce(total).double() / scale).float()
-
-
-def all_reduce_max(t):
-    if Group.current().world > 1:
-        torch.distributed.all_reduce(t, torch.distributed.ReduceOp.MAX)
-        COMMUNICATED[0] += t.nbytes
-    return t
-
-
 def gather_objects(obj):
     """[obj of rank 0, obj of rank 1, ...]: every process's picklable object, on every process."""
     world = Group.current().world

@@ -61,17 +61,17 @@ def test_the_discrimination_gradient_is_the_cross_entropys_summed_over_classes()
     assert value == pytest.approx(ce.item(), rel=1e-5)
     (g,) = torch.autograd.grad(surrogate, centres)
     assert torch.allclose(g, expected, atol=1e-5)  # the surrogate's gradient: autograd's of the summed cross-entropy
-    # the hand-derived per-class terms, summed exactly (utils.exact_sum): the same sum whichever way the
+    # the hand-derived per-class terms, summed exactly (distill.exact_sum): the same sum whichever way the
     # terms are grouped (as in processes), bit for bit; it is what the surrogate's gradient holds
     parts = []
     for c, e in enumerate(embeddings.detach()):
         p = torch.softmax(e @ centres.detach().t(), dim=1)
         p[:, c] -= 1
         parts.append(p.t() @ e)
-    exact = utils.exact_sum(parts, centres)
+    exact = distill.exact_sum(parts, centres)
     assert torch.allclose(exact, g, atol=1e-6)
     for order in itertools.permutations(range(3)):
-        assert torch.equal(utils.exact_sum([parts[k] for k in order], centres), exact)
+        assert torch.equal(distill.exact_sum([parts[k] for k in order], centres), exact)
 
 
 def test_gradients_reach_the_synthetic_images_from_every_term():

@@ -147,11 +147,9 @@ def unflatten(net, flat):
     total = sum(p.numel() for p in net.parameters())
     if flat.numel() != total:
         raise ValueError(f'flat vector has {flat.numel()} entries, the model {total}')
-    out, i = {}, 0
-    for name, p in net.named_parameters():
-        out[name] = flat[i:i + p.numel()].view_as(p)
-        i += p.numel()
-    return out
+    named = list(net.named_parameters())  # one split (as the authors' ReparamModule): its backward is one cat,
+    parts = flat.split([p.numel() for _, p in named])  # where slices would each scatter into a zeroed full vector
+    return {name: t.view_as(p) for (name, p), t in zip(named, parts)}
 
 
 def functional_forward(net, flat, x):

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from flags import (NOT_AN_IDENTITY, STRATEGY_RULE, Flags, get_parser, natural, positive, positive_float,  # noqa: F401
                    refuse, resolve_dsa)
 from utils import (DATASETS, DIST_TIMEOUT, ClassImages, DataInfo, Diverged, Group, StopRun, SynSet, UsageError,
-                   all_reduce, atomic_json, atomic_save, atomic_write, autocast, check_strategy, denormalise,
+                   all_reduce, atomic_json, atomic_save, atomic_write, autocast, check_strategy,
                    evaluate_models, get_dataset, get_eval_pool, get_network, has_batchnorm, load_pt, pick_device,
                    remove_stale_temporaries, say, set_seed, shard)
 
@@ -254,7 +254,7 @@ def setup(args):
 def load_real(args):
     """The dataset on the device: the real images by class, the test loader and the DataInfo. Refuses a
     synthetic set that cannot fit beside them."""
-    loaded = get_dataset(args.dataset, args.data_path, args.im_size, args.device)
+    loaded = get_dataset(args.dataset, args.data_path, args.im_size, args.device, getattr(args, 'zca', False))
     data = DataInfo.of(args.dataset, loaded)
     real = ClassImages(loaded[6], data.num_classes)
     fewest = min(map(len, real.indices_class))
@@ -370,9 +370,9 @@ def save_result(data, accs_all_exps, protocol, path, learned=None):
 
 
 def save_vis(images, args, data, exp, it):
-    """The de-normalised synthetic images, one row per class."""
+    """The synthetic images as pixels (de-normalised, or un-whitened), one row per class."""
     from torchvision.utils import save_image  # imported here: torchvision takes seconds to import
-    vis = denormalise(images.detach().cpu(), data.mean, data.std)
+    vis = data.pixels(images.detach().cpu())
     atomic_write(vis_path(args, exp, it), lambda tmp: save_image(vis, tmp, nrow=args.ipc, format='png'))
 
 
@@ -559,7 +559,8 @@ class Method:
       state_dict() / load_state_dict(state)   the state across iterations (checkpoints keep it)
       training_set(images, labels)            what evaluation models train on (IDM: the expanded mosaics)
       render(learned, labels)  the images, when what is learned is not images (IT-GAN's latents); else None
-      saved(syn)               what is saved beside rendered images (a dict)
+      saved(syn)               what is saved with the set (a dict: 'learned' in the .pt; e.g. a learned rate)
+      evaluation()             the evaluation's settings that the method learned (a dict of flags: {'lr_net': ...})
     and its class attributes: eval_interval (evaluations every so many iterations in modes S/SS),
     noaug_epochs (the evaluation rule's epochs without augmentation, utils.evaluation_args), joint_batchnorm
     (all classes through a BatchNorm model as one batch: every process does every class), stateful (state
@@ -597,6 +598,9 @@ class Method:
         return None
 
     def saved(self, syn):
+        return {}
+
+    def evaluation(self):
         return {}
 
     def network(self, model=None, num_classes=None):
@@ -823,7 +827,7 @@ class Experiment:
         with torch.no_grad():
             images = method.render(syn.images.detach(), syn.labels)
         if images is None:
-            return [syn.images.detach(), syn.labels, None]
+            return [syn.images.detach(), syn.labels, method.saved(syn) or None]
         learned = dict(learned=syn.images.detach().cpu(), labels=syn.labels.cpu(), **method.saved(syn))
         return [images, syn.labels, learned]
 
@@ -838,8 +842,10 @@ class Experiment:
         if args.snapshots:
             on_main(run.group, save_result, [stored[:2]], {}, run.protocol, snapshot_path(args, self.exp, it), [stored[2]])
         images, labels = self.method.training_set(*stored[:2])
-        self.accs = evaluate_models(images, labels, run.model_pool, args, run.testloader, run.data, (self.exp, it),
-                                    self.method.noaug_epochs, run.group, finished=self.finished_models) \
+        learned = self.method.evaluation()  # (e.g. MTT's learned step size as the evaluation's lr_net)
+        self.accs = evaluate_models(images, labels, run.model_pool, args.replace(**learned) if learned else args,
+                                    run.testloader, run.data, (self.exp, it), self.method.noaug_epochs, run.group,
+                                    finished=self.finished_models) \
             if args.num_eval else {m: [] for m in run.model_pool}
         self.evaluated_at, self.resumed_evaluation, self.finished_models = it, False, {}
         self.results.history.append(dict(exp=self.exp, it=it, accs=self.accs))

@@ -358,15 +358,13 @@ def _load_tree(root, im_size, channel):
     return x_train, y_train, x_test, y_test, classes
 
 
-def get_dataset(dataset, data_path, im_size=None, device='cpu'):
-    """Load a dataset as normalised tensors. Returns (channel, im_size, num_classes, class_names, mean, std,
-    dst_train, dst_test, testloader),
-    as in the papers' code. Named datasets are read from torchvision's on-disk layout in `data_path`
-    (downloaded there when the network allows), or from an image-folder tree `data_path/<name>/train|test/
-    <class>/*`, keeping the dataset's constants. `dataset='ImageFolder'` reads the tree `data_path/train|test`
-    of a user's own images, resized to `im_size` (default 32x32), with mean/std of its training split.
-    The images are held once, on `device`.
-    """
+def get_dataset(dataset, data_path, im_size=None, device='cpu', zca=False):
+    """Load a dataset as normalised tensors, held once on `device`. Returns (channel, im_size, num_classes,
+    class_names, mean, std, dst_train, dst_test, testloader), as the papers' code. Named datasets are read from
+    torchvision's layout in `data_path` (downloaded when the network allows) or an image-folder tree
+    `data_path/<name>/train|test/<class>/*`; 'ImageFolder' reads a user's tree `data_path/train|test`, resized
+    to `im_size` (default 32x32), with the mean/std of its training split. `zca` (MTT's CIFAR rows): [0, 1]
+    pixels whitened by ZCA (zca_fit on the training images; mean 0, std 1 returned; dst_train.zca holds it)."""
     if os.path.exists(data_path) and not os.path.isdir(data_path):  # (not silently passed over for a system copy)
         raise UsageError(f'the data path {data_path} is a file, not a folder')
     if dataset == 'ImageFolder':
@@ -403,9 +401,13 @@ def get_dataset(dataset, data_path, im_size=None, device='cpu'):
         images = images.sub_(torch.tensor(mean, device=device).view(-1, 1, 1)).div_(torch.tensor(std, device=device).view(-1, 1, 1))
         return TensorDataset(images, y.to(device))
 
+    if zca:
+        mean, std = [0.0] * channel, [1.0] * channel
     dst_train = normalise(arrays[0], arrays[1], 'train')
     dst_test = normalise(arrays[2], arrays[3], 'test')
-    dst_train.fingerprint = fingerprint(arrays[:4])
+    dst_train.fingerprint, dst_train.zca = fingerprint(arrays[:4]), zca_fit(dst_train.images) if zca else None
+    for d in (dst_train, dst_test) if zca else ():
+        d.images = zca_apply(d.images, *dst_train.zca[:2])
     testloader = tensor_loader(dst_test.images, dst_test.labels, 256)
     return channel, tuple(im_size), num_classes, list(arrays[4]), mean, std, dst_train, dst_test, testloader
 
@@ -422,6 +424,7 @@ class DataInfo:
     mean: tuple
     std: tuple
     data_id: str
+    zca: tuple = dataclasses.field(default=None, compare=False, repr=False)  # (mean, T, T_inv) of whitened data
 
     @classmethod
     def of(cls, dataset, loaded):
@@ -429,11 +432,43 @@ class DataInfo:
         dst_train, ...)."""
         channel, im_size, num_classes, class_names, mean, std, dst_train = loaded[:7]
         return cls(dataset, channel, tuple(im_size), num_classes, tuple(class_names), tuple(mean), tuple(std),
-                   dst_train.fingerprint)
+                   dst_train.fingerprint, getattr(dst_train, 'zca', None))
 
     def record(self):
-        """As plain JSON values, for records."""
-        return json.loads(json.dumps(dataclasses.asdict(self)))
+        """As plain JSON values, for records (with zca: whether the data are whitened)."""
+        return json.loads(json.dumps({f.name: getattr(self, f.name) for f in dataclasses.fields(self)} | {'zca': self.zca is not None}))
+
+    def pixels(self, images):
+        """The [0, 1] pixels of images in this data's normalisation (un-whitened with zca), for pictures."""
+        if self.zca is not None:
+            return zca_inverse(images, *(t.to(images.device) for t in self.zca[::2])).clamp(0, 1)
+        return denormalise(images, self.mean, self.std)
+
+
+def zca_fit(images, eps=0.1, chunk=2048):
+    """ZCA whitening as kornia's ZCAWhitening(eps) fits it (MTT's): on images [N,C,H,W], unbiased covariance
+    U S U^T, T = U (S + eps)^-1/2 U^T, its inverse U (S + eps)^1/2 U^T; float64, in chunks of images.
+    Returns (mean [D], T, T_inv [D, D]), D = C*H*W."""
+    flat = images.reshape(len(images), -1)
+    mean = sum(c.double().sum(0) for c in flat.split(chunk)) / len(flat)
+    cov = torch.zeros(flat.shape[1], flat.shape[1], dtype=torch.float64, device=flat.device)
+    for c in flat.split(chunk):
+        cov.addmm_((c.double() - mean).t(), c.double() - mean)
+    S, U = torch.linalg.eigh(cov / (len(flat) - 1))  # (symmetric: its eigen-decomposition is kornia's SVD)
+    S = S.clamp_min(0)
+    return mean, (U * (S + eps).rsqrt()) @ U.t(), (U * (S + eps).sqrt()) @ U.t()
+
+
+def zca_apply(x, mean, T, chunk=4096):
+    """Whiten images [N,C,H,W]: (x - mean) @ T per flattened image, in float64; returned in x's dtype and shape."""
+    out = [((c.reshape(len(c), -1).double() - mean) @ T).to(x.dtype) for c in x.split(chunk)]
+    return torch.cat(out).reshape(x.shape) if out else x.clone()
+
+
+def zca_inverse(x, mean, T_inv, chunk=4096):
+    """Undo zca_apply (for pictures): x @ T_inv + mean."""
+    out = [(c.reshape(len(c), -1).double() @ T_inv + mean).to(x.dtype) for c in x.split(chunk)]
+    return torch.cat(out).reshape(x.shape) if out else x.clone()
 
 
 def fingerprint(arrays):
@@ -537,11 +572,9 @@ def _compiled_embed():  # built on first use: importing torch's compiler takes s
 
 
 def autocast(args):
-    """--amp: bfloat16 autocast for the forward and backward passes (condensation, evaluation training and
-    testing). The synthetic images, their gradients, optimiser states and losses stay float32 (the
-    cross-entropy runs in float32 under autocast; other losses are formed from float32 features). Every
-    layer takes bfloat16, none is kept in float32: each was faster so (docs/speed.md), and GroupNorm still
-    accumulates its statistics in float32."""
+    """--amp: bfloat16 autocast for the forward and backward passes (condensation, evaluation). The synthetic
+    images, their gradients, optimiser states and losses stay float32; every layer takes bfloat16 (each was
+    faster so: docs/speed.md; GroupNorm still accumulates its statistics in float32)."""
     # no cast cache: a cached bfloat16 copy of a weight would go stale as the weights train inside one context
     return torch.autocast(torch.device(args.device).type, torch.bfloat16, enabled=bool(getattr(args, 'amp', False)),
                           cache_enabled=False)
@@ -901,11 +934,9 @@ def test_epochs(args):
 
 
 def train_and_test(it_eval, net, images_train, labels_train, testloader, args):
-    """Train `net` on the synthetic set only (SGD lr_net, momentum 0.9, weight decay 5e-4, batch
-    batch_train, epoch_eval_train epochs, the learning rate x0.1 after half of them, with the method's
-    augmentation), then test it on the real test set. With args.test_every, it is also tested every so many
-    epochs on the way (the schedule unchanged). Returns (net, acc_train, acc_test, curve): curve holds the
-    test accuracies at test_epochs(args), the last one acc_test."""
+    """Train `net` on the synthetic set only (SGD lr_net, momentum 0.9, weight decay 5e-4, batch batch_train,
+    epoch_eval_train epochs, the rate x0.1 after half of them, the method's augmentation), then test it on the real
+    test set (and every args.test_every epochs on the way). Returns (net, acc_train, acc_test, curve at test_epochs)."""
     net = net.to(args.device)
     images_train, labels_train = images_train.to(args.device), labels_train.to(args.device)
     lr, Epoch = float(args.lr_net), int(args.epoch_eval_train)
@@ -957,11 +988,9 @@ def evaluate_models(images, labels, model_pool, args, testloader, data, seed_key
     Each model trains on a random stream seeded by (--seed, seed_keys, architecture, number), so evaluating never
     changes the condensation and an accuracy is the same wherever it is computed: the models are shared out among
     the processes of `group` (default: the job's; Group() keeps them all here) and their accuracies gathered.
-    `finished` (a dict, filled in as models finish: (architecture, numbers) -> accuracies) lets a stopped
-    evaluation continue: the models already in it are not trained again. On return it holds them all.
-    `on_finish()` is called after every model this process trains (e.g. to save `finished`).
-    `curves` (a dict, with args.test_every): filled in as `finished`, with each model's accuracies at
-    test_epochs (the last one its accuracy)."""
+    `finished` ({(architecture, numbers): accuracies}, filled in as models finish) lets a stopped evaluation
+    continue without training them again; `on_finish()` follows every model this process trains; `curves`
+    (with args.test_every) is filled in alike with each model's accuracies at test_epochs."""
     jobs = []  # (architecture, the numbers of its models, trained together?): BatchNorm models alone
     for m in model_pool:
         numbers = list(range(args.num_eval))
@@ -1051,10 +1080,9 @@ def train_classifier(net, real, classes, args, epochs):
 def trained_classifier(real, classes, args, data, epochs):
     """A --model trained for `epochs` on the real images of `classes` (train_classifier), in eval mode, and its
     [epochs, N] record of correct classifications. Herding, k-center, forgetting and IT-GAN's inversion use
-    this network. It is trained in a random stream of its own, seeded by one draw from torch's global
-    generator, and kept in --save_path (classifier_<dataset>_<model>_<epochs>ep_<key>.pt): a run with the
-    same data, settings and draw (another coreset method, another ipc) reads it instead of training it
-    again, and gets the same network, the same record and the same random draws afterwards either way."""
+    this network, trained in a random stream seeded by one draw from torch's global generator and kept in
+    --save_path (classifier_<dataset>_<model>_<epochs>ep_<key>.pt): a run with the same data, settings and draw
+    reads it back, and gets the same network, record and random draws afterwards either way."""
     seed = int(torch.randint(2 ** 62, ()))
     key = dict(data_id=data.data_id, dataset=data.dataset, model=args.model,
                channel=data.channel, im_size=list(data.im_size), classes=[int(c) for c in classes], epochs=epochs,
@@ -1141,9 +1169,8 @@ def select_coreset(method, real, args, data, n, classes=None):
     """Indices into real.images of n images per class of `classes` (default: all), one tensor per class,
     chosen by `method`: random, herding or kcenter (in the embedding of a --model network trained for
     --coreset_epochs on the real images of these classes) or forgetting (the images that this training
-    forgot most often; ties broken at random). args.herding: its rule (HERDING; default nearest, the DC
-    paper's row, as main.py; CL_DM.py's default is greedy, iCaRL's); args.forgetting_score: forgetting's
-    (see forgetting_counts; default events)."""
+    forgot most often; ties broken at random). args.herding: its rule (HERDING; default nearest, main.py's;
+    CL_DM.py's is greedy); args.forgetting_score: forgetting's (forgetting_counts; default events)."""
     classes = list(range(data.num_classes)) if classes is None else list(classes)
     if method == 'random':
         return [real.indices_class[c][torch.randperm(len(real.indices_class[c]), device=real.images.device)[:n]]
@@ -1401,11 +1428,9 @@ def gather_objects(obj):
 # ----------------------------------------------------------------------------------------------------
 
 class SynSet:
-    """The synthetic set: num_classes x ipc images (labels [0]*ipc + [1]*ipc + ...) and their optimiser.
-    Initialised by --init (noise, or random real images of each class), or with the given `images` (or
-    whatever a method learns in their place, one row per image: IT-GAN's latents). The optimiser: SGD
-    (lr_img, momentum 0.5), or `optimizer([tensor])`. `classes`: those this process moves (default: all);
-    under torchrun each process moves its share, and sync() gives every process the others' up-to-date rows."""
+    """The synthetic set: num_classes x ipc images (labels [0]*ipc + [1]*ipc + ...) and their optimiser (SGD lr_img,
+    momentum 0.5, or `optimizer([tensor])`), from --init or the given `images` (or what a method learns in their
+    place, one row per image). `classes`: those this process moves (torchrun; sync() shares them)."""
 
     def __init__(self, real, args, data, images=None, classes=None, optimizer=None):
         C, ipc = data.num_classes, args.ipc
@@ -1448,7 +1473,7 @@ class SynSet:
                     broadcast_shards(t, self.num_classes)
 
     def state(self):
-        """A copy of the images and the optimiser's state (to return to with restore)."""
+        """A copy of the images and the optimiser's state (for restore)."""
         return self.images.detach().clone(), copy.deepcopy(self.optimizer.state_dict())
 
     def restore(self, state):

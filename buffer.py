@@ -75,15 +75,9 @@ def data_record(args, data, net):
 
 
 def load_data(args):
-    """The training images on the device, whitened with --zca (trajectory.whiten_dataset), the test loader and
-    the DataInfo."""
-    loaded = get_dataset(args.dataset, args.data_path, args.im_size, args.device)
-    data = DataInfo.of(args.dataset, loaded)
-    train, test = loaded[6], loaded[7]
-    if args.zca:
-        say(f'fitting ZCA whitening on {len(train)} training images')
-        T.whiten_dataset(train.images, test.images, data.mean, data.std)
-    return train, test, data
+    """The training images on the device (ZCA-whitened with --zca: utils.get_dataset), the test set and the DataInfo."""
+    loaded = get_dataset(args.dataset, args.data_path, args.im_size, args.device, args.zca)
+    return loaded[6], loaded[7], DataInfo.of(args.dataset, loaded)
 
 
 @torch.no_grad()

@@ -10,14 +10,10 @@ unroll into the images and syn_lr, both moved by SGD with momentum 0.5 (--lr_img
 trajectory.py's (student_unroll/mtt_loss, tesla_grads).
 
 The learned step size is the evaluation's learning rate (the authors' args.lr_net = syn_lr.item()): it is method
-state (checkpoints keep it, outside the run's identity), every evaluation trains its models with it, and the
-result file keeps it: settings['syn_lr'], a top-level 'lr' (the last set's) and 'learned' [{'syn_lr'}] per set.
-With --zca the data is whitened as the authors' (trajectory.whiten_dataset: refit from the data, eps 0.1) and
-the synthetic images live in the whitened space (pictures are shown un-whitened).
-
-Until the harness has the hooks for it (see the report in docs/mtt.md), this script runs its own copy of
-runs.condense (`condense` below): the same loop, with the data whitened after loading and an Experiment that
-evaluates with the learned rate and saves it.
+state (checkpoints keep it, outside the run's identity), every evaluation trains its models with it (evaluation()),
+and the result file keeps it with every set ('learned' [{'syn_lr'}], saved()); evaluate.py uses it. With --zca the
+data is whitened as the authors' (utils.get_dataset's zca: kornia's recipe, eps 0.1, refit from the data) and the
+synthetic images live in the whitened space (pictures are shown un-whitened).
 """
 import hashlib
 import math
@@ -28,10 +24,8 @@ import torch.nn.functional as F
 
 import trajectory as T
 from buffer import IDENTITY, buffer_folder, differs, expert_files, read_expert
-from runs import (Experiment, Flags, Method, Results, Run, available_memory, exclusive, get_parser, on_main, positive,
-                  positive_float, resolve_dsa, result_path, run_name, run_script, say, setup, stop_signals, vis_path,
-                  load_real)
-from utils import DiffAugment, Group, UsageError, atomic_save, atomic_write
+from runs import Method, available_memory, condense, get_parser, positive, positive_float, resolve_dsa, run_script, setup
+from utils import DiffAugment, UsageError, say
 
 SOURCES = ('settings', 'the repository\'s argparse defaults', 'chosen here')
 # The repository's argparse defaults (distill.py), for datasets and ipc without a published row.
@@ -62,7 +56,6 @@ class MTT(Method):
 
     def __init__(self, args, data):
         super().__init__(args, data)
-        self.zca = None  # (mean, T, T_inv) once the data is whitened
         with torch.random.fork_rng(devices=[]):  # (building a network draws weights: not the run's streams)
             self.net = self.network().train()
         self.experts, self.buffer = load_experts(args, data, self.net)
@@ -104,8 +97,24 @@ class MTT(Method):
             self.negative += 1
         return dict(loss=loss.item(), syn_lr=lr, negative_lr=float(lr < 0))
 
-    def learned_lr(self):
-        return self.syn_lr.item()
+    def evaluation(self):
+        """The learned step size as the evaluation's learning rate (the authors' code would stop at a negative one:
+        then --lr_teacher, with a warning)."""
+        lr = self.syn_lr.item()
+        if lr > 0:
+            return dict(lr_net=lr)
+        say(f'warning: the learned step size is {lr:.3g}, not a learning rate: this evaluation trains with '
+            f'--lr_teacher {self.args.lr_teacher} instead (the authors\' code would stop here)')
+        return dict(lr_net=self.args.lr_teacher)
+
+    def saved(self, syn):
+        return dict(syn_lr=self.syn_lr.item(), negative_lr_iterations=self.negative)
+
+    def record(self):
+        return dict(self.buffer, zca_eps=0.1 if self.args.zca else None, unroll_bytes=self.unroll_memory)
+
+    def identity(self):
+        return dict(buffer_id=self.buffer['buffer_id'])
 
     def state_dict(self):
         return dict(syn_lr=self.syn_lr.detach().cpu(), optimizer_lr=self.optimizer_lr.state_dict(), negative=self.negative)
@@ -206,95 +215,6 @@ def check_memory(args, data, net):
                          'reduce --batch_syn (or --syn_steps), or use --constant_memory (TESLA\'s gradient, memory '
                          'independent of --syn_steps; an approximation)')
     return need
-
-
-# ----------------------------------------------------------------------------------------------------
-# The harness's loop, with the learned rate and ZCA (a copy of runs.condense, until the harness has the hooks)
-# ----------------------------------------------------------------------------------------------------
-
-class MTTExperiment(Experiment):
-    """runs.Experiment, evaluating with the learned step size as lr_net, storing it beside every set, and drawing
-    whitened sets un-whitened."""
-
-    def eval_lr(self):
-        lr = self.method.learned_lr()
-        if lr > 0:
-            return lr
-        say(f'warning: the learned step size is {lr:.3g}, not a learning rate: this evaluation trains with '
-            f'--lr_teacher {self.args.lr_teacher} instead (the authors\' code would stop here)')
-        return self.args.lr_teacher
-
-    def stored(self):
-        images, labels, _ = super().stored()
-        return [images, labels, dict(syn_lr=self.method.learned_lr(), negative_lr_iterations=self.method.negative)]
-
-    def evaluate(self):
-        args = self.args
-        lr = self.eval_lr()
-        self.run.protocol.update(syn_lr=self.method.learned_lr(), lr_net=lr)  # (snapshots carry it)
-        self.args = args.replace(lr_net=lr)
-        try:
-            super().evaluate()
-        finally:
-            self.args = args
-        if self.method.zca is not None:  # the picture of the un-whitened images, in place of the whitened ones
-            on_main(self.run.group, save_unwhitened, self.syn.images, self.method.zca, args, self.exp, self.it)
-
-    def end(self):
-        """runs.Experiment.end, with the learned rate in the result file."""
-        run, results = self.run, self.results
-        self.syn.sync()
-        for m in run.model_pool:
-            results.accs_all_exps[m] += self.accs[m]
-        images, labels, learned = self.stored()
-        results.data.append([images.cpu(), labels.cpu()])
-        results.learned.append(learned)
-        run.protocol.update(syn_lr=learned['syn_lr'], lr_net=self.eval_lr())
-        on_main(run.group, save_mtt_result, results, run.protocol, result_path(self.args))
-
-
-def save_mtt_result(results, protocol, path):
-    """The papers' format plus the learned step size: 'lr' (the last set's; evaluate with it), 'learned' (per set)."""
-    atomic_save({'data': results.data, 'accs_all_exps': results.accs_all_exps, 'settings': protocol,
-                 'learned': results.learned, 'lr': results.learned[-1]['syn_lr']}, path)
-
-
-def save_unwhitened(images, zca, args, exp, it):
-    from torchvision.utils import save_image
-    mean, _, T_inv = zca
-    vis = T.zca_inverse(images.detach().cpu(), mean.cpu(), T_inv.cpu()).clamp(0, 1)
-    atomic_write(vis_path(args, exp, it), lambda tmp: save_image(vis, tmp, nrow=args.ipc, format='png'))
-
-
-def condense(method_class, args):
-    """runs.condense, with --zca's whitening of the data (before the first set is drawn from it), the buffer's
-    identity in the run's signature, and MTTExperiment."""
-    args = Flags.freeze(args)
-    group = Group.current()
-    real, testloader, data = load_real(args)
-    method = method_class(args, data)
-    if args.zca:
-        say('fitting ZCA whitening on the training set')
-        method.zca = T.whiten_dataset(real.images, testloader.dataset.images, data.mean, data.std)
-    run = Run(args, data, method, group, testloader)
-    run.protocol.update(method.buffer, zca=bool(args.zca), zca_eps=0.1 if args.zca else None, syn_lr=None,
-                        unroll_bytes=method.unroll_memory)
-    run.record.signature['buffer_id'] = method.buffer['buffer_id']  # (the checkpoints' signature is the same dict)
-    with stop_signals(), exclusive(os.path.join(args.save_path, f'.lock_{run_name(args)}'), result_path(args), group):
-        on_main(group, run.record.claim, run.checkpoints)
-        state = on_main(group, run.checkpoints.load, args.resume) if args.resume != 'none' else None
-        if state:
-            run.check_checkpoint(state)
-            say(f'resuming from {run.checkpoints.last_path}: experiment {state["exp"]}, iteration {state["it"]}')
-        elif args.resume == 'auto':
-            say('no checkpoint to resume from: starting afresh')
-        results = Results(run.model_pool, state)
-        try:
-            for exp in range(state['exp'] if state else 0, args.num_exp):
-                MTTExperiment(run, exp, real, results, state if state and exp == state['exp'] else None).execute()
-        finally:
-            run.metrics.close()
-        return on_main(group, run.record.finish, results.accs_all_exps, results.history, results.pace, args.num_exp)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -429,8 +429,9 @@ class Record:
             record = json.load(f)
         atomic_json(dict(record, history=history), self.path)
 
-    def finish(self, accs_all_exps, history=(), pace=None, num_exp=1):
-        """Print the final mean +- std per evaluation model and write the finished record."""
+    def finish(self, accs_all_exps, history=(), pace=None, num_exp=1, learned=()):
+        """Print the final mean +- std per evaluation model and write the finished record (with what each set
+        keeps beside its images, e.g. a learned step size: `learned`)."""
         record = {}
         if pace and pace['iterations']:
             n = pace['iterations']
@@ -447,8 +448,9 @@ class Record:
             say('Run %d experiments, train on %s, evaluate %d random %s, mean  = %.2f%%  std = %.2f%%'
                 % (num_exp, self.args.model, len(accs), key, np.mean(accs) * 100, np.std(accs) * 100))
             summary[key] = dict(mean=float(np.mean(accs)), std=float(np.std(accs)), n=len(accs), accs=list(map(float, accs)))
+        learned = [plain(d) for d in learned if isinstance(d, dict)]  # (its plain values: no tensors)
         atomic_json(dict(status='finished', results=summary, protocol=self.protocol, signature=self.signature,
-                         history=list(history), **record), self.path)
+                         history=list(history), **record, **({'learned': learned} if any(learned) else {})), self.path)
         return summary
 
 
@@ -561,6 +563,7 @@ class Method:
       render(learned, labels)  the images, when what is learned is not images (IT-GAN's latents); else None
       saved(syn)               what is saved with the set (a dict: 'learned' in the .pt; e.g. a learned rate)
       evaluation()             the evaluation's settings that the method learned (a dict of flags: {'lr_net': ...})
+      record(), identity()     what the method adds to the record's protocol, and to the run's identity (dicts)
     and its class attributes: eval_interval (evaluations every so many iterations in modes S/SS),
     noaug_epochs (the evaluation rule's epochs without augmentation, utils.evaluation_args), joint_batchnorm
     (all classes through a BatchNorm model as one batch: every process does every class), stateful (state
@@ -601,6 +604,12 @@ class Method:
         return {}
 
     def evaluation(self):
+        return {}
+
+    def record(self):
+        return {}
+
+    def identity(self):
         return {}
 
     def network(self, model=None, num_classes=None):
@@ -655,7 +664,8 @@ def condense(method_class, args):
                 Experiment(run, exp, real, results, state if state and exp == state['exp'] else None).execute()
         finally:
             run.metrics.close()
-        return on_main(group, run.record.finish, results.accs_all_exps, results.history, results.pace, args.num_exp)
+        return on_main(group, run.record.finish, results.accs_all_exps, results.history, results.pace, args.num_exp,
+                       results.learned)
 
 
 class Run:
@@ -672,8 +682,8 @@ class Run:
         interval = method.eval_interval
         self.eval_its = sorted(set(range(0, args.Iteration + 1, interval) if args.eval_mode in ('S', 'SS') else ())
                                | {args.Iteration})
-        self.protocol = settings(args, data, epoch_eval_noaug=method.noaug_epochs)
-        self.record = Record(args, self.protocol, signature(args, data))
+        self.protocol = settings(args, data, **{'epoch_eval_noaug': method.noaug_epochs, **method.record(), **method.identity()})
+        self.record = Record(args, self.protocol, {**signature(args, data), **method.identity()})
         self.checkpoints = Checkpoints(os.path.join(args.save_path, f'checkpoint_{run_name(args)}_'), self.record.signature,
                                        group, args.checkpoint_every, expected={
                                            'exp': int, 'it': int, 'images': torch.Tensor, 'optimizer': dict,

@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
+from utils import zca_apply, zca_fit, zca_inverse  # noqa: F401  (ZCA as kornia: the papers' get_dataset has it)
+
 FULL_STRATEGY = 'color_crop_cutout_flip_scale_rotate'  # the authors' --dsa_strategy default (buffer.py, distill.py)
 
 # The authors' distillation settings by dataset and images per class. Model: ConvNet (depth 3) for CIFAR, ConvNetD4
@@ -72,41 +74,6 @@ AUTHORS_EVAL = dict(epoch_eval_train=1000, num_eval=5, eval_it=100, batch_train=
 # ----------------------------------------------------------------------------------------------------
 # ZCA whitening (kornia.enhance.ZCAWhitening(eps=0.1, compute_inv=True), fitted on the whole training set)
 # ----------------------------------------------------------------------------------------------------
-
-def zca_fit(images01, eps=0.1, chunk=2048):
-    """Fit the authors' ZCA on images [N,C,H,W] of [0,1] pixels (no mean/std normalisation: their --zca path uses
-    ToTensor only). Unbiased covariance (N - 1), eigen-decomposition U S U^T, T = U (S + eps)^-1/2 U^T,
-    T_inv = U (S + eps)^1/2 U^T; everything in float64, accumulated over chunks of images so that 50,000 CIFAR
-    images never need a float64 copy. Returns (mean [D], T [D,D], T_inv [D,D]), float64, D = C*H*W."""
-    n = len(images01)
-    if n < 2:
-        raise ValueError('ZCA needs at least two images (unbiased covariance)')
-    flat = images01.reshape(n, -1)
-    mean = sum(c.double().sum(0) for c in flat.split(chunk)) / n
-    cov = torch.zeros(flat.shape[1], flat.shape[1], dtype=torch.float64, device=flat.device)
-    for c in flat.split(chunk):
-        c = c.double() - mean
-        cov.addmm_(c.t(), c)
-    cov /= n - 1
-    S, U = torch.linalg.eigh(cov)  # cov is symmetric PSD: its SVD (kornia's) and eigen-decomposition agree
-    S = S.clamp_min(0)
-    T = (U * (S + eps).rsqrt()) @ U.t()
-    T_inv = (U * (S + eps).sqrt()) @ U.t()
-    return mean, T, T_inv
-
-
-def zca_apply(x, mean, T, chunk=4096):
-    """Whiten images [N,C,H,W]: (x - mean) @ T per flattened image (kornia's linear_transform), computed in
-    float64, returned in x's dtype and shape."""
-    out = [((c.reshape(len(c), -1).double() - mean) @ T).to(x.dtype) for c in x.split(chunk)]
-    return torch.cat(out).reshape(x.shape) if out else x.clone()
-
-
-def zca_inverse(x, mean, T_inv, chunk=4096):
-    """Undo zca_apply (for showing pictures): x @ T_inv + mean (kornia's inverse_transform)."""
-    out = [(c.reshape(len(c), -1).double() @ T_inv + mean).to(x.dtype) for c in x.split(chunk)]
-    return torch.cat(out).reshape(x.shape) if out else x.clone()
-
 
 def pixels01(images, mean, std):
     """The [0,1] pixels of images that utils.get_dataset normalised with (mean, std) per channel: x * std + mean,

@@ -73,6 +73,8 @@ def get_parser():
     p.add_argument('--factor', type=int, choices=[1, 2],
                    help='the stored images are factor x factor mosaics (IDM\'s), each expanded to factor² training images '
                         '(default: from the record, else 2 for sets made by IDM, else 1)')
+    p.add_argument('--zca', action=argparse.BooleanOptionalAction, default=None,
+                   help='the set lives in ZCA-whitened space: whiten the real data alike (default: as the record says)')
     p.add_argument('--exp', type=experiment, default='all', help='the experiment of the file to evaluate (0, 1, ...), or all')
     p.add_argument('--baseline', default='none', choices=['none', 'random'],
                    help='random: also evaluate random real training images, as many of each class as the set has')
@@ -153,6 +155,11 @@ def resolve(args, settings=None):
     check_strategy(args.dsa_strategy)
     args.sources['augmentation'] = why
     args.epoch_eval_noaug = int(record.get('epoch_eval_noaug') or NO_AUG_EPOCHS.get(args.method, 300))
+    if args.zca is None:  # the set lives in the whitened space of the data it was made from (MTT's --zca)
+        args.zca, args.sources['zca'] = bool(record.get('zca')), 'the record' if 'zca' in record else 'the default'
+    else:
+        args.sources['zca'] = '--zca'
+
     if args.dataset == 'ImageFolder' or args.models or args.eval_mode not in 'WDAPN' or args.model.startswith('ConvNet'):
         return
     raise UsageError(f'--eval_mode {args.eval_mode} compares ConvNet variants; it needs a ConvNet --model, not {args.model}')
@@ -186,7 +193,10 @@ def read_pt(args):
             recorded[str(m)] = summary([float(a) for a in accs])
         except (TypeError, ValueError):  # not a list of numbers: nothing to compare with
             pass
-    return sets, recorded, res.get('settings')
+    learned = res.get('learned') if isinstance(res.get('learned'), list) else []
+    lrs = {str(k): float(d['syn_lr']) for k, d in enumerate(learned) if isinstance(d, dict)
+           and isinstance(d.get('syn_lr'), (int, float))}  # (a step size learned with the set: MTT's)
+    return sets, recorded, res.get('settings'), lrs
 
 
 def read_image(path, channel, size, dataset, sized):
@@ -333,14 +343,19 @@ def output_path(args):
 def load(args):
     """The experiments to evaluate [(k, images, labels)], normalised; the accuracies the file recorded; the real
     training set and test loader; the DataInfo. Fills in args: the settings (see resolve)."""
-    sets, recorded, settings = read_pt(args) if os.path.isfile(args.input) else (None, {}, None)
+    sets, recorded, settings, lrs = read_pt(args) if os.path.isfile(args.input) else (None, {}, None, {})
     resolve(args, settings)
+    # a learning rate learned with each set (MTT's) trains its models, unless --lr_net is given; a negative one
+    # (the authors' code would stop) falls back to the rate the method started from
+    args.learned_lr = {} if 'lr_net' in args.given else {
+        k: lr if lr > 0 else float((read_record(args.input, settings) or {}).get('lr_teacher') or args.lr_net)
+        for k, lr in lrs.items()}
     if sets is None:
         if args.exp not in ('all', 0):
             raise UsageError(f'--exp {args.exp} is out of range: a folder is one experiment, 0')
         raw, folders, folder_of = read_folder(args)
     im_size = tuple((raw if sets is None else sets[0][1]).shape[2:]) if args.dataset == 'ImageFolder' else None
-    loaded = get_dataset(args.dataset, args.data_path, im_size, args.device)  # ImageFolder: at the set's size
+    loaded = get_dataset(args.dataset, args.data_path, im_size, args.device, args.zca)  # ImageFolder: at the set's size
     data, dst_train, testloader = DataInfo.of(args.dataset, loaded), loaded[6], loaded[8]
     if sets is None:
         labels = torch.tensor(folder_labels(folders, data.class_names, data.num_classes, args))[folder_of]
@@ -357,9 +372,9 @@ def load(args):
 # ----------------------------------------------------------------------------------------------------
 
 SAME_FOR_RESUME = ('set_id', 'data_id', 'dataset', 'method', 'model', 'models', 'factor', 'dsa', 'dsa_strategy', 'epoch_eval_train',
-                   'lr_net', 'batch_train', 'seed', 'amp', 'eval_together', 'num_eval', 'baseline',
+                   'lr_net', 'learned_lr', 'zca', 'batch_train', 'seed', 'amp', 'eval_together', 'num_eval', 'baseline',
                    'test_every')  # what the accuracies (and the curves) depend on
-ADDED_SETTINGS = {'test_every': 0}  # settings added since reports were written: their value in reports without them
+ADDED_SETTINGS = {'test_every': 0, 'learned_lr': {}, 'zca': False}  # settings added since reports were written: their value in reports without them
 OTHER_DATA = {'set_id': 'another synthetic set under the same name', 'data_id': 'other real data'}
 
 
@@ -438,6 +453,10 @@ def describe(args, sets, model_pool):
     for m, a in per_model.items():
         say(f'evaluating on {m}: augmentation {augmentation(a)} ({args.sources["augmentation"]}), '
               f'{a.epoch_eval_train} epochs, {args.num_eval} model(s) per experiment')
+    if args.learned_lr:
+        say(f'learning rate: the one learned with the set ({args.learned_lr}), for the set and the random baseline')
+    if args.zca:
+        say(f'the set lives in ZCA-whitened space (from {args.sources["zca"]}): the real data are whitened alike')
     return per_model
 
 
@@ -487,14 +506,16 @@ def main():
     save = (lambda: atomic_json(report(False), out)) if group.world == 1 else None
     try:
         for k, images, labels in sets:
-            for m, a in evaluate_models(images, labels, model_pool, args, testloader, data, (k,), args.epoch_eval_noaug,
+            # (the set's learned rate, if it has one, for the set and its baseline alike: one protocol)
+            flags = args.replace(lr_net=args.learned_lr[str(k)]) if str(k) in args.learned_lr else args
+            for m, a in evaluate_models(images, labels, model_pool, flags, testloader, data, (k,), args.epoch_eval_noaug,
                                         group, on_finish=save,
                                         finished=done.setdefault(('synthetic', k), {}),
                                         curves=curves.setdefault(('synthetic', k), {})).items():
                 accs[m][str(k)] = a
             if baselines:
                 idx, base_labels = baselines[k]
-                for m, a in evaluate_models(dst_train.images[idx], base_labels, model_pool, args, testloader, data,
+                for m, a in evaluate_models(dst_train.images[idx], base_labels, model_pool, flags, testloader, data,
                                             ('random', k), args.epoch_eval_noaug, group, on_finish=save, finished=done.setdefault(('random', k), {}),
                                             curves=curves.setdefault(('random', k), {})).items():
                     base_accs[m][str(k)] = a

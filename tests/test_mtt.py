@@ -132,6 +132,12 @@ def test_mtt_end_to_end_saves_the_set_and_its_learned_step_size(experts, data, t
     record = json.loads((res / 'res_MTT_MNIST_ConvNetW32_1ipc.json').read_text())
     assert record['status'] == 'finished' and record['learned'] == [dict(syn_lr=lr, negative_lr_iterations=0)]
     assert record['protocol']['buffer_experts'] == 2 and 'buffer_id' in record['signature']
+    # evaluate.py trains the set's models with the learned step size, without being told (the report says it)
+    p = run('evaluate.py', res / 'res_MTT_MNIST_ConvNetW32_1ipc.pt', '--num_eval', 1, '--epoch_eval_train', 1,
+            '--data_path', data, '--device', 'cpu')
+    assert p.returncode == 0, p.stderr[-3000:]
+    report = json.loads((res / 'res_MTT_MNIST_ConvNetW32_1ipc_eval.json').read_text())
+    assert report['settings']['learned_lr'] == {'0': lr} and 'the one learned with the set' in p.stdout
     assert set(record['pace']) >= {'loss', 'syn_lr', 'negative_lr', 'seconds'}
 
 

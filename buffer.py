@@ -21,49 +21,11 @@ import re
 import torch
 
 import trajectory as T
+from trajectory import (FORMAT, IDENTITY, buffer_folder, differs, expert_files, expert_path,  # noqa: F401
+                        read_expert)  # (the buffer's files: trajectory.py, which main_MTT.py reads them with)
 from runs import Checkpoints, get_parser, progress, run_script, setup
 from utils import (DataInfo, DiffAugment, Group, UsageError, atomic_save, check_strategy, default_strategy,
                    get_dataset, get_network, load_pt, say, set_seed, generator as stream)
-
-FORMAT = 'mtt-expert-1'
-# what must agree between a buffer and a run that reads it (or another run that adds experts to it)
-IDENTITY = ('format', 'dataset', 'data_id', 'model', 'zca', 'seed', 'train_epochs', 'lr_teacher', 'batch_train', 'mom',
-            'l2', 'decay', 'dsa_strategy', 'param_shapes')
-EXPERT_FILE = re.compile(r'expert_(\d+)\.pt')
-
-
-def buffer_folder(buffer_path, dataset, model, zca):
-    """Where the experts of a dataset, model and whitening live (the authors' layout: <path>/<dataset>/<model>[_zca])."""
-    return os.path.join(buffer_path, dataset, model + ('_zca' if zca else ''))
-
-
-def expert_path(folder, i):
-    return os.path.join(folder, f'expert_{i:04d}.pt')
-
-
-def expert_files(folder):
-    """{expert index: path} of our expert files in a folder."""
-    if not os.path.isdir(folder):
-        return {}
-    found = {int(m.group(1)): os.path.join(folder, f) for f in os.listdir(folder) if (m := EXPERT_FILE.fullmatch(f))}
-    return dict(sorted(found.items()))
-
-
-def differs(theirs, ours, keys=IDENTITY):
-    """What differs between two records, for a one-line message ('' when nothing does)."""
-    said = ['other data' if k == 'data_id' else f'{k} {theirs.get(k)!r} there, {ours.get(k)!r} here'
-            for k in keys if k in ours and theirs.get(k) != ours[k]]
-    return ', '.join(said[:4] + ['...'] * (len(said) > 4))
-
-
-def read_expert(path):
-    """An expert file: (record, trajectory [epochs + 1, P]); a file that is not one is refused in one line."""
-    obj = load_pt(path, {'record': dict, 'trajectory': torch.Tensor})
-    traj = obj['trajectory']
-    if obj['record'].get('format') != FORMAT or traj.dim() != 2:
-        raise UsageError(f'{path} is not an expert file of buffer.py ({FORMAT})')
-    return obj['record'], traj
-
 
 def data_record(args, data, net):
     """The record every expert of this buffer shares (IDENTITY) plus the torch version."""

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 import trajectory as T
-from buffer import IDENTITY, buffer_folder, differs, expert_files, read_expert
+from trajectory import IDENTITY, buffer_folder, differs, expert_files, read_expert
 from runs import Method, available_memory, condense, get_parser, positive, positive_float, resolve_dsa, run_script, setup
 from utils import DiffAugment, UsageError, say
 

@@ -25,11 +25,14 @@ or, with TESLA's gradient (memory independent of syn_steps; an approximation, se
     loss, g_img, g_lr = tesla_grads(net, w0, w_target, images, labels, syn_lr, syn_steps, batch_syn, augment, generator)
     images.grad, syn_lr.grad = g_img, g_lr; opt_img.step(); opt_lr.step()
 """
+import os
+import re
+
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from utils import zca_apply, zca_fit, zca_inverse  # noqa: F401  (ZCA as kornia: the papers' get_dataset has it)
+from utils import UsageError, load_pt, zca_apply, zca_fit, zca_inverse  # noqa: F401  (ZCA: utils.get_dataset has it)
 
 FULL_STRATEGY = 'color_crop_cutout_flip_scale_rotate'  # the authors' --dsa_strategy default (buffer.py, distill.py)
 
@@ -322,3 +325,47 @@ def to_authors_layout(snapshots, net):
     """Flat snapshots of one expert (a list or a [E, P] tensor) -> the authors' layout for that expert: a list of
     lists of parameter tensors shaped like net's. A replay buffer file is a list of these (torch.save)."""
     return [[t.detach().cpu().clone() for t in unflatten(net, s).values()] for s in snapshots]
+
+
+# ----------------------------------------------------------------------------------------------------
+# The buffer's files (buffer.py writes them, main_MTT.py reads them)
+# ----------------------------------------------------------------------------------------------------
+
+FORMAT = 'mtt-expert-1'
+# what must agree between a buffer and a run that reads it (or another run that adds experts to it)
+IDENTITY = ('format', 'dataset', 'data_id', 'model', 'zca', 'seed', 'train_epochs', 'lr_teacher', 'batch_train', 'mom',
+            'l2', 'decay', 'dsa_strategy', 'param_shapes')
+EXPERT_FILE = re.compile(r'expert_(\d+)\.pt')
+
+
+def buffer_folder(buffer_path, dataset, model, zca):
+    """Where the experts of a dataset, model and whitening live (the authors' layout: <path>/<dataset>/<model>[_zca])."""
+    return os.path.join(buffer_path, dataset, model + ('_zca' if zca else ''))
+
+
+def expert_path(folder, i):
+    return os.path.join(folder, f'expert_{i:04d}.pt')
+
+
+def expert_files(folder):
+    """{expert index: path} of our expert files in a folder."""
+    if not os.path.isdir(folder):
+        return {}
+    found = {int(m.group(1)): os.path.join(folder, f) for f in os.listdir(folder) if (m := EXPERT_FILE.fullmatch(f))}
+    return dict(sorted(found.items()))
+
+
+def differs(theirs, ours, keys=IDENTITY):
+    """What differs between two records, for a one-line message ('' when nothing does)."""
+    said = ['other data' if k == 'data_id' else f'{k} {theirs.get(k)!r} there, {ours.get(k)!r} here'
+            for k in keys if k in ours and theirs.get(k) != ours[k]]
+    return ', '.join(said[:4] + ['...'] * (len(said) > 4))
+
+
+def read_expert(path):
+    """An expert file: (record, trajectory [epochs + 1, P]); a file that is not one is refused in one line."""
+    obj = load_pt(path, {'record': dict, 'trajectory': torch.Tensor})
+    traj = obj['trajectory']
+    if obj['record'].get('format') != FORMAT or traj.dim() != 2:
+        raise UsageError(f'{path} is not an expert file of buffer.py ({FORMAT})')
+    return obj['record'], traj

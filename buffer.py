@@ -16,7 +16,6 @@ process i % world: the files are the ones a single process writes.
 main_MTT.py reads these files, and the authors' replay_buffer_<n>.pt files too (trajectory.load_authors_buffer).
 """
 import os
-import re
 
 import torch
 
@@ -25,7 +24,8 @@ from trajectory import (FORMAT, IDENTITY, buffer_folder, differs, expert_files, 
                         read_expert)  # (the buffer's files: trajectory.py, which main_MTT.py reads them with)
 from runs import Checkpoints, get_parser, progress, run_script, setup
 from utils import (DataInfo, DiffAugment, Group, UsageError, atomic_save, check_strategy, default_strategy,
-                   get_dataset, get_network, load_pt, say, set_seed, generator as stream)
+                   get_dataset, get_network, say, set_seed, generator as stream)
+
 
 def data_record(args, data, net):
     """The record every expert of this buffer shares (IDENTITY) plus the torch version."""

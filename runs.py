@@ -370,10 +370,14 @@ def save_result(data, accs_all_exps, protocol, path, learned=None):
 
 
 def save_vis(images, args, data, exp, it):
-    """The synthetic images as pixels (de-normalised, or un-whitened), one row per class."""
-    from torchvision.utils import save_image  # imported here: torchvision takes seconds to import
-    vis = data.pixels(images.detach().cpu())
-    atomic_write(vis_path(args, exp, it), lambda tmp: save_image(vis, tmp, nrow=args.ipc, format='png'))
+    """The synthetic images as pixels (de-normalised, or un-whitened), one row per class; one-channel data as an
+    8-bit grayscale PNG (a third of the bytes of RGB)."""
+    from PIL import Image
+    from torchvision.utils import make_grid  # imported here: torchvision takes seconds to import
+    grid = make_grid(data.pixels(images.detach().cpu()), nrow=args.ipc).mul(255).add_(0.5).clamp_(0, 255)
+    pixels = grid.to(torch.uint8).permute(1, 2, 0).numpy()
+    picture = Image.fromarray(pixels[..., 0] if data.channel == 1 else pixels)
+    atomic_write(vis_path(args, exp, it), lambda tmp: picture.save(tmp, format='png'))
 
 
 class Record:

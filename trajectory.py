@@ -78,30 +78,6 @@ AUTHORS_EVAL = dict(epoch_eval_train=1000, num_eval=5, eval_it=100, batch_train=
 # ZCA whitening (kornia.enhance.ZCAWhitening(eps=0.1, compute_inv=True), fitted on the whole training set)
 # ----------------------------------------------------------------------------------------------------
 
-def pixels01(images, mean, std):
-    """The [0,1] pixels of images that utils.get_dataset normalised with (mean, std) per channel: x * std + mean,
-    rounded to the 1/255 grid of the 8-bit pixels they were read from, i.e. exactly the authors' ToTensor() values."""
-    m = torch.tensor(mean, dtype=images.dtype, device=images.device).view(-1, 1, 1)
-    s = torch.tensor(std, dtype=images.dtype, device=images.device).view(-1, 1, 1)
-    return (images * s + m).mul_(255).round_().div_(255)
-
-
-def whiten_dataset(train_images, test_images, mean, std, eps=0.1):
-    """The authors' --zca data, in place of get_dataset's normalised tensors (changed in place, so that every
-    view of them, e.g. a test loader's, sees it): ZCA fitted on the whole training set of [0,1] pixels (no
-    mean/std normalisation), applied to the training and the test images. Returns (zca_mean, T, T_inv) for
-    zca_apply / zca_inverse. Deterministic given the data: anyone holding the same data (its data_id) refits
-    the same transform with whiten_dataset(train, test, mean, std, eps)."""
-    with torch.no_grad():
-        x = pixels01(train_images, mean, std)
-        z_mean, T, T_inv = zca_fit(x, eps)
-        train_images.copy_(zca_apply(x, z_mean, T))
-        del x
-        if test_images is not None and len(test_images):
-            test_images.copy_(zca_apply(pixels01(test_images, mean, std), z_mean, T))
-    return z_mean, T, T_inv
-
-
 # ----------------------------------------------------------------------------------------------------
 # One flat parameter vector (the authors' ReparamModule, without reparametrising the module)
 # ----------------------------------------------------------------------------------------------------

@@ -446,14 +446,14 @@ class DataInfo:
 
 
 def zca_fit(images, eps=0.1, chunk=2048):
-    """ZCA whitening as kornia's ZCAWhitening(eps) fits it (MTT's): on images [N,C,H,W], unbiased covariance
-    U S U^T, T = U (S + eps)^-1/2 U^T, its inverse U (S + eps)^1/2 U^T; float64, in chunks of images.
-    Returns (mean [D], T, T_inv [D, D]), D = C*H*W."""
+    """ZCA as kornia's ZCAWhitening(eps) fits it (MTT's): images [N,C,H,W], unbiased covariance U S U^T; returns
+    (mean [D], T = U (S + eps)^-1/2 U^T, its inverse U (S + eps)^1/2 U^T), float64, D = C*H*W, in chunks of images."""
     flat = images.reshape(len(images), -1)
     mean = sum(c.double().sum(0) for c in flat.split(chunk)) / len(flat)
     cov = torch.zeros(flat.shape[1], flat.shape[1], dtype=torch.float64, device=flat.device)
     for c in flat.split(chunk):
-        cov.addmm_((c.double() - mean).t(), c.double() - mean)
+        d = c.double() - mean
+        cov.addmm_(d.t(), d)
     S, U = torch.linalg.eigh(cov / (len(flat) - 1))  # (symmetric: its eigen-decomposition is kornia's SVD)
     S = S.clamp_min(0)
     return mean, (U * (S + eps).rsqrt()) @ U.t(), (U * (S + eps).sqrt()) @ U.t()

@@ -13,6 +13,7 @@ import buffer
 import main_MTT
 import runs
 import trajectory as T
+import utils
 from helpers import assert_one_line_error, run, run_in_process
 from utils import get_network, load_result
 
@@ -219,13 +220,14 @@ def test_zca_experts_and_distillation(data, tmp_path, monkeypatch, capsys):
     assert_one_line_error(p, 'no experts in', '--zca')  # (the command it suggests: without --zca)
 
 
-def test_whiten_dataset_recovers_the_pixels_and_whitens():
-    torch.manual_seed(0)
-    pixels = torch.randint(0, 256, (50, 1, 6, 6)).float() / 255
-    mean, std = [0.13], [0.31]
-    train = (pixels - 0.13) / 0.31
-    assert torch.equal(T.pixels01(train, mean, std), pixels)  # exactly the ToTensor values
-    test = train[:5].clone()
-    z_mean, Tm, T_inv = T.whiten_dataset(train, test, mean, std)
-    assert torch.allclose(train, T.zca_apply(pixels, z_mean, Tm)) and torch.allclose(test, train[:5])
-    assert torch.allclose(T.zca_inverse(train, z_mean, T_inv), pixels, atol=1e-5)
+def test_get_dataset_whitens_the_pixels_with_zca(data):
+    """utils.get_dataset(zca=True), what --zca loads: the [0, 1] pixels (no mean/std), ZCA fitted on the training
+    images and applied to both splits; pictures un-whiten them; the record says so."""
+    plain, zca = utils.get_dataset('MNIST', str(data)), utils.get_dataset('MNIST', str(data), zca=True)
+    train, test = (plain[k].images * 0.3081 + 0.1307 for k in (6, 7))  # the [0, 1] pixels
+    z_mean, Tm, _ = utils.zca_fit(train)
+    assert zca[4:6] == ([0.0], [1.0]) and not torch.allclose(zca[6].images, train, atol=0.1)
+    assert torch.allclose(zca[6].images, utils.zca_apply(train, z_mean, Tm), atol=1e-4)
+    assert torch.allclose(zca[7].images, utils.zca_apply(test, z_mean, Tm), atol=1e-4)
+    info = utils.DataInfo.of('MNIST', zca)
+    assert torch.allclose(info.pixels(zca[6].images[:4]), train[:4], atol=1e-4) and info.record()['zca'] is True

@@ -215,6 +215,12 @@ def test_zca_experts_and_distillation(data, tmp_path, monkeypatch, capsys):
     saved = result(tmp_path / 'res')
     assert saved['settings']['zca'] is True and saved['settings']['zca_eps'] == 0.1
     assert (tmp_path / 'res' / 'vis_MTT_MNIST_ConvNetW32_1ipc_exp0_iter1.png').exists()
+    # evaluate.py whitens the real data alike, from the set's record
+    p = run('evaluate.py', tmp_path / 'res' / 'res_MTT_MNIST_ConvNetW32_1ipc.pt', '--num_eval', 1, '--epoch_eval_train', 1,
+            '--data_path', data, '--device', 'cpu')
+    assert p.returncode == 0 and 'ZCA-whitened space (from the record)' in p.stdout, p.stderr[-3000:]
+    report = json.loads((tmp_path / 'res' / 'res_MTT_MNIST_ConvNetW32_1ipc_eval.json').read_text())
+    assert report['settings']['zca'] is True
     p = mtt(monkeypatch, capsys, *MTT, '--Iteration', 1, '--no-zca', '--data_path', data, '--buffer_path',
             tmp_path / 'buf', '--save_path', tmp_path / 'res2')
     assert_one_line_error(p, 'no experts in', '--zca')  # (the command it suggests: without --zca)

@@ -6,7 +6,7 @@ scripts (buffer.py, main_MTT.py) can call these on any harness. docs/mtt.md has 
 the authors' settings; AUTHORS_SETTINGS below is the same table as a dict.
 
 What is here
-  ZCA whitening as the authors run it ........ zca_fit, zca_apply, zca_inverse
+  (ZCA whitening as the authors run it is utils.zca_fit, zca_apply, zca_inverse: the papers' get_dataset uses it)
   one flat parameter vector for a model ...... flat_params, unflatten, functional_forward
   the student unroll and MTT's loss .......... chunk_schedule, student_unroll, trajectory_loss, mtt_loss
   TESLA's constant-memory gradient ........... tesla_grads
@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from utils import UsageError, load_pt, zca_apply, zca_fit, zca_inverse  # noqa: F401  (ZCA: utils.get_dataset has it)
+from utils import UsageError, load_pt
 
 FULL_STRATEGY = 'color_crop_cutout_flip_scale_rotate'  # the authors' --dsa_strategy default (buffer.py, distill.py)
 

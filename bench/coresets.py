@@ -13,7 +13,6 @@ rule pick in common. Also the network's accuracy on the real test set.
 Prints a table and writes coresets_<dataset>_<epochs>ep.json to --save_path.
 """
 import argparse
-import json
 import os
 import sys
 

@@ -52,21 +52,21 @@ def test_zca_matches_kornia_and_inverts():
     K = pytest.importorskip('kornia')
     torch.manual_seed(0)
     x = torch.rand(300, 3, 5, 5)  # [0,1] pixels, D = 75
-    mean, Tm, T_inv = T.zca_fit(x, eps=0.1, chunk=64)  # chunked as for 50,000 images
+    mean, Tm, T_inv = utils.zca_fit(x, eps=0.1, chunk=64)  # chunked as for 50,000 images
     zca = K.enhance.ZCAWhitening(eps=0.1, compute_inv=True).fit(x)  # the authors' call (float32, as they run it)
-    ours = T.zca_apply(x, mean, Tm)
+    ours = utils.zca_apply(x, mean, Tm)
     assert ours.dtype == x.dtype and ours.shape == x.shape
     assert torch.allclose(ours, zca(x), atol=1e-5, rtol=0)
     # in float64 kornia agrees to rounding: the same mathematics (unbiased covariance, (S + eps)^-1/2)
     zca64 = K.enhance.ZCAWhitening(eps=0.1, compute_inv=True).fit(x.double())
-    assert torch.allclose(T.zca_apply(x.double(), mean, Tm), zca64(x.double()), atol=1e-10, rtol=0)
-    assert torch.allclose(T.zca_inverse(ours.double(), mean, T_inv), zca64.inverse_transform(ours.double()),
+    assert torch.allclose(utils.zca_apply(x.double(), mean, Tm), zca64(x.double()), atol=1e-10, rtol=0)
+    assert torch.allclose(utils.zca_inverse(ours.double(), mean, T_inv), zca64.inverse_transform(ours.double()),
                           atol=1e-10, rtol=0)
     # chunking changes nothing, and the inverse undoes the whitening
-    m2, T2, _ = T.zca_fit(x, eps=0.1, chunk=1000)
+    m2, T2, _ = utils.zca_fit(x, eps=0.1, chunk=1000)
     assert torch.allclose(m2, mean, atol=1e-14) and torch.allclose(T2, Tm, atol=1e-12)
-    assert torch.allclose(T.zca_inverse(ours, mean, T_inv), x, atol=1e-5, rtol=0)
-    assert torch.allclose(T.zca_inverse(T.zca_apply(x.double(), mean, Tm), mean, T_inv), x.double(), atol=1e-12)
+    assert torch.allclose(utils.zca_inverse(ours, mean, T_inv), x, atol=1e-5, rtol=0)
+    assert torch.allclose(utils.zca_inverse(utils.zca_apply(x.double(), mean, Tm), mean, T_inv), x.double(), atol=1e-12)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ A method is a `Method` subclass (one iteration, and whatever else it needs of th
 """
 import contextlib
 import ctypes
+import importlib
 import json
 import logging
 import math
@@ -108,9 +109,7 @@ def run_script(main):
             line = (f'error: process {group.rank}: the job stopped: another process failed, stopped or timed out '
                     f'({first[:200]})')
     finally:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            with contextlib.suppress(RuntimeError):
-                torch.distributed.destroy_process_group()
+        leave_group()
         if line and (everyone or int(os.environ.get('RANK', 0)) == 0):
             print(line, file=sys.stderr)
         sys.stdout.flush()
@@ -121,6 +120,16 @@ def run_script(main):
 # ----------------------------------------------------------------------------------------------------
 # Many processes (torchrun), messages and progress
 # ----------------------------------------------------------------------------------------------------
+
+def leave_group():
+    """Leave torchrun's process group, if any: its gloo threads are joined here, while the interpreter is whole
+    (threads that outlive it abort the process at exit: 'terminate called without an active exception').
+    torch._dynamo, which the first optimiser imports, keeps references to the process group that exists when
+    it is imported, so that destroying the group would not end its threads: init_distributed imports it first."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        with contextlib.suppress(RuntimeError):
+            torch.distributed.destroy_process_group()
+
 
 def init_distributed(device):
     """Started by torchrun (RANK and WORLD_SIZE in the environment), join the process group: NCCL on CUDA
@@ -133,6 +142,7 @@ def init_distributed(device):
             device = f'cuda:{int(os.environ.get("LOCAL_RANK", 0))}'
             torch.cuda.set_device(device)
         if not dist.is_initialized():
+            importlib.import_module('torch._dynamo')  # (see leave_group)
             dist.init_process_group('nccl' if device.startswith('cuda') else 'gloo',
                                     timeout=datetime.timedelta(seconds=DIST_TIMEOUT))
     group = Group.current()

@@ -144,3 +144,29 @@ def test_a_killed_process_ends_the_job_with_an_error_soon(data, tmp_path):
     out, err = job.communicate(timeout=120)
     assert job.returncode != 0 and time.time() - t < 60
     assert 'error:' in err
+
+
+TEARDOWN = '''
+import os, sys
+sys.path.insert(0, {root!r})
+import torch
+import runs
+runs.init_distributed('cpu')
+x = torch.ones(3, requires_grad=True)
+torch.optim.SGD([x], lr=0.1)  # (the first optimiser imports torch._dynamo)
+torch.distributed.all_reduce(x.detach())
+runs.leave_group()
+print('threads left:', sorted(open(f'/proc/self/task/{{t}}/comm').read().strip() for t in os.listdir('/proc/self/task')))
+'''
+
+
+@pytest.mark.skipif(not os.path.isdir('/proc/self/task'), reason='lists threads through Linux /proc')
+def test_leaving_the_group_ends_its_threads_before_the_interpreter_ends(tmp_path):
+    """A process that left the group has no gloo thread left: one that outlived the interpreter aborted a
+    finished job's process at exit now and then ('terminate called without an active exception')."""
+    script = tmp_path / 'teardown.py'
+    script.write_text(TEARDOWN.format(root=str(ROOT)))
+    p = subprocess.run(torchrun_command(script), capture_output=True, text=True, timeout=300, env=one_thread())
+    assert p.returncode == 0, p.stderr[-3000:]
+    lines = [line for line in p.stdout.splitlines() if line.startswith('threads left:')]
+    assert len(lines) == 2 and not any('gloo' in line for line in lines), p.stdout

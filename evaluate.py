@@ -372,9 +372,9 @@ def load(args):
 # ----------------------------------------------------------------------------------------------------
 
 SAME_FOR_RESUME = ('set_id', 'data_id', 'dataset', 'method', 'model', 'models', 'factor', 'dsa', 'dsa_strategy', 'epoch_eval_train',
-                   'lr_net', 'learned_lr', 'zca', 'batch_train', 'seed', 'amp', 'eval_together', 'num_eval', 'baseline',
+                   'lr_net', 'learned_lr', 'zca', 'eval_schedule', 'batch_train', 'seed', 'amp', 'eval_together', 'num_eval', 'baseline',
                    'test_every')  # what the accuracies (and the curves) depend on
-ADDED_SETTINGS = {'test_every': 0, 'learned_lr': {}, 'zca': False}  # settings added since reports were written: their value in reports without them
+ADDED_SETTINGS = {'test_every': 0, 'learned_lr': {}, 'zca': False, 'eval_schedule': 'toolkit-0.1'}  # settings added since reports were written: their value in reports without them
 OTHER_DATA = {'set_id': 'another synthetic set under the same name', 'data_id': 'other real data'}
 
 
@@ -452,7 +452,7 @@ def describe(args, sets, model_pool):
     per_model = {m: evaluation_args(args, m, args.epoch_eval_noaug) for m in model_pool}
     for m, a in per_model.items():
         say(f'evaluating on {m}: augmentation {augmentation(a)} ({args.sources["augmentation"]}), '
-              f'{a.epoch_eval_train} epochs, {args.num_eval} model(s) per experiment')
+              f'{a.epoch_eval_train} epochs ({args.eval_schedule} schedule), {args.num_eval} model(s) per experiment')
     if args.learned_lr:
         say(f'learning rate: the one learned with the set ({args.learned_lr}), for the set and the random baseline')
     if args.zca:

@@ -117,6 +117,10 @@ FLAGS = {  # every flag a script shares with others (the papers' names): name ->
     'epoch_eval_train': dict(type=positive, default=None,
                              help='epochs to train an evaluation model (default: 1000 with augmentation, else 300; CAFE 600)'),
     'lr_net': dict(type=positive_float, default=0.01, help='learning rate for network parameters'),
+    'eval_schedule': dict(type=str, default='papers', choices=['papers', 'toolkit-0.1'],
+                          help="papers: their evaluate_synset, epoch_eval_train + 1 epochs and a new SGD at the rate "
+                               "x0.1 after epoch index epoch_eval_train // 2 + 1; toolkit-0.1: this toolkit before 0.2.0, "
+                               "epoch_eval_train epochs, the rate x0.1 in place after half of them"),
     'batch_train': dict(type=positive, default=256, help='batch size for training networks'),
     'eval_together': dict(action='store_true', help='train the evaluation models of an architecture (up to 10, no '
                                                     'BatchNorm) as one batched computation: for GPUs (together.py)'),
@@ -138,7 +142,7 @@ GROUPS = {
     'data': ['dataset', 'data_path', 'im_size'],
     'condensation': ['method', 'model', 'ipc', 'num_exp', 'Iteration', 'lr_img', 'batch_real', 'init', 'dsa_strategy',
                      'dis_metric', 'compile', 'minutes', 'snapshots'],
-    'evaluation': ['eval_mode', 'num_eval', 'epoch_eval_train', 'lr_net', 'batch_train', 'eval_together'],
+    'evaluation': ['eval_mode', 'num_eval', 'epoch_eval_train', 'lr_net', 'eval_schedule', 'batch_train', 'eval_together'],
     'run': ['save_path', 'seed', 'device', 'amp', 'resume', 'checkpoint_every', 'overwrite', 'log', 'keep_memory'],
 }
 NOT_AN_IDENTITY = {'device', 'data_path', 'save_path', 'resume', 'overwrite', 'checkpoint_every', 'num_exp', 'snapshots',

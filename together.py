@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from utils import Group, augmented, generator, get_network, get_time, say, set_seed, test_epochs, untouched_rng
+from utils import Group, augmented, decayed, eval_schedule, generator, get_network, get_time, say, set_seed, test_epochs, untouched_rng
 
 # device types on which the models' test passes run one by one, not through vmap, whose grouped convolutions are
 # slower there (same logits; docs/speed.md)
@@ -47,7 +47,8 @@ def train_together(model_eval, keys, images, labels, testloader, args, data):
                             for m in range(M)])
 
     streams = [generator(*k, 'training') for k in keys]
-    lr, epochs, M = float(args.lr_net), int(args.epoch_eval_train), len(keys)
+    lr, M = float(args.lr_net), len(keys)
+    epochs, decay_after, fresh = eval_schedule(args)
     optimizer = torch.optim.SGD(params.values(), lr=lr, momentum=0.9, weight_decay=0.0005)
     images, labels = images.detach().to(args.device), labels.to(args.device)
     def test_all():  # every model's test accuracy
@@ -71,13 +72,12 @@ def train_together(model_eval, keys, images, labels, testloader, args, data):
             optimizer.zero_grad(set_to_none=True)
             loss.backward()  # (the sum of the models' mean losses: each model gets its own gradient)
             optimizer.step()
-        if ep + 1 == epochs // 2:
-            for group in optimizer.param_groups:
-                group['lr'] = lr * 0.1
+        if ep == decay_after:
+            optimizer = decayed(optimizer, params.values(), lr * 0.1, fresh)
         if ep + 1 in tests:
             with untouched_rng(args):
                 curve.append(test_all())
     accs = test_all()
     say('%s Evaluate %d %s together: epochs = %04d, test acc = %s' % (
-        get_time(), M, model_eval, epochs, ' '.join('%.4f' % a for a in accs)))
+        get_time(), M, model_eval, int(args.epoch_eval_train), ' '.join('%.4f' % a for a in accs)))
     return accs, [list(c) for c in zip(*curve, accs)]

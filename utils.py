@@ -56,7 +56,6 @@ class Diverged(StopRun):
     code = 3
 
 
-
 def get_time():
     return time.strftime('[%Y-%m-%d %H:%M:%S]')
 
@@ -73,9 +72,7 @@ def say(message):
         tqdm.write(message)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Datasets
-# ----------------------------------------------------------------------------------------------------
+# --- Datasets -----------------------------------------------------------------------------------------------
 
 # name: (channel, im_size, num_classes, mean, std)
 DATASETS = {
@@ -532,9 +529,7 @@ class ClassImages:
         return self.images[idx[pick]], labels[pick]
 
 
-# ----------------------------------------------------------------------------------------------------
-# Models
-# ----------------------------------------------------------------------------------------------------
+# --- Models -------------------------------------------------------------------------------------------------
 
 def pick_device(device='auto'):
     if device in (None, 'auto'):
@@ -622,9 +617,7 @@ def get_eval_pool(eval_mode, model, model_eval):
     return [model_eval]
 
 
-# ----------------------------------------------------------------------------------------------------
-# Differentiable Siamese augmentation (DSA)
-# ----------------------------------------------------------------------------------------------------
+# --- Differentiable Siamese augmentation (DSA) --------------------------------------------------------------
 
 class ParamDiffAug:
     def __init__(self):
@@ -768,9 +761,7 @@ def check_strategy(strategy):
                          + ' '.join(AUGMENT_FNS) + ', or none')
 
 
-# ----------------------------------------------------------------------------------------------------
-# DC's classic augmentation (evaluation only)
-# ----------------------------------------------------------------------------------------------------
+# --- DC's classic augmentation (evaluation only) ------------------------------------------------------------
 
 def get_daparam(dataset, model, model_eval, ipc):
     """DC's evaluation augmentation: MNIST gets crop/scale/rotate, BatchNorm ConvNets crop/noise."""
@@ -820,9 +811,7 @@ def augment(images, dc_aug_param, device=None, generator=None):
     return out
 
 
-# ----------------------------------------------------------------------------------------------------
-# Gradient matching (DC, DSA)
-# ----------------------------------------------------------------------------------------------------
+# --- Gradient matching (DC, DSA) ----------------------------------------------------------------------------
 
 LOOPS = {1: (1, 1), 10: (10, 50), 20: (20, 25), 30: (30, 20), 40: (40, 15), 50: (50, 10)}
 
@@ -878,9 +867,7 @@ def class_gradients(net, images, label, create_graph=False, chunk=64):
     return grads
 
 
-# ----------------------------------------------------------------------------------------------------
-# Training and evaluation of networks
-# ----------------------------------------------------------------------------------------------------
+# --- Training and evaluation of networks --------------------------------------------------------------------
 
 def augmented(images, args, generator=None):
     """The method's training-time augmentation: DSA's (every image its own draw) or DC's classic one."""
@@ -933,27 +920,47 @@ def test_epochs(args):
     return sorted(set(range(every, last, every) if every else ()) | {last})
 
 
+def eval_schedule(args):
+    """The evaluation models' schedule, as (epochs, index of the epoch after which the rate drops x0.1, whether a
+    new optimiser starts there). 'papers' (default; their evaluate_synset): Epoch + 1 epochs, a new SGD (momentum
+    restarted) after epoch index Epoch // 2 + 1. 'toolkit-0.1' (before 0.2.0): Epoch epochs, the rate x0.1 in place
+    after Epoch // 2 of them."""
+    Epoch = int(args.epoch_eval_train)
+    if getattr(args, 'eval_schedule', 'papers') == 'papers':
+        return Epoch + 1, Epoch // 2 + 1, True
+    return Epoch, Epoch // 2 - 1, False
+
+
+def decayed(optimizer, params, lr, fresh):
+    """The optimiser after the schedule's drop to `lr`: a new SGD (the papers') or the same one (toolkit-0.1)."""
+    if fresh:
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=0.0005)
+    for group in optimizer.param_groups:
+        group['lr'] = lr
+    return optimizer
+
+
 def train_and_test(it_eval, net, images_train, labels_train, testloader, args):
-    """Train `net` on the synthetic set only (SGD lr_net, momentum 0.9, weight decay 5e-4, batch batch_train,
-    epoch_eval_train epochs, the rate x0.1 after half of them, the method's augmentation), then test it on the real
-    test set (and every args.test_every epochs on the way). Returns (net, acc_train, acc_test, curve at test_epochs)."""
+    """Train `net` on the synthetic set only (SGD lr_net, momentum 0.9, weight decay 5e-4, batch batch_train, the
+    method's augmentation; epochs and the drop of the rate x0.1 as eval_schedule says), then test it on the real test
+    set (and every args.test_every epochs on the way). Returns (net, acc_train, acc_test, curve at test_epochs)."""
     net = net.to(args.device)
     images_train, labels_train = images_train.to(args.device), labels_train.to(args.device)
     lr, Epoch = float(args.lr_net), int(args.epoch_eval_train)
+    epochs, decay_after, fresh = eval_schedule(args)
     optimizer = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=0.0005)
     criterion = nn.CrossEntropyLoss()
     trainloader = tensor_loader(images_train, labels_train, args.batch_train, shuffle=True)
     start, tests, curve = time.time(), test_epochs(args)[:-1], []
-    for ep in tqdm(range(Epoch), desc=f'training evaluation model {it_eval}', leave=False, dynamic_ncols=True,
+    for ep in tqdm(range(epochs), desc=f'training evaluation model {it_eval}', leave=False, dynamic_ncols=True,
                    disable=not Group.current().main):
         stats = run_epoch('train', trainloader, net, optimizer, criterion, args, aug=True)
-        if ep + 1 == Epoch // 2:
-            for group in optimizer.param_groups:
-                group['lr'] = lr * 0.1
+        if ep == decay_after:
+            optimizer = decayed(optimizer, net.parameters(), lr * 0.1, fresh)
         if ep + 1 in tests:
             with untouched_rng(args):
                 curve.append(epoch('test', testloader, net, optimizer, criterion, args, aug=False)[1])
-    loss_train, correct, count = stats if Epoch else (torch.zeros(()), torch.zeros(()), 1)
+    loss_train, correct, count = stats if epochs else (torch.zeros(()), torch.zeros(()), 1)
     loss_train, acc_train = loss_train.item() / count, correct.item() / count
     time_train = time.time() - start
     loss_test, acc_test = epoch('test', testloader, net, optimizer, criterion, args, aug=False)
@@ -1048,9 +1055,7 @@ def accuracy(net, images, labels, chunk=256):
     return correct(net, images, labels, chunk) / len(labels)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Coreset selection (the baselines of the papers' tables)
-# ----------------------------------------------------------------------------------------------------
+# --- Coreset selection (the baselines of the papers' tables) ------------------------------------------------
 
 def train_classifier(net, real, classes, args, epochs):
     """Train `net` on all real training images of `classes` (relabelled 0..len(classes)-1), without
@@ -1190,9 +1195,7 @@ def select_coreset(method, real, args, data, n, classes=None):
     return picks
 
 
-# ----------------------------------------------------------------------------------------------------
-# Seeds, saving
-# ----------------------------------------------------------------------------------------------------
+# --- Seeds, saving ------------------------------------------------------------------------------------------
 
 def _seed_of(*keys):
     """One 32-bit seed from a tuple of non-negative ints and strings."""
@@ -1356,9 +1359,7 @@ def denormalise(images, mean, std):
     return (images * std + mean).clamp(0, 1)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Many processes (torchrun)
-# ----------------------------------------------------------------------------------------------------
+# --- Many processes (torchrun) ------------------------------------------------------------------------------
 
 COMMUNICATED = [0]  # bytes of tensors this process has sent to or received from the others (bench/scaling.py)
 DIST_TIMEOUT = 900  # seconds a collective waits for the other processes before the job fails
@@ -1422,10 +1423,7 @@ def gather_objects(obj):
     return out
 
 
-
-# ----------------------------------------------------------------------------------------------------
-# The synthetic set
-# ----------------------------------------------------------------------------------------------------
+# --- The synthetic set --------------------------------------------------------------------------------------
 
 class SynSet:
     """The synthetic set: num_classes x ipc images (labels [0]*ipc + [1]*ipc + ...) and their optimiser (SGD lr_img,

@@ -21,10 +21,11 @@ import torch
 
 from networks import MODELS
 from runs import STRATEGY_RULE, Flags, Interrupted, get_parser as shared_parser, init_distributed, natural, on_main, \
-    run_script, writable_folder
+    positive, positive_float, refuse, run_script, writable_folder
+from scores import SoftLabels, read_released, released_layout, teacher_logits
 from utils import (CORESETS, DATASETS, NO_STRATEGY, ClassImages, DataInfo, Group, UsageError, atomic_json, check_strategy,
-                   default_strategy, evaluate_models, evaluation_args, expand, fingerprint, generator, get_dataset,
-                   get_eval_pool, load_result, pick_device, say, test_epochs)
+                   default_strategy, epoch, evaluate_models, evaluation_args, expand, fingerprint, generator, get_dataset,
+                   get_eval_pool, load_result, pick_device, say, set_seed, test_epochs, trained_classifier)
 
 # Sets made by this toolkit carry their evaluation settings in their record (dsa, dsa_strategy, factor,
 # epoch_eval_noaug); for sets without one (the papers' released files), their file names say which method made them:
@@ -78,6 +79,20 @@ def get_parser():
     p.add_argument('--exp', type=experiment, default='all', help='the experiment of the file to evaluate (0, 1, ...), or all')
     p.add_argument('--baseline', default='none', choices=['none', 'random'],
                    help='random: also evaluate random real training images, as many of each class as the set has')
+    p.add_argument('--labels', default='hard', choices=['hard', 'set', 'teacher'],
+                   help="what the models train on: hard labels (the papers' protocol); set: the soft labels (logits) "
+                        "that come with the set (DATM's); teacher: a --teacher network's logits, the network trained here "
+                        'on the real data (DD-Ranking). The random baseline follows the same rule (under set: the teacher)')
+    p.add_argument('--teacher', choices=list(MODELS), metavar='MODEL',
+                   help="the teacher's architecture (default: the set's --model), trained --teacher_epochs on the real "
+                        'training set without augmentation and kept in the output folder')
+    p.add_argument('--teacher_epochs', type=positive, default=20, help="the teacher's epochs")
+    p.add_argument('--teacher_labels', default='batch', choices=['batch', 'once'],
+                   help='batch: the teacher labels every augmented batch (DD-Ranking); once: the images, once, before training')
+    p.add_argument('--soft_loss', choices=['kl', 'sce'],
+                   help="KL divergence or soft cross-entropy (default: sce for the set's labels, as DATM; kl for a "
+                        "teacher's, as DD-Ranking)")
+    p.add_argument('--temperature', type=positive_float, default=1.0, help='the soft labels\' temperature')
     p.add_argument('--test_every', type=natural, default=0, metavar='E',
                    help='also test every model after every E epochs of its training (the schedule unchanged): the '
                         'report holds the accuracy against epochs, mean and std over the models (default: 0, at the end only)')
@@ -331,7 +346,9 @@ def table(report):
     for m, r in report['results'].items():
         rows.append([m, r['augmentation'], str(r['epochs'])] + [cell(results.get(m)) for _, results in columns])
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return '\n'.join('  '.join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
+    labels = [f'{name}: {r["labels"]}' for name, results in columns[:2] for r in list(results.values())[:1] if r.get('labels', 'hard labels') != 'hard labels']
+    return '\n'.join(['  '.join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+                     + (['labels: ' + '; '.join(labels)] if labels else []))
 
 
 def output_path(args):
@@ -341,10 +358,20 @@ def output_path(args):
 
 
 def load(args):
-    """The experiments to evaluate [(k, images, labels)], normalised; the accuracies the file recorded; the real
-    training set and test loader; the DataInfo. Fills in args: the settings (see resolve)."""
-    sets, recorded, settings, lrs = read_pt(args) if os.path.isfile(args.input) else (None, {}, None, {})
+    """The experiments to evaluate [(k, images, hard labels)], normalised; the soft labels that came with them
+    {k: logits} (DATM's layout); the accuracies the file recorded; the real training set and test loader; the
+    DataInfo. Fills in args: the settings (see resolve)."""
+    soft, released = {}, released_layout(args.input)
+    if released:  # MTT's or DATM's layout: images, labels (DATM's: soft) and (DATM's) a learned rate
+        images, labels, lr = read_released(args.input)
+        soft = {0: labels} if labels.dim() == 2 else {}
+        sets, recorded, settings, lrs = [(0, images, labels.argmax(1) if soft else labels)], {}, None, {'0': lr} if lr else {}
+    else:
+        sets, recorded, settings, lrs = read_pt(args) if os.path.isfile(args.input) else (None, {}, None, {})
     resolve(args, settings)
+    if released:
+        args.sources['labels'] = ("soft labels (logits) with the set; hard labels: their argmax" if soft else
+                                  'hard labels with the set') + " (MTT's or DATM's layout)"
     # a learning rate learned with each set (MTT's) trains its models, unless --lr_net is given; a negative one
     # (the authors' code would stop) falls back to the rate the method started from
     args.learned_lr = {} if 'lr_net' in args.given else {
@@ -363,8 +390,10 @@ def load(args):
         sets = [(0, (raw.float() / 255 - mean) / std, labels)]
     for k, images, labels in sets:
         check_fit(images, labels, f'{args.input} experiment {k}' if os.path.isfile(args.input) else args.input, args, data)
+    if soft and args.factor > 1:
+        raise UsageError(f'{args.input}: soft labels with {args.factor}x{args.factor} mosaics are not supported')
     sets = [(k, *expand(images, labels, args.factor)) for k, images, labels in sets]  # (what the models train on)
-    return sets, recorded, dst_train, testloader, data
+    return sets, soft, recorded, dst_train, testloader, data
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -372,9 +401,11 @@ def load(args):
 # ----------------------------------------------------------------------------------------------------
 
 SAME_FOR_RESUME = ('set_id', 'data_id', 'dataset', 'method', 'model', 'models', 'factor', 'dsa', 'dsa_strategy', 'epoch_eval_train',
-                   'lr_net', 'learned_lr', 'zca', 'eval_schedule', 'batch_train', 'seed', 'amp', 'eval_together', 'num_eval', 'baseline',
+                   'lr_net', 'learned_lr', 'zca', 'eval_schedule', 'labels', 'teacher', 'teacher_epochs',
+                   'teacher_labels', 'soft_loss', 'temperature', 'batch_train', 'seed', 'amp', 'eval_together', 'num_eval', 'baseline',
                    'test_every')  # what the accuracies (and the curves) depend on
-ADDED_SETTINGS = {'test_every': 0, 'learned_lr': {}, 'zca': False, 'eval_schedule': 'toolkit-0.1'}  # settings added since reports were written: their value in reports without them
+ADDED_SETTINGS = {'test_every': 0, 'learned_lr': {}, 'zca': False, 'eval_schedule': 'toolkit-0.1', 'labels': 'hard',
+                  'teacher': None, 'teacher_epochs': 20, 'teacher_labels': 'batch', 'soft_loss': None, 'temperature': 1.0}  # settings added since reports were written: their value in reports without them
 OTHER_DATA = {'set_id': 'another synthetic set under the same name', 'data_id': 'other real data'}
 
 
@@ -411,7 +442,7 @@ def resumed(out, settings):
     changed = [k for k in SAME_FOR_RESUME if old.get(k, ADDED_SETTINGS.get(k)) != now.get(k)]
     if changed:
         raise UsageError(f'--resume: {out} was made with other settings ('
-                         + ', '.join(OTHER_DATA.get(k) or f'{k} {old.get(k)!r}, now {now.get(k)!r}' for k in changed)
+                         + ', '.join(OTHER_DATA.get(k) or f'{k} {old.get(k, ADDED_SETTINGS.get(k))!r}, now {now.get(k)!r}' for k in changed)
                          + '); give the same ones, or another --save_path')
     return done, curves
 
@@ -424,6 +455,12 @@ def configure(args):
         raise UsageError(f'--resume takes no file here ({args.resume}): it continues the evaluation in <input>_eval.json')
     if args.num_eval == 0:  # (the shared flag allows 0 for condensation with --snapshots; an evaluation needs a model)
         raise UsageError('--num_eval must be at least 1, got 0')
+    if args.labels == 'hard':
+        refuse(args, ('teacher', 'teacher_epochs', 'teacher_labels', 'soft_loss', 'temperature'),
+               'is for soft labels: give --labels teacher or --labels set')
+    elif args.labels == 'set' and args.baseline != 'random':
+        refuse(args, ('teacher', 'teacher_epochs', 'teacher_labels'), "labels the random baseline: --labels set "
+               "trains on the set's own labels")
     args.device, _ = init_distributed(pick_device(args.device))
     if args.dsa_strategy is not None:
         check_strategy(args.dsa_strategy)
@@ -460,11 +497,66 @@ def describe(args, sets, model_pool):
     return per_model
 
 
+class LabelsRule:
+    """The labels of one evaluation, the same rule for the set and the random baseline: for_set(k, images, labels)
+    and for_random(images, labels) give (labels, train_criterion); `words` say what each trained on, `teacher` is
+    the teacher's card (or None)."""
+
+    def __init__(self, args, soft, dst_train, testloader, data, folder):
+        self.args, self.soft, self.teacher, self.net = args, soft, None, None
+        if args.labels == 'set' and not soft:
+            raise UsageError(f'--labels set: {args.input} carries no soft labels (hard labels only); '
+                             'try --labels teacher')
+        if args.labels == 'teacher' or args.labels == 'set' and args.baseline == 'random':
+            self.net, self.teacher = train_teacher(args, dst_train, testloader, data, folder)
+        self.loss = args.soft_loss or ('sce' if args.labels == 'set' else 'kl')
+        how = f'{self.loss} at temperature {args.temperature:g}'
+        by_teacher = self.teacher and (f"the {self.teacher['architecture']} teacher's soft labels "
+                                       f"({'every augmented batch' if args.teacher_labels == 'batch' else 'once'}; {how})")
+        self.words = {'hard': {'set': 'hard labels', 'random': 'hard labels'},
+                      'set': {'set': f"the set's soft labels ({how})", 'random': by_teacher},
+                      'teacher': {'set': by_teacher, 'random': by_teacher}}[args.labels]
+
+    def by_teacher(self, images, labels):
+        if self.args.teacher_labels == 'once':
+            return teacher_logits(self.net, images.to(self.args.device)), SoftLabels(self.loss, self.args.temperature)
+        return labels, SoftLabels(self.loss, self.args.temperature, self.net)
+
+    def for_set(self, k, images, labels):
+        if self.args.labels == 'hard':
+            return labels, None
+        if self.args.labels == 'set':
+            return self.soft[k].to(self.args.device), SoftLabels(self.loss, self.args.temperature)
+        return self.by_teacher(images, labels)
+
+    def for_random(self, images, labels):
+        return (labels, None) if self.args.labels == 'hard' else self.by_teacher(images, labels)
+
+
+def train_teacher(args, dst_train, testloader, data, folder):
+    """A --teacher network trained on the real training set (utils.trained_classifier: --teacher_epochs, no
+    augmentation, kept in `folder` and read back by a rerun), in eval mode, and its card."""
+    import hashlib
+    arch = args.teacher or (args.model if args.model in MODELS else 'ConvNet')
+    flags = args.replace(model=arch, save_path=folder)
+    set_seed(args.seed, 'teacher')
+    net, _ = trained_classifier(ClassImages(dst_train, data.num_classes), range(data.num_classes), flags, data,
+                                args.teacher_epochs)
+    acc = epoch('test', testloader, net, None, torch.nn.CrossEntropyLoss(), flags, aug=False)[1]
+    digest = hashlib.sha256()
+    for name, t in net.state_dict().items():
+        digest.update(name.encode() + t.detach().cpu().contiguous().numpy().tobytes())
+    card = dict(architecture=arch, epochs=args.teacher_epochs, trained_on=f'the {data.dataset} training set, no augmentation',
+                lr_net=args.lr_net, batch_train=args.batch_train, test_acc=acc, weights_sha256=digest.hexdigest(), kept_in=folder)
+    say(f'teacher: {arch}, {args.teacher_epochs} epochs on the real training set, test accuracy {100 * acc:.2f} %')
+    return net, card
+
+
 def main():
     args = configure(get_parser().parse_args())
     group, out = Group.current(), output_path(args)
     on_main(group, writable_folder, os.path.dirname(out), '--save_path' if args.save_path else 'the output folder')
-    sets, recorded, dst_train, testloader, data = load(args)
+    sets, soft, recorded, dst_train, testloader, data = load(args)
     counts = [torch.bincount(labels, minlength=data.num_classes).tolist() for _, _, labels in sets]
     args.ipc = max(max(c) for c in counts)
     model_pool = args.models or get_eval_pool(args.eval_mode, args.model, args.model)
@@ -473,6 +565,8 @@ def main():
     args = Flags.freeze(args)
     baselines = draw_baselines(args, sets, counts, dst_train, data.num_classes)
     per_model = describe(args, sets, model_pool)
+    rule = LabelsRule(args, soft, dst_train, testloader, data, os.path.dirname(out))
+    say(f'labels: the set trains on {rule.words["set"]}' + (f', the random baseline on {rule.words["random"]}' if baselines else ''))
     settings = {k: v for k, v in vars(args).items() if k not in ('given', 'flags')
                 and isinstance(v, (int, float, str, bool, type(None), list, tuple, dict))}
     settings = dict(settings, channel=data.channel, im_size=list(data.im_size), num_classes=data.num_classes,
@@ -483,7 +577,10 @@ def main():
     done, curves = on_main(group, resumed, out, settings) if args.resume else ({}, {})
     if args.resume:
         say(f'continuing the evaluation in {out}: {models_in(done)} model(s) done')
-    accs, base_accs = {m: {} for m in model_pool}, {m: {} for m in model_pool}
+
+    def finished_accs(kind, m):  # {experiment: accuracies of the finished models of m}: a stopped run's too
+        return {str(k): [a for _, accs in sorted((n, a) for (mm, n), a in models.items() if mm == m) for a in accs]
+                for (s, k), models in sorted(done.items()) if s == kind and any(mm == m for mm, _ in models)}
 
     def against_epochs(kind, m):  # (only with --test_every)
         if not args.test_every:
@@ -494,10 +591,12 @@ def main():
     def report(finished):
         return dict(
             settings=settings,
-            results={m: summarise_exps(accs[m], epochs=per_model[m].epoch_eval_train, augmentation=augmentation(per_model[m]),
+            results={m: summarise_exps(finished_accs('synthetic', m), epochs=per_model[m].epoch_eval_train,
+                                       augmentation=augmentation(per_model[m]), labels=rule.words['set'],
                                        **against_epochs('synthetic', m)) for m in model_pool},
-            baseline=dict(kind='random', results={m: summarise_exps(base_accs[m], **against_epochs('random', m))
-                                                  for m in model_pool},
+            teacher=rule.teacher,
+            baseline=dict(kind='random', results={m: summarise_exps(finished_accs('random', m), labels=rule.words['random'],
+                                                                    **against_epochs('random', m)) for m in model_pool},
                           indices={str(j): idx.tolist() for j, (idx, _) in baselines.items()}) if baselines else None,
             recorded=recorded, finished=finished, done=done_list(done, curves))
 
@@ -508,17 +607,16 @@ def main():
         for k, images, labels in sets:
             # (the set's learned rate, if it has one, for the set and its baseline alike: one protocol)
             flags = args.replace(lr_net=args.learned_lr[str(k)]) if str(k) in args.learned_lr else args
-            for m, a in evaluate_models(images, labels, model_pool, flags, testloader, data, (k,), args.epoch_eval_noaug,
-                                        group, on_finish=save,
-                                        finished=done.setdefault(('synthetic', k), {}),
-                                        curves=curves.setdefault(('synthetic', k), {})).items():
-                accs[m][str(k)] = a
+            train_labels, criterion = rule.for_set(k, images, labels)
+            evaluate_models(images, train_labels, model_pool, flags, testloader, data, (k,), args.epoch_eval_noaug, group,
+                            on_finish=save, finished=done.setdefault(('synthetic', k), {}),
+                            curves=curves.setdefault(('synthetic', k), {}), train_criterion=criterion)
             if baselines:
                 idx, base_labels = baselines[k]
-                for m, a in evaluate_models(dst_train.images[idx], base_labels, model_pool, flags, testloader, data,
-                                            ('random', k), args.epoch_eval_noaug, group, on_finish=save, finished=done.setdefault(('random', k), {}),
-                                            curves=curves.setdefault(('random', k), {})).items():
-                    base_accs[m][str(k)] = a
+                train_labels, criterion = rule.for_random(dst_train.images[idx], base_labels)
+                evaluate_models(dst_train.images[idx], train_labels, model_pool, flags, testloader, data, ('random', k),
+                                args.epoch_eval_noaug, group, on_finish=save, finished=done.setdefault(('random', k), {}),
+                                curves=curves.setdefault(('random', k), {}), train_criterion=criterion)
             on_main(group, atomic_json, report(k == sets[-1][0]), out)  # after every experiment: a long run keeps what it has done
     except Interrupted as stop:
         if group.world > 1:  # (each process holds only its own models: no collective to save them with)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from utils import UsageError, load_pt
 
 __all__ = ['DEFAULT_WEIGHT', 'hlr', 'ior', 'lrs', 'ars', 'lrs_both', 'ars_both', 'mean_lrs', 'soft_cross_entropy',
-           'kl_divergence', 'read_released']
+           'kl_divergence', 'SOFT_LOSSES', 'SoftLabels', 'teacher_logits', 'read_released', 'released_layout']
 
 DEFAULT_WEIGHT = 0.5  # DD-Ranking's default lrs_lambda and ars_lambda ("w = 0.5 on the leaderboard")
 SCALES = ('fraction', 'percent')
@@ -164,6 +164,36 @@ def kl_divergence(logits, teacher_logits, temperature, scale_loss=False):
     return loss * temperature ** 2 if scale_loss else loss
 
 
+SOFT_LOSSES = {'kl': kl_divergence, 'sce': soft_cross_entropy}
+
+
+class SoftLabels:
+    """The training loss of evaluation models on soft labels (utils.train_and_test's train_criterion): KL or soft
+    cross-entropy (SOFT_LOSSES) at a temperature against target logits, either those that travel with each batch
+    (labels that come with the set, or a teacher's computed once) or, with a `teacher`, the teacher's logits of
+    every augmented batch (relabel, which utils.run_epoch calls after augmenting)."""
+
+    def __init__(self, loss='kl', temperature=1.0, teacher=None):
+        if loss not in SOFT_LOSSES:
+            raise ValueError(f'the soft-label loss must be one of {", ".join(SOFT_LOSSES)}, not {loss!r}')
+        self.loss, self.temperature, self.teacher = SOFT_LOSSES[loss], _temperature(temperature), teacher
+
+    def relabel(self, images, labels):
+        if self.teacher is None:
+            return labels
+        with torch.no_grad():
+            return self.teacher(images).float()
+
+    def __call__(self, logits, target):
+        return self.loss(logits.float(), target, self.temperature)
+
+
+@torch.no_grad()
+def teacher_logits(teacher, images, chunk=256):
+    """The teacher's logits of `images` (no augmentation), computed once: soft labels [N, classes]."""
+    return torch.cat([teacher(x).float() for x in images.split(chunk)])
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Released sets: MTT's and DATM's layouts
 
@@ -193,6 +223,14 @@ def _tensor(path, what):
     if not isinstance(obj, torch.Tensor):
         raise UsageError(f'{path} must hold a tensor of {what}, not a {type(obj).__name__}')
     return obj.detach()
+
+
+def released_layout(path):
+    """Whether `path` is a set in MTT's or DATM's layout: an images_<best|it>.pt file, or a folder holding them
+    (or a Normal/ folder with them)."""
+    if os.path.isfile(path):
+        return bool(_IMAGES.match(os.path.basename(path)))
+    return any(os.path.isdir(p) and any(map(_IMAGES.match, os.listdir(p))) for p in (path, os.path.join(path, 'Normal')))
 
 
 def read_released(path, which=None):

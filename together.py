@@ -14,7 +14,7 @@ from utils import Group, augmented, decayed, eval_schedule, generator, get_netwo
 TEST_ONE_BY_ONE = ('cpu',)
 
 
-def train_together(model_eval, keys, images, labels, testloader, args, data):
+def train_together(model_eval, keys, images, labels, testloader, args, data, train_criterion=None):
     """len(keys) models of one architecture without BatchNorm, trained on the synthetic set and tested as
     one batched computation (their parameters stacked, torch.func.vmap over them), with the protocol of
     train_and_test. Each model has its own initialisation, batch order and augmentation draws, from its
@@ -68,7 +68,10 @@ def train_together(model_eval, keys, images, labels, testloader, args, data):
         orders = torch.stack([torch.randperm(len(images), generator=g) for g in streams]).to(args.device)
         for idx in orders.split(args.batch_train, dim=1):  # [M, batch]: each model its own batch
             x = torch.stack([augmented(images[i], args, g) for i, g in zip(idx, streams)])
-            loss = F.cross_entropy(run(params, buffers, x).flatten(0, 1), labels[idx].flatten()) * M
+            y = labels[idx].flatten(0, 1)  # (class indices, or soft labels [M * batch, classes])
+            if hasattr(train_criterion, 'relabel'):  # (a teacher labelling every augmented batch)
+                y = train_criterion.relabel(x.flatten(0, 1), y)
+            loss = (train_criterion or F.cross_entropy)(run(params, buffers, x).flatten(0, 1), y) * M
             optimizer.zero_grad(set_to_none=True)
             loss.backward()  # (the sum of the models' mean losses: each model gets its own gradient)
             optimizer.step()

@@ -884,18 +884,20 @@ def run_epoch(mode, dataloader, net, optimizer, criterion, args, aug):
     correct = torch.zeros((), device=args.device, dtype=torch.long)
     count = 0
     with torch.set_grad_enabled(train):
-        for img, lab in dataloader:
-            img, lab = img.to(args.device).float(), lab.to(args.device).long()
+        for img, lab in dataloader:  # (lab: class indices, or soft labels [batch, classes])
+            img, lab = img.to(args.device).float(), lab.to(args.device)
             if aug:
                 img = augmented(img, args)
+            if hasattr(criterion, 'relabel'):  # (a teacher labelling every augmented batch)
+                lab = criterion.relabel(img, lab)
             output = net(img)
-            loss = criterion(output, lab)
+            loss = criterion(output, lab if lab.dim() > 1 else lab.long())
             if train:
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
             loss_sum += loss.detach() * len(lab)
-            correct += (output.argmax(1) == lab).sum()
+            correct += (output.argmax(1) == (lab.argmax(1) if lab.dim() > 1 else lab)).sum()
             count += len(lab)
     return loss_sum, correct, count
 
@@ -925,36 +927,33 @@ def eval_schedule(args):
     new optimiser starts there). 'papers' (default; their evaluate_synset): Epoch + 1 epochs, a new SGD (momentum
     restarted) after epoch index Epoch // 2 + 1. 'toolkit-0.1' (before 0.2.0): Epoch epochs, the rate x0.1 in place
     after Epoch // 2 of them."""
-    Epoch = int(args.epoch_eval_train)
-    if getattr(args, 'eval_schedule', 'papers') == 'papers':
-        return Epoch + 1, Epoch // 2 + 1, True
-    return Epoch, Epoch // 2 - 1, False
+    Epoch, papers = int(args.epoch_eval_train), getattr(args, 'eval_schedule', 'papers') == 'papers'
+    return (Epoch + 1, Epoch // 2 + 1, True) if papers else (Epoch, Epoch // 2 - 1, False)
 
 
 def decayed(optimizer, params, lr, fresh):
     """The optimiser after the schedule's drop to `lr`: a new SGD (the papers') or the same one (toolkit-0.1)."""
-    if fresh:
-        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=0.0005)
     for group in optimizer.param_groups:
         group['lr'] = lr
-    return optimizer
+    return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=0.0005) if fresh else optimizer
 
 
-def train_and_test(it_eval, net, images_train, labels_train, testloader, args):
+def train_and_test(it_eval, net, images_train, labels_train, testloader, args, train_criterion=None):
     """Train `net` on the synthetic set only (SGD lr_net, momentum 0.9, weight decay 5e-4, batch batch_train, the
-    method's augmentation; epochs and the drop of the rate x0.1 as eval_schedule says), then test it on the real test
-    set (and every args.test_every epochs on the way). Returns (net, acc_train, acc_test, curve at test_epochs)."""
+    method's augmentation; epochs and the drop of the rate x0.1 as eval_schedule says; cross-entropy, or
+    train_criterion, as DATM's, e.g. on soft labels [N, classes]), then test it on the real test set (and every
+    args.test_every epochs on the way). Returns (net, acc_train, acc_test, curve at test_epochs)."""
     net = net.to(args.device)
     images_train, labels_train = images_train.to(args.device), labels_train.to(args.device)
     lr, Epoch = float(args.lr_net), int(args.epoch_eval_train)
     epochs, decay_after, fresh = eval_schedule(args)
     optimizer = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=0.0005)
-    criterion = nn.CrossEntropyLoss()
+    criterion, train = nn.CrossEntropyLoss(), train_criterion or nn.CrossEntropyLoss()
     trainloader = tensor_loader(images_train, labels_train, args.batch_train, shuffle=True)
     start, tests, curve = time.time(), test_epochs(args)[:-1], []
     for ep in tqdm(range(epochs), desc=f'training evaluation model {it_eval}', leave=False, dynamic_ncols=True,
                    disable=not Group.current().main):
-        stats = run_epoch('train', trainloader, net, optimizer, criterion, args, aug=True)
+        stats = run_epoch('train', trainloader, net, optimizer, train, args, aug=True)
         if ep == decay_after:
             optimizer = decayed(optimizer, net.parameters(), lr * 0.1, fresh)
         if ep + 1 in tests:
@@ -969,9 +968,9 @@ def train_and_test(it_eval, net, images_train, labels_train, testloader, args):
     return net, acc_train, acc_test, curve + [acc_test]
 
 
-def evaluate_synset(it_eval, net, images_train, labels_train, testloader, args):
+def evaluate_synset(it_eval, net, images_train, labels_train, testloader, args, train_criterion=None):
     """The papers' evaluation of a synthetic set (see train_and_test). Returns (net, acc_train, acc_test)."""
-    return train_and_test(it_eval, net, images_train, labels_train, testloader, args)[:3]
+    return train_and_test(it_eval, net, images_train, labels_train, testloader, args, train_criterion)[:3]
 
 
 def evaluation_args(args, model_eval, noaug_epochs=300):
@@ -990,14 +989,15 @@ EVAL_GROUP = 10  # --eval_together: at most this many models of an architecture 
 
 
 def evaluate_models(images, labels, model_pool, args, testloader, data, seed_keys=(), noaug_epochs=300, group=None,
-                    finished=None, on_finish=None, curves=None):
+                    finished=None, on_finish=None, curves=None, train_criterion=None):
     """Evaluate a synthetic set on num_eval fresh models of every architecture in model_pool (evaluation_args).
     Each model trains on a random stream seeded by (--seed, seed_keys, architecture, number), so evaluating never
     changes the condensation and an accuracy is the same wherever it is computed: the models are shared out among
     the processes of `group` (default: the job's; Group() keeps them all here) and their accuracies gathered.
     `finished` ({(architecture, numbers): accuracies}, filled in as models finish) lets a stopped evaluation
     continue without training them again; `on_finish()` follows every model this process trains; `curves`
-    (with args.test_every) is filled in alike with each model's accuracies at test_epochs."""
+    (with args.test_every) is filled in alike with each model's accuracies at test_epochs. `labels` may be soft
+    [N, classes], with a `train_criterion` for them (train_and_test)."""
     jobs = []  # (architecture, the numbers of its models, trained together?): BatchNorm models alone
     for m in model_pool:
         numbers = list(range(args.num_eval))
@@ -1017,11 +1017,11 @@ def evaluate_models(images, labels, model_pool, args, testloader, data, seed_key
             if together:  # (--eval_together: together.py, for GPUs)
                 from together import train_together
                 keys = [(args.seed, *seed_keys, 'eval', model_eval, k) for k in numbers]
-                result, curve = train_together(model_eval, keys, images, labels, testloader, a, data)
+                result, curve = train_together(model_eval, keys, images, labels, testloader, a, data, train_criterion)
             else:
                 set_seed(args.seed, *seed_keys, 'eval', model_eval, numbers[0])
                 net = get_network(model_eval, data.channel, data.num_classes, data.im_size, args.device)
-                _, _, acc, curve = train_and_test(numbers[0], net, images.detach(), labels, testloader, a)
+                _, _, acc, curve = train_and_test(numbers[0], net, images.detach(), labels, testloader, a, train_criterion)
                 result, curve = [acc], [curve]
             mine[model_eval, tuple(numbers)] = curve
             if curves is not None and getattr(args, 'test_every', 0):  # (filled in as `finished`: a stop keeps them)

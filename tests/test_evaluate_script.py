@@ -235,7 +235,12 @@ def test_a_stopped_evaluation_continues_with_resume_and_gives_the_uninterrupted_
     p = evaluate_in_process(path, *flags, '--save_path', out.parent)
     assert p.returncode == 130 and f'the 5 model(s) finished are in {out}; continue with --resume' in p.stderr, p.stderr
     cut = report_of(out)
-    assert not cut['finished'] and list(cut['results']['ConvNet']['per_exp']) == ['0']
+    assert not cut['finished']
+    # the summary at the top is that of the models finished (3 of the set's, 2 of the baseline's), not n = 0
+    w = whole['results']['ConvNet']['per_exp']
+    r = cut['results']['ConvNet']
+    assert r['per_exp'] == {'0': w['0'], '1': w['1'][:1]} and r['n'] == 3 and r['mean'] == pytest.approx(np.mean(w['0'] + w['1'][:1]))
+    assert cut['baseline']['results']['ConvNet']['per_exp'] == {'0': whole['baseline']['results']['ConvNet']['per_exp']['0']}
     assert sorted((d['set'], d['exp'], d['numbers'][0]) for d in cut['done']) == \
         [('random', 0, 0), ('random', 0, 1), ('synthetic', 0, 0), ('synthetic', 0, 1), ('synthetic', 1, 0)]
 
@@ -392,7 +397,8 @@ BAD = [  # (arguments, a part of the expected message)
     ([GOOD, '--device', 'tpu'], 'unknown device'),
     ([GOOD, '--resume', '--save_path', '{tmp}/empty_dir'], 'there is no evaluation to continue in'),
     ([GOOD, '--resume', '--save_path', '{tmp}/../reports/garbage'], 'is not a report of evaluate.py (JSONDecodeError'),
-    ([GOOD, '--resume', '--save_path', '{tmp}/../reports/other'], "other real data, seed 1, now 0); give the same ones"),
+    ([GOOD, '--resume', '--save_path', '{tmp}/../reports/other'], "other real data, eval_schedule 'toolkit-0.1', now 'papers', seed 1, now 0); give the same ones"),  # (a report from before
+    # 0.2.0 used the old schedule)
     ([GOOD, '--no_such_flag'], 'unrecognized arguments'),
 ]
 

@@ -93,6 +93,14 @@ def get_parser():
                    help="KL divergence or soft cross-entropy (default: sce for the set's labels, as DATM; kl for a "
                         "teacher's, as DD-Ranking)")
     p.add_argument('--temperature', type=positive_float, default=1.0, help='the soft labels\' temperature')
+    p.add_argument('--scores', action='store_true',
+                   help="also DD-Ranking's scores (HLR, IOR, LRS, ARS; docs/scores.md): adds the random baseline, the set "
+                        'under hard labels (when --labels is not hard), and the set and the baseline without augmentation')
+    p.add_argument('--real_acc', type=float, metavar='PERCENT',
+                   help='--scores: the accuracy (%%) of the evaluation model trained on the whole real training set, '
+                        'with --real_acc_source saying where it comes from (default: measured here, a network trained '
+                        '--teacher_epochs on the real data, as the teacher)')
+    p.add_argument('--real_acc_source', metavar='TEXT', help='where --real_acc comes from (a paper, a table, a run)')
     p.add_argument('--test_every', type=natural, default=0, metavar='E',
                    help='also test every model after every E epochs of its training (the schedule unchanged): the '
                         'report holds the accuracy against epochs, mean and std over the models (default: 0, at the end only)')
@@ -351,6 +359,22 @@ def table(report):
                      + (['labels: ' + '; '.join(labels)] if labels else []))
 
 
+def scores_text(scores):
+    """DD-Ranking's scores as lines: the real-data accuracy beside them, each block labelled by its accuracies."""
+    lines = []
+    for block in scores['blocks']:
+        lines.append(f"DD-Ranking's scores ({block['accuracy']} accuracies; HLR and IOR in points, LRS and ARS with the "
+                     'exponent on fractions as published | on percentage points as their released code):')
+        for m, r in block['per_model'].items():
+            lines.append(f"  {m}: real {r['real_acc']:.2f} % ({scores['real_acc'][m]['source']}), hard {r['hard_acc']:.2f} %, "
+                         f"set {r['set_acc']:.2f} %, random {r['random_acc']:.2f} %, without augmentation {r['set_noaug_acc']:.2f} "
+                         f"and {r['random_noaug_acc']:.2f} %")
+            lines.append(f"    HLR {r['HLR']:.2f}  IOR {r['IOR']:.2f}  LRS {100 * r['LRS']['fraction']['mean']:.2f} ± "
+                         f"{100 * r['LRS']['fraction']['std']:.2f} | {r['LRS']['percent']['mean']:.4g}  "
+                         f"ARS {100 * r['ARS']['fraction']:.2f} | {r['ARS']['percent']:.4g}  ({r['rounds']} rounds)")
+    return '\n'.join(lines)
+
+
 def output_path(args):
     path = os.path.abspath(args.input)
     stem = os.path.splitext(os.path.basename(path))[0] if os.path.isfile(path) else os.path.basename(path)
@@ -455,6 +479,14 @@ def configure(args):
         raise UsageError(f'--resume takes no file here ({args.resume}): it continues the evaluation in <input>_eval.json')
     if args.num_eval == 0:  # (the shared flag allows 0 for condensation with --snapshots; an evaluation needs a model)
         raise UsageError('--num_eval must be at least 1, got 0')
+    if not args.scores:
+        refuse(args, ('real_acc', 'real_acc_source'), 'is for --scores')
+    elif args.real_acc is not None and not args.real_acc_source:
+        raise UsageError('--real_acc: say where it comes from with --real_acc_source')
+    elif args.baseline == 'none' and 'baseline' in args.given:
+        raise UsageError('--scores compares the set with random real images: it needs --baseline random')
+    if args.scores:
+        args.baseline = 'random'
     if args.labels == 'hard':
         refuse(args, ('teacher', 'teacher_epochs', 'teacher_labels', 'soft_loss', 'temperature'),
                'is for soft labels: give --labels teacher or --labels set')
@@ -533,6 +565,55 @@ class LabelsRule:
         return (labels, None) if self.args.labels == 'hard' else self.by_teacher(images, labels)
 
 
+def plan(args):
+    """The evaluations of every experiment: (kind, on the random real images?, under the labels rule (else hard
+    labels)?, with augmentation?). The set, the random baseline; for --scores also the set under hard labels (HLR;
+    the set's own run when the rule is hard labels) and both without augmentation (ARS)."""
+    runs = [('synthetic', False, True, True)] + ([('random', True, True, True)] if args.baseline == 'random' else [])
+    if args.scores:
+        runs += ([('synthetic, hard labels', False, False, True)] if args.labels != 'hard' else []) + [
+            ('synthetic, no augmentation', False, True, False), ('random, no augmentation', True, True, False)]
+    return runs
+
+
+def scores_block(args, accs, real, model_pool, best=False):
+    """DD-Ranking's scores of the set, per evaluation model, from `accs` ({kind: {model: [accuracies]}}, fractions;
+    the models paired by number as DD-Ranking's rounds): HLR, IOR, LRS (mean and std over rounds) and ARS, with
+    the exponent on fractions (the published formula) and on percentage points (DD-Ranking's released code)."""
+    from scores import SCALES, ars, hlr, ior, mean_lrs
+    out = {}
+    for m in model_pool:
+        a = {kind: [100 * x for x in per_model[m]] for kind, per_model in accs.items()}
+        hard = a.get('synthetic, hard labels', a['synthetic'])
+        mean = {kind: float(np.mean(v)) if v else float('nan') for kind, v in a.items()}
+        n = min(len(hard), len(a['synthetic']), len(a['random']))
+        if n == 0 or not all(a.values()):
+            continue
+        hlrs = [hlr(real[m], h) for h in hard[:n]]
+        iors = [ior(s, r) for s, r in zip(a['synthetic'][:n], a['random'][:n])]
+        out[m] = dict(real_acc=real[m], hard_acc=mean.get('synthetic, hard labels', mean['synthetic']),
+                      set_acc=mean['synthetic'], random_acc=mean['random'],
+                      set_noaug_acc=mean['synthetic, no augmentation'], random_noaug_acc=mean['random, no augmentation'],
+                      HLR=float(np.mean(hlrs)), IOR=float(np.mean(iors)), rounds=n,
+                      LRS={scale: dict(zip(('mean', 'std'), mean_lrs(hlrs, iors, scale=scale))) for scale in SCALES},
+                      ARS={scale: ars(mean['synthetic'], mean['random'], mean['synthetic, no augmentation'],
+                                      mean['random, no augmentation'], scale=scale) for scale in SCALES})
+    return dict(accuracy='best along the curve, selected on the test set' if best else 'final', percent=True,
+                weight=0.5, per_model=out)
+
+
+def real_accuracy(args, dst_train, testloader, data, folder, model_pool):
+    """{model: (accuracy in %, source)}: --real_acc, or measured here (a network trained on the real data)."""
+    if args.real_acc is not None:
+        return {m: (args.real_acc, args.real_acc_source) for m in model_pool}
+    out = {}
+    for m in model_pool:
+        _, card = train_teacher(args.replace(teacher=m), dst_train, testloader, data, folder)
+        out[m] = (100 * card['test_acc'], f'measured here: {m} trained {card["epochs"]} epochs on the real training set '
+                                          f'without augmentation (weights {card["weights_sha256"][:12]})')
+    return out
+
+
 def train_teacher(args, dst_train, testloader, data, folder):
     """A --teacher network trained on the real training set (utils.trained_classifier: --teacher_epochs, no
     augmentation, kept in `folder` and read back by a rerun), in eval mode, and its card."""
@@ -566,6 +647,8 @@ def main():
     baselines = draw_baselines(args, sets, counts, dst_train, data.num_classes)
     per_model = describe(args, sets, model_pool)
     rule = LabelsRule(args, soft, dst_train, testloader, data, os.path.dirname(out))
+    runs = plan(args)
+    real = real_accuracy(args, dst_train, testloader, data, os.path.dirname(out), model_pool) if args.scores else {}
     say(f'labels: the set trains on {rule.words["set"]}' + (f', the random baseline on {rule.words["random"]}' if baselines else ''))
     settings = {k: v for k, v in vars(args).items() if k not in ('given', 'flags')
                 and isinstance(v, (int, float, str, bool, type(None), list, tuple, dict))}
@@ -598,7 +681,24 @@ def main():
             baseline=dict(kind='random', results={m: summarise_exps(finished_accs('random', m), labels=rule.words['random'],
                                                                     **against_epochs('random', m)) for m in model_pool},
                           indices={str(j): idx.tolist() for j, (idx, _) in baselines.items()}) if baselines else None,
+            more={kind: {m: summarise_exps(finished_accs(kind, m), labels=rule.words['random' if on_random else 'set']
+                                           if by_rule else 'hard labels', augmentation=augmentation(per_model[m])
+                                           if augmented else 'none') for m in model_pool}
+                  for kind, on_random, by_rule, augmented in runs[2:]},
+            scores=scores_of(finished) if args.scores else None,
             recorded=recorded, finished=finished, done=done_list(done, curves))
+
+    def scores_of(finished):  # DD-Ranking's scores: the final accuracies, and with --test_every the best on the test set
+        final = {kind: {m: [a for accs in finished_accs(kind, m).values() for a in accs] for m in model_pool}
+                 for kind, *_ in runs}
+        blocks = [scores_block(args, final, {m: acc for m, (acc, _) in real.items()}, model_pool)]
+        if args.test_every:
+            best = {kind: {m: [max(c) for (s, _), models in sorted(curves.items()) if s == kind
+                               for (mm, _), cs in sorted(models.items()) if mm == m for c in cs] for m in model_pool}
+                    for kind, *_ in runs}
+            blocks.append(scores_block(args, best, {m: acc for m, (acc, _) in real.items()}, model_pool, best=True))
+        return dict(real_acc={m: dict(percent=acc, source=src) for m, (acc, src) in real.items()}, complete=finished,
+                    blocks=blocks)
 
     # (every finished model is saved at once: a kill loses at most the model in training; under torchrun each
     # process holds only its own models until the experiment ends)
@@ -607,16 +707,15 @@ def main():
         for k, images, labels in sets:
             # (the set's learned rate, if it has one, for the set and its baseline alike: one protocol)
             flags = args.replace(lr_net=args.learned_lr[str(k)]) if str(k) in args.learned_lr else args
-            train_labels, criterion = rule.for_set(k, images, labels)
-            evaluate_models(images, train_labels, model_pool, flags, testloader, data, (k,), args.epoch_eval_noaug, group,
-                            on_finish=save, finished=done.setdefault(('synthetic', k), {}),
-                            curves=curves.setdefault(('synthetic', k), {}), train_criterion=criterion)
-            if baselines:
-                idx, base_labels = baselines[k]
-                train_labels, criterion = rule.for_random(dst_train.images[idx], base_labels)
-                evaluate_models(dst_train.images[idx], train_labels, model_pool, flags, testloader, data, ('random', k),
-                                args.epoch_eval_noaug, group, on_finish=save, finished=done.setdefault(('random', k), {}),
-                                curves=curves.setdefault(('random', k), {}), train_criterion=criterion)
+            for kind, on_random, by_rule, augmented in runs:
+                imgs, hard = (dst_train.images[baselines[k][0]], baselines[k][1]) if on_random else (images, labels)
+                train_labels, criterion = ((rule.for_random(imgs, hard) if on_random else rule.for_set(k, imgs, hard))
+                                           if by_rule else (hard, None))
+                f = flags if augmented else flags.replace(dsa=True, dsa_strategy='none',  # (the same epochs)
+                                                          epoch_eval_train=per_model[model_pool[0]].epoch_eval_train)
+                evaluate_models(imgs, train_labels, model_pool, f, testloader, data, (k,) if kind == 'synthetic' else (kind, k),
+                                args.epoch_eval_noaug, group, on_finish=save, finished=done.setdefault((kind, k), {}),
+                                curves=curves.setdefault((kind, k), {}), train_criterion=criterion)
             on_main(group, atomic_json, report(k == sets[-1][0]), out)  # after every experiment: a long run keeps what it has done
     except Interrupted as stop:
         if group.world > 1:  # (each process holds only its own models: no collective to save them with)
@@ -626,6 +725,8 @@ def main():
                           stop.code - 128) from None
     final = report(True)
     say('\n' + table(final))
+    if final['scores']:
+        say(scores_text(final['scores']))
     for m, r in final['results'].items() if args.test_every else ():
         c = r['curve']
         say(f'{m}, accuracy against epochs (mean over {c["n"]} models): '

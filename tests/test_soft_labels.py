@@ -150,3 +150,46 @@ def test_evaluate_py_reads_datm_and_mtt_layouts_and_applies_one_labels_rule(tmp_
 
     assert_one_line_error(evaluate_in_process(mtt, *FAST[:-2], '--labels', 'set'), 'carries no soft labels')
     assert_one_line_error(evaluate_in_process(mtt, *FAST[:-2], '--teacher', 'ConvNet'), 'is for soft labels')
+
+
+def test_scores_reuse_the_runs_they_have_and_follow_dd_rankings_formulas(tmp_path, data, monkeypatch, capsys):
+    from scores import ars, hlr, ior, mean_lrs
+    datm = released(tmp_path / 'datm', soft=True)
+    trained, models = [], []
+    train, classifier = utils.train_and_test, utils.train_classifier
+    monkeypatch.setattr(utils, 'train_and_test', lambda *a, **k: (models.append(a[5].dsa_strategy), train(*a, **k))[1])
+    monkeypatch.setattr(utils, 'train_classifier', lambda *a, **k: (trained.append(1), classifier(*a, **k))[1])
+    p = run_in_process(monkeypatch, capsys, 'evaluate.py', datm, *FAST, '--num_eval', 2, '--labels', 'teacher', '--scores',
+                       '--data_path', data, main=evaluate.main)
+    assert p.returncode == 0, p.stderr
+    # the set and the baseline under the teacher's labels, the set under hard labels, both without augmentation:
+    # 2 models each, none twice; one network on the real data serves as the teacher and as the real-data accuracy
+    assert len(models) == 10 and models.count('none') == 4 and len(trained) == 1
+    report = json.loads((tmp_path / 'datm_eval.json').read_text())
+    block = report['scores']['blocks'][0]
+    assert block['accuracy'] == 'final'
+    r = block['per_model']['ConvNet']
+    acc = lambda results: [100 * a for a in results['ConvNet']['accs']]
+    hard, soft, rnd = acc(report['more']['synthetic, hard labels']), acc(report['results']), acc(report['baseline']['results'])
+    real = 100 * report['teacher']['test_acc']
+    assert r['real_acc'] == pytest.approx(real) and report['scores']['real_acc']['ConvNet']['source'].startswith('measured here')
+    assert r['HLR'] == pytest.approx(sum(hlr(real, h) for h in hard) / 2)
+    assert r['IOR'] == pytest.approx(sum(ior(s, b) for s, b in zip(soft, rnd)) / 2)
+    hlrs, iors = [hlr(real, h) for h in hard], [ior(s, b) for s, b in zip(soft, rnd)]
+    assert r['LRS']['fraction']['mean'] == pytest.approx(mean_lrs(hlrs, iors)[0])
+    assert r['LRS']['percent']['mean'] == pytest.approx(mean_lrs(hlrs, iors, scale='percent')[0])
+    noaug = [sum(acc(report['more'][k])) / 2 for k in ('synthetic, no augmentation', 'random, no augmentation')]
+    assert r['ARS']['fraction'] == pytest.approx(ars(sum(soft) / 2, sum(rnd) / 2, *noaug))
+    assert "DD-Ranking's scores (final accuracies" in p.stdout
+
+    models.clear()  # hard labels: the set's own run is the hard-label one; a given real-data accuracy and its source
+    p = run_in_process(monkeypatch, capsys, 'evaluate.py', datm, *FAST[:-2], '--scores', '--real_acc', 90, '--real_acc_source',
+                       'a table', '--data_path', data, '--save_path', tmp_path / 'given', main=evaluate.main)
+    assert p.returncode == 0, p.stderr
+    given = json.loads((tmp_path / 'given' / 'datm_eval.json').read_text())
+    assert len(models) == 4 and set(given['more']) == {'synthetic, no augmentation', 'random, no augmentation'}
+    assert given['scores']['real_acc']['ConvNet'] == dict(percent=90.0, source='a table')
+    r = given['scores']['blocks'][0]['per_model']['ConvNet']
+    assert r['HLR'] == pytest.approx(90 - 100 * given['results']['ConvNet']['mean'])
+    assert_one_line_error(run_in_process(monkeypatch, capsys, 'evaluate.py', datm, *FAST[:-2], '--scores', '--real_acc', 90,
+                                         '--data_path', data, main=evaluate.main), 'say where it comes from')

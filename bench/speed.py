@@ -4,6 +4,7 @@
     python bench/speed.py cafe        # a CAFE iteration at fixed numbers of outer and inner steps
     python bench/speed.py eval cafe --datasets FashionMNIST
     python bench/speed.py dm          # DM iterations, float32 and --amp taking turns in one process
+    python bench/speed.py soft        # an evaluation model on soft labels vs on hard labels
 
 eval: seconds per evaluation model (ConvNet, DSA augmentation, --epochs epochs and a test pass) for
 synthetic sets of each of --ipcs, --alone models trained one at a time and --num_evals models trained
@@ -16,6 +17,10 @@ epochs, a 256-image test set):
 dm: DM iterations at ipc 10 (the papers' defaults: DSA augmentation, 256 real images per class), float32
 and --amp in turn, --repeats of each after a warm-up of each, so that the machine's drift touches both
 alike; reported as the median seconds per iteration and their ratio.
+soft: seconds per evaluation model (ConvNet, DSA, --epochs epochs, a test pass on --test_images) at ipc 10 on
+hard labels, on soft labels fixed before training (a teacher's logits of the images, computed once), and on a
+teacher's logits of every augmented batch (evaluate.py --labels teacher), the teacher a ConvNet; the three
+take turns --repeats times after a warm-up of each, reported as medians and ratios to hard labels.
 cafe: one CAFE iteration (ipc 1) with the dynamic loops held at --outer outer steps and --inner inner
 epochs after each (lambda_1 0 and lambda_2 1 never stop them early), so float32 and bfloat16 do the same
 work; reported with the number of queries and the seconds per query. `--baseline <checkout>` first runs
@@ -111,6 +116,30 @@ def dm(dataset, a):
     common.emit(dict(row, **common.rate_fields(rates)))
 
 
+def soft(dataset, a):
+    from scores import SoftLabels, teacher_logits
+    args, real, testloader, data, _, syn = common.setup(dataset, 10, a, '--method', 'DSA', '--init', 'real')
+    test = common.test_batches(testloader, a.test_images)
+    args = args.replace(epoch_eval_train=a.epochs, num_eval=1)
+    teacher = utils.get_network('ConvNet', data.channel, data.num_classes, data.im_size, args.device).eval()
+    fixed = teacher_logits(teacher, syn.images.detach())
+    modes = {'hard': (syn.labels, None), 'fixed soft': (fixed, SoftLabels('kl')),
+             'teacher every batch': (syn.labels, SoftLabels('kl', teacher=teacher))}
+    times = {m: [] for m in modes}
+    rates = common.matrix_rates(a.matrix_size)
+    for r in range(a.repeats + 1):
+        for m, (labels, criterion) in modes.items():
+            t = time.perf_counter()
+            utils.evaluate_models(syn.images, labels, ['ConvNet'], args, test, data, train_criterion=criterion)
+            if r:  # the first of each is a warm-up
+                times[m].append(time.perf_counter() - t)
+    median = {m: sorted(t)[len(t) // 2] for m, t in times.items()}
+    common.emit(dict(dataset=dataset, what='evaluation model, ipc 10, hard vs soft labels', epochs=a.epochs,
+                     test_images=a.test_images or 'all', repeats=a.repeats,
+                     seconds={m: round(v, 3) for m, v in median.items()},
+                     ratio_to_hard={m: round(v / median['hard'], 2) for m, v in median.items()}, **common.rate_fields(rates)))
+
+
 def cafe(dataset, a):
     base = None
     if a.baseline:
@@ -152,7 +181,7 @@ def cafe(dataset, a):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    p.add_argument('parts', nargs='+', choices=['eval', 'cafe', 'dm'])
+    p.add_argument('parts', nargs='+', choices=['eval', 'cafe', 'dm', 'soft'])
     common.add_arguments(p)
     p.add_argument('--epochs', type=int, default=20, help='evaluation: training epochs per model')
     p.add_argument('--epochs_per_ipc', type=int, help='evaluation: train N // ipc epochs per model instead of --epochs')
@@ -161,7 +190,7 @@ def main():
     p.add_argument('--alone', type=int, default=2, help='evaluation: the models timed one at a time')
     p.add_argument('--num_evals', type=int, nargs='+', default=[5, 20],
                    help='evaluation: the numbers of models timed trained together')
-    p.add_argument('--repeats', type=int, default=9, help='DM: timed iterations of each precision')
+    p.add_argument('--repeats', type=int, default=9, help='DM: timed iterations of each precision; soft: models of each')
     p.add_argument('--outer', type=int, default=10, help='CAFE: outer steps')
     p.add_argument('--inner', type=int, default=5, help='CAFE: inner epochs after each outer step but the last')
     p.add_argument('--baseline', help='CAFE: a checkout whose float32 iteration is the 1x row')
@@ -170,7 +199,7 @@ def main():
     common.prepare_data(a)
     for dataset in a.datasets:
         for part in a.parts:
-            {'eval': evaluation, 'cafe': cafe, 'dm': dm}[part](dataset, a)
+            {'eval': evaluation, 'cafe': cafe, 'dm': dm, 'soft': soft}[part](dataset, a)
 
 
 if __name__ == '__main__':

@@ -170,3 +170,20 @@ def test_leaving_the_group_ends_its_threads_before_the_interpreter_ends(tmp_path
     assert p.returncode == 0, p.stderr[-3000:]
     lines = [line for line in p.stdout.splitlines() if line.startswith('threads left:')]
     assert len(lines) == 2 and not any('gloo' in line for line in lines), p.stdout
+
+
+def test_buffer_py_shares_its_experts_out_and_writes_the_single_process_buffer(data, tmp_path):
+    """Under torchrun expert i is made by process i % 2: the same expert files as one process writes, bit for bit."""
+    import buffer
+    flags = ['--dataset', 'MNIST', '--model', 'ConvNetW32', '--train_epochs', 1, '--num_experts', 3, '--batch_train', 50,
+             '--data_path', data]
+    p = subprocess.run(torchrun_command('buffer.py', *flags, '--buffer_path', tmp_path / 'one', nproc=1),
+                       capture_output=True, text=True, timeout=600, cwd=ROOT, env=one_thread())
+    assert p.returncode == 0, p.stderr[-3000:]
+    p = torchrun('buffer.py', *flags, '--buffer_path', tmp_path / 'two')
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    one, two = (buffer.expert_files(tmp_path / w / 'MNIST' / 'ConvNetW32') for w in ('one', 'two'))
+    assert list(one) == list(two) == [0, 1, 2]
+    for i in one:
+        (r1, t1), (r2, t2) = buffer.read_expert(one[i]), buffer.read_expert(two[i])
+        assert torch.equal(t1, t2) and r1 == r2

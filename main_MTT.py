@@ -135,7 +135,7 @@ def load_experts(args, data, net):
     model and whitening) or the authors' replay_buffer_<n>.pt; only the snapshots an iteration can use are kept
     (epochs 0 .. max_start_epoch - 1 + expert_epochs). Returns ([tensor [E, P]], what to record of the buffer)."""
     folder = buffer_folder(args.buffer_path, args.dataset, args.model, args.zca)
-    keep = args.max_start_epoch + args.expert_epochs
+    keep = args.max_start_epoch - 1 + args.expert_epochs  # (the last target: start max_start_epoch - 1, as the authors draw it)
     ours = expert_files(folder)
     theirs = sorted((f for f in os.listdir(folder) if f.startswith('replay_buffer_') and f.endswith('.pt')),
                     key=lambda f: (len(f), f)) if os.path.isdir(folder) else []

@@ -109,9 +109,14 @@ def test_a_buffer_for_other_data_is_refused_in_one_line(experts, data, tmp_path,
     p = mtt(monkeypatch, capsys, *MTT, '--Iteration', 1, '--data_path', data, '--buffer_path', tmp_path / 'none',
             '--save_path', tmp_path / 'res')
     assert_one_line_error(p, 'no experts in', 'buffer.py')
-    p = mtt(monkeypatch, capsys, *MTT, '--Iteration', 1, '--max_start_epoch', 2, '--data_path', data, '--buffer_path',
+    # the authors draw start epochs from 0 .. max_start_epoch - 1: experts of 2 epochs serve --max_start_epoch 2 with
+    # --expert_epochs 1 (the paper's CIFAR-10 ipc-1 row: 3 epochs for 2 and 2), and not 3
+    p = mtt(monkeypatch, capsys, *MTT, '--Iteration', 1, '--max_start_epoch', 3, '--data_path', data, '--buffer_path',
             experts[0], '--save_path', tmp_path / 'res')
     assert_one_line_error(p, 'needs experts of at least 3 epochs')
+    p = mtt(monkeypatch, capsys, *MTT, '--Iteration', 1, '--max_start_epoch', 2, '--num_eval', 0, '--snapshots',
+            '--data_path', data, '--buffer_path', experts[0], '--save_path', tmp_path / 'exact')
+    assert p.returncode == 0, p.stderr
 
 
 def result(save_path):

@@ -118,7 +118,7 @@ def script_args(script, dataset, ipc, a, *flags):
 
 
 # each script's method class (main.py: gradient matching, or the coresets for their --method)
-METHODS = {'main': 'GradientMatching', 'main_DM': 'DM', 'distill': 'CAFE', 'main_IDM': 'IDM'}
+METHODS = {'main': 'GradientMatching', 'main_DM': 'DM', 'distill': 'CAFE', 'main_IDM': 'IDM', 'main_MTT': 'MTT'}
 
 
 def method_class(script, args):

@@ -3,6 +3,7 @@
     python bench/papers.py --papers /path/to/DatasetCondensation --cafe /path/to/CAFE
     python bench/papers.py --papers ... --only dm_ipc10 --datasets CIFAR10
     python bench/papers.py --idm /path/to/IDM --only idm_ipc10 --datasets CIFAR10
+    python bench/papers.py --mtt /path/to/mtt-distillation --only mtt_ipc1 --datasets CIFAR10
 
 For each method and dataset: seconds per iteration here (float32, and with --amp) and in the papers'
 code (VICO-UoE/DatasetCondensation for DC, DSA and DM; kaiwang960112/CAFE for CAFE, 3x32x32 only;
@@ -18,6 +19,16 @@ fractions and the ratios between rows of one run do not. The papers' code is cop
 and given two mechanical fixes for torch 2.x (`.view(` -> `.reshape(` in networks.py; `x[:] = x[0]` ->
 `x[:] = x[0].clone()` in DSA); its get_dataset is replaced by one returning the arrays this code loaded.
 Nothing of it is kept.
+
+MTT (--mtt: a checkout of GeorgeCazenavette/mtt-distillation) runs its distill.py and ours main_MTT.py on one
+buffer: one expert of 3 epochs made by our buffer.py (first, once per dataset, under --save_path), written again
+in the authors' replay_buffer_0.pt layout (trajectory.to_authors_layout); the paper's CIFAR-10 ipc-1 settings
+(MTT_SETTINGS: 50 student steps, 2 expert epochs, start epoch 0 or 1), without ZCA, float32. Theirs evaluates once at
+iteration 0 in both runs (--eval_it beyond the run, one model of one epoch), which cancels; ours never. The copy of
+their code gets a stand-in wandb module (log calls do nothing) and `image_syn.cuda()` -> `image_syn.to(args.device)`
+(their image saving at iteration 0, which assumes a GPU) besides the two fixes of the DC code (networks.py's
+`.view(`, DSA's in-place copy); their get_dataset returns our arrays, as for IDM. (The
+stand-in's init keeps the flags it is given as wandb.config, from which distill.py reads them back.)
 
 IDM (--idm: a checkout of uitrbn/IDM, or its bare git mirror, whose HEAD is then extracted with git
 archive) runs as the authors' command.txt runs CIFAR-10 at ipc 10 (IDM_SETTINGS below: --ce_weight 0.5
@@ -72,15 +83,23 @@ IDM_SETTINGS = ['--model', 'ConvNet', '--init', 'real', '--lr_img', '0.2', '--lr
                 '--model_train_steps', '10', '--fetch_net_num', '2', '--trained_bs', '256',
                 '--dsa_strategy', 'color_crop_cutout_flip_scale_rotate', '--eval_interval', '1000000']
 RUNS['idm_ipc10'] = ('main_IDM.py', IDM_SETTINGS, 10, 'idm', 3)
+# MTT: the paper's CIFAR-10 ipc-1 settings (the flags of both scripts), on a buffer of one expert of 3 epochs
+MTT_SETTINGS = ['--model', 'ConvNet', '--syn_steps', '50', '--expert_epochs', '2', '--max_start_epoch', '2',
+                '--lr_img', '100', '--lr_lr', '1e-07', '--lr_teacher', '0.01', '--pix_init', 'real',
+                '--dsa_strategy', 'color_crop_cutout_flip_scale_rotate']
+RUNS['mtt_ipc1'] = ('main_MTT.py', MTT_SETTINGS, 1, 'mtt', 3)
 # the papers' script where it is not ours' name, and the flags of command.txt that only it has (after SHARED)
 PAPERS_SCRIPT = {'idm': ('IDM_cifar10.py', ['--net_train_real', '--outer_loop', '1', '--mismatch_lambda', '0',
                                             '--net_decay', '--embed_last', '1000', '--syn_ce', '--train_net_num', '1',
-                                            '--aug'])}
+                                            '--aug']),
+                 'mtt': ('distill.py', ['--eval_it', '1000000', '--num_eval', '1', '--epoch_eval_train', '1'])}
+NO_SHARED = ('mtt',)  # the papers' scripts that take none of SHARED nor --save_path (theirs: the flags above only)
 # flags that only our script has, after SHARED: no evaluation (IDM: and its mosaics). The papers' DC, DSA and DM
 # scripts evaluate at iteration 0 only in runs this short (every 500 / 2000 iterations), so their N and 0 runs
 # evaluate once each and the evaluation cancels; ours would also evaluate the last iteration of the N run, an
 # evaluation more than theirs: it runs without any
-OURS_ONLY = {'dc': ['--num_eval', '0', '--snapshots'], 'idm': ['--factor', '2', '--num_eval', '0', '--snapshots']}
+OURS_ONLY = {'dc': ['--num_eval', '0', '--snapshots'], 'idm': ['--factor', '2', '--num_eval', '0', '--snapshots'],
+             'mtt': ['--num_eval', '0', '--snapshots']}
 PAPERS_DATASETS = {'cafe': ['CIFAR10'], 'idm': ['CIFAR10']}  # the public CAFE and IDM_cifar10.py: CIFAR-10 only
 SHARED = ['--num_exp', '1', '--num_eval', '1', '--epoch_eval_train', '1', '--eval_mode', 'SS']
 
@@ -156,6 +175,77 @@ class ClassErrorMeter:
 '''
 
 
+WANDB_STANDIN = '''\
+"""Written by our bench/papers.py: a stand-in for wandb in MTT's distill.py (its logging does nothing here)."""
+
+
+class _Config:
+    _items = {}
+
+
+class _Run:
+    name = 'bench'
+
+
+config, run = _Config(), _Run()
+
+
+def init(*args, config=None, **kwargs):  # (distill.py reads its flags back from wandb.config._items)
+    config_items = vars(config) if config is not None else {}
+    _Config._items = dict(config_items)
+    return run
+
+
+def log(*args, **kwargs):
+    pass
+
+
+def finish(*args, **kwargs):
+    pass
+
+
+def Histogram(*args, **kwargs):
+    return None
+
+
+def Image(*args, **kwargs):
+    return None
+'''
+
+
+def patch_mtt(dst):
+    """GeorgeCazenavette/mtt-distillation's code in `dst`, given the patches listed in the module's docstring."""
+    path = os.path.join(dst, 'distill.py')
+    text = open(path).read()
+    if 'image_save = image_syn.cuda()' not in text:
+        raise SystemExit('distill.py of --mtt is not the code this bench knows: nothing to patch for image_syn.cuda()')
+    open(path, 'w').write(text.replace('image_save = image_syn.cuda()', 'image_save = image_syn.to(args.device)'))
+    open(os.path.join(dst, 'wandb.py'), 'w').write(WANDB_STANDIN)
+    open(os.path.join(dst, 'bench_arrays.py'), 'w').write(BENCH_ARRAYS)
+    return dst
+
+
+def mtt_buffers(dataset, a):
+    """One expert of 3 epochs by our buffer.py (kept under --save_path), and the same expert in the authors' layout:
+    (our --buffer_path, theirs)."""
+    import torch
+    import trajectory
+    import utils
+    ours, theirs = os.path.join(a.save_path, 'mtt_buffer_ours'), os.path.join(a.save_path, 'mtt_buffer_theirs')
+    folder = trajectory.buffer_folder(ours, dataset, 'ConvNet', False)
+    if not trajectory.expert_files(folder):
+        subprocess.run([sys.executable, os.path.join(common.ROOT, 'buffer.py'), '--dataset', dataset, '--model', 'ConvNet',
+                        '--train_epochs', '3', '--num_experts', '1', '--data_path', a.data_path, '--buffer_path', ours],
+                       check=True, cwd=common.ROOT)
+    _, traj = trajectory.read_expert(trajectory.expert_files(folder)[0])
+    c, size, n = utils.DATASETS[dataset][:3]
+    net = utils.get_network('ConvNet', c, n, size, 'cpu')
+    target = os.path.join(theirs, dataset + ('_NO_ZCA' if dataset in ('CIFAR10', 'CIFAR100') else ''), 'ConvNet')
+    os.makedirs(target, exist_ok=True)
+    torch.save([trajectory.to_authors_layout(traj, net)], os.path.join(target, 'replay_buffer_0.pt'))
+    return ours, theirs
+
+
 def patched_copy(repo, kind):
     """The papers' code in a temporary folder, with the fixes torch 2.x needs (IDM: see the module's docstring)."""
     dst = f'/tmp/bench_papers_{kind}'  # (the papers' scripts run from there)
@@ -169,14 +259,14 @@ def patched_copy(repo, kind):
         shutil.copytree(repo, dst, ignore=shutil.ignore_patterns('.git', 'figs', 'docs'))
     if kind == 'idm':
         return patch_idm(dst)
-    for name in ('networks.py', 'utils.py'):
+    for name in ('networks.py', 'utils.py'):  # (DC's and MTT's alike)
         path = os.path.join(dst, name)
         text = open(path).read()
         if name == 'networks.py':
             text = text.replace('.view(', '.reshape(')
         text = re.sub(r'(\w+)\[:\] = \1\[0\]\n', r'\1[:] = \1[0].clone()\n', text)
         open(path, 'w').write(text)
-    return dst
+    return patch_mtt(dst) if kind == 'mtt' else dst
 
 
 def patch_idm(dst):
@@ -219,10 +309,13 @@ def worker(a):
     """In a fresh process: time one run (ours or the papers') and print a JSON line."""
     import torch
     rates = common.matrix_rates(a.matrix_size)
-    if a.side == 'papers' and a.kind == 'idm':
+    if a.side == 'papers' and a.kind in ('idm', 'mtt'):
         sys.path.insert(0, a.code)
         import bench_arrays
         bench_arrays.ARRAYS = a.arrays
+        if a.kind == 'mtt':  # (distill.py imports get_dataset from MTT's utils.py)
+            import utils as theirs
+            theirs.get_dataset = bench_arrays.get_dataset
     elif a.side == 'papers':
         sys.path.insert(0, a.code)
         import utils as theirs
@@ -236,7 +329,10 @@ def worker(a):
     script = common.script_module(a.script)
     sys.argv = [a.script, *shlex.split(a.flags)]
     t = time.perf_counter()
-    if a.side == 'papers':
+    if a.side == 'papers' and a.kind == 'mtt':  # (main(args) after the parser of its __main__ block)
+        import runpy
+        runpy.run_path(os.path.join(a.code, a.script), run_name='__main__')
+    elif a.side == 'papers':
         script.main()
     else:  # (our scripts' __main__ block: their parser, setup, configure and runs.condense with their method)
         common.condense(script, sys.argv[1:])
@@ -264,7 +360,8 @@ def timed(side, script, flags, iterations, a, code=None, arrays=None, late=(), k
     for n in (iterations, 0):
         save = os.path.join(a.save_path, f'{side}_{script}_{n}')
         shutil.rmtree(save, ignore_errors=True)
-        args = [*flags, *SHARED, *late, '--Iteration', str(n), '--data_path', a.data_path, '--save_path', save]
+        args = ([*flags, *late, '--Iteration', str(n), '--data_path', a.data_path] if kind in NO_SHARED else
+                [*flags, *SHARED, *late, '--Iteration', str(n), '--data_path', a.data_path, '--save_path', save])
         cmd = [sys.executable, HERE, '--worker', '--side', side, '--script', script, f'--flags={shlex.join(args)}',
                '--matrix_size', str(a.matrix_size)]
         if code:
@@ -281,6 +378,7 @@ def main():
     p.add_argument('--papers', help='a checkout of VICO-UoE/DatasetCondensation (DC, DSA, DM)')
     p.add_argument('--cafe', help='a checkout of kaiwang960112/CAFE')
     p.add_argument('--idm', help="a checkout of uitrbn/IDM (or its bare git mirror: its HEAD is extracted)")
+    p.add_argument('--mtt', help='a checkout of GeorgeCazenavette/mtt-distillation')
     p.add_argument('--only', nargs='+', choices=list(RUNS), default=list(RUNS))
     common.add_arguments(p)  # (--script_flags: for both sides, whose shared flags have the same names)
     p.add_argument('--iterations', type=int, help='iterations timed in every row (default: as many as each needs)')
@@ -292,21 +390,25 @@ def main():
         return worker(a)
     common.use_code()
     common.prepare_data(a)
-    repos = {k: patched_copy(r, k) for k, r in (('dc', a.papers), ('cafe', a.cafe), ('idm', a.idm)) if r}
+    repos = {k: patched_copy(r, k) for k, r in (('dc', a.papers), ('cafe', a.cafe), ('idm', a.idm), ('mtt', a.mtt)) if r}
     for dataset in a.datasets:
         arrays = dump(dataset, a.data_path) if repos else None
         for name in a.only:
             script, ours, ipc, repo, n = RUNS[name]
             n = a.iterations or n
-            flops = count_flops(script, ours, ipc, dataset, a)
+            mine, only_theirs = OURS_ONLY.get(repo, []), []
+            if repo == 'mtt':  # (one buffer in both layouts)
+                ours_buffer, theirs_buffer = mtt_buffers(dataset, a)
+                mine, only_theirs = [*mine, '--buffer_path', ours_buffer], ['--buffer_path', theirs_buffer]
+            flops = count_flops(script, [*ours, *(['--buffer_path', ours_buffer] if repo == 'mtt' else [])], ipc, dataset, a)
             flags = ['--dataset', dataset, '--ipc', str(ipc), *ours, *shlex.split(a.script_flags)]
-            mine = OURS_ONLY.get(repo, [])
             rows = [('ours, float32', timed('ours', script, flags, n, a, late=mine)),
                     *([] if a.float32_only else [('ours, --amp', timed('ours', script, [*flags, '--amp'], n, a,
                                                                        late=mine))])]
             if repo in repos and dataset in PAPERS_DATASETS.get(repo, [dataset]):
                 theirs, only = PAPERS_SCRIPT.get(repo, (script, []))
-                rows.append(('papers', timed('papers', theirs, flags, n, a, repos[repo], arrays, late=only, kind=repo)))
+                rows.append(('papers', timed('papers', theirs, flags, n, a, repos[repo], arrays, late=[*only, *only_theirs],
+                                             kind=repo)))
             base = rows[0][1][0]
             for who, (seconds, rates) in rows:
                 row = dict(dataset=dataset, what=name, who=who)

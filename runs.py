@@ -82,7 +82,8 @@ def out_of_memory(e):
 def run_script(main):
     """Run a script's main(): bad input, divergence, an allocation failure and stop signals end with one line
     on stderr and their exit status (2, 3, 1, 128 + signal number), without a traceback; what was saved is
-    kept. Under torchrun the main process says it, and a process that fails or stops stops the whole job.
+    kept. Under torchrun the main process says bad input; a stop or a failed collective every process says
+    (the main process may be the one that died), and a process that fails or stops stops the whole job.
     Output is flushed and the process group left before the exit."""
     status, line, everyone = 0, None, False  # (everyone: every process says it, not only the main one)
     try:
@@ -92,9 +93,12 @@ def run_script(main):
             torch.distributed.barrier()
     except StopRun as e:
         status, line = e.code, f'error: {e}'
-    except Interrupted as e:
-        status, line = e.code, f'error: {e}' + ('' if 'resume' in str(e) else '; what was saved is kept') + (
-            ' (torchrun stops every process when one fails or is stopped)' if Group.current().world > 1 else '')
+    except Interrupted as e:  # (under torchrun every process says it: the main one may be the process that died)
+        group, status = Group.current(), e.code
+        everyone = group.world > 1
+        line = (f'error: {f"process {group.rank}: " if everyone else ""}{e}'
+                + ('' if 'resume' in str(e) else '; what was saved is kept')
+                + (' (torchrun stops every process when one fails or is stopped)' if everyone else ''))
     except KeyboardInterrupt:
         status, line = 130, 'error: interrupted; what was saved is kept'
     except (RuntimeError, MemoryError) as e:

@@ -49,13 +49,14 @@ def stop_signal(signum, frame):
 
 
 @contextlib.contextmanager
-def stop_signals():
+def stop_signals(handler=stop_signal):
     """SIGINT and SIGTERM raise Interrupted at once, wherever the run is (a batch scheduler kills 30 s
-    after SIGTERM); whoever holds a consistent state catches it, saves, and passes it on."""
+    after SIGTERM); whoever holds a consistent state catches it, saves, and passes it on. (`handler`:
+    signal.SIG_IGN while a run ends.)"""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {s: signal.signal(s, stop_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
@@ -86,38 +87,39 @@ def run_script(main):
     (the main process may be the one that died), and a process that fails or stops stops the whole job.
     Output is flushed and the process group left before the exit."""
     status, line, everyone = 0, None, False  # (everyone: every process says it, not only the main one)
-    try:
-        with stop_signals():
-            main()
-        if Group.current().world > 1:  # every process has finished its collectives before any tears them down
-            torch.distributed.barrier()
-    except StopRun as e:
-        status, line = e.code, f'error: {e}'
-    except Interrupted as e:  # (under torchrun every process says it: the main one may be the process that died)
-        group, status = Group.current(), e.code
-        everyone = group.world > 1
-        line = (f'error: {f"process {group.rank}: " if everyone else ""}{e}'
-                + ('' if 'resume' in str(e) else '; what was saved is kept')
-                + (' (torchrun stops every process when one fails or is stopped)' if everyone else ''))
-    except KeyboardInterrupt:
-        status, line = 130, 'error: interrupted; what was saved is kept'
-    except (RuntimeError, MemoryError) as e:
-        group, everyone, status = Group.current(), True, 1
-        if out_of_memory(e):
-            line = (f'error: out of memory ({type(e).__name__}); reduce --ipc, --batch_real or --batch_train '
-                    '(or use a larger device); what was saved is kept')
-        elif group.world == 1:
-            raise
-        else:  # a collective failed: another process died, stopped or timed out
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            line = (f'error: process {group.rank}: the job stopped: another process failed, stopped or timed out '
-                    f'({first[:200]})')
-    finally:
-        leave_group()
-        if line and (everyone or int(os.environ.get('RANK', 0)) == 0):
-            print(line, file=sys.stderr)
-        sys.stdout.flush()
-        sys.stderr.flush()
+    with stop_signals(signal.SIG_IGN):  # while the run ends, a late stop signal (torchrun stopping the others) is ignored
+        try:
+            with stop_signals():
+                main()
+                if Group.current().world > 1:  # every process has finished its collectives before any tears them down
+                    torch.distributed.barrier()
+        except StopRun as e:
+            status, line = e.code, f'error: {e}'
+        except Interrupted as e:  # (under torchrun every process says it: the main one may be the process that died)
+            group, status = Group.current(), e.code
+            everyone = group.world > 1
+            line = (f'error: {f"process {group.rank}: " if everyone else ""}{e}'
+                    + ('' if 'resume' in str(e) else '; what was saved is kept')
+                    + (' (torchrun stops every process when one fails or is stopped)' if everyone else ''))
+        except KeyboardInterrupt:
+            status, line = 130, 'error: interrupted; what was saved is kept'
+        except (RuntimeError, MemoryError) as e:
+            group, everyone, status = Group.current(), True, 1
+            if out_of_memory(e):
+                line = (f'error: out of memory ({type(e).__name__}); reduce --ipc, --batch_real or --batch_train '
+                        '(or use a larger device); what was saved is kept')
+            elif group.world == 1:
+                raise
+            else:  # a collective failed: another process died, stopped or timed out
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                line = (f'error: process {group.rank}: the job stopped: another process failed, stopped or timed out '
+                        f'({first[:200]})')
+        finally:
+            if line and (everyone or int(os.environ.get('RANK', 0)) == 0):
+                print(line, file=sys.stderr)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            leave_group()
     sys.exit(status)
 
 

@@ -9,6 +9,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 
@@ -19,7 +20,7 @@ import main
 import main_DM
 import runs
 import utils
-from helpers import assert_one_line_error, dm_args, run, run_in_process, start, write_mnist
+from helpers import ROOT, assert_one_line_error, dm_args, run, run_in_process, start, write_mnist
 from runs import Interrupted
 from utils import load_pt, load_result
 
@@ -238,6 +239,25 @@ def test_sigint_in_process_is_caught_by_the_loop(data, tmp_path):
     assert time.time() - t < 20
     state = load_pt(sorted(glob.glob(str(tmp_path / 'r' / 'checkpoint_*.pt')))[-1])
     assert state['it'] == 2 and torch.equal(state['images'], seen[1])  # not seen[2]: iteration 2 was abandoned
+
+
+ENDING = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+import runs
+from utils import UsageError
+def main():
+    raise UsageError("bad input")
+def leave_group():  # a stop signal arrives while the run ends (torchrun stopping the other processes)
+    os.kill(os.getpid(), signal.SIGTERM)
+runs.leave_group = leave_group
+runs.run_script(main)
+"""
+
+
+def test_a_stop_signal_while_a_run_ends_does_not_cut_it_short():
+    proc = subprocess.run([sys.executable, '-c', ENDING.format(root=ROOT)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == 'error: bad input', (proc.returncode, proc.stderr)
 
 
 class FakeClock:

@@ -6,6 +6,7 @@ A method is a `Method` subclass (one iteration, and whatever else it needs of th
 `condense(MethodClass, args)`; utils.py holds what a method calls (the papers' API and the science).
 """
 import contextlib
+import copy
 import ctypes
 import importlib
 import json
@@ -25,8 +26,8 @@ from tqdm import tqdm
 # the command line (flags.py), also given to the scripts from here
 from flags import (NOT_AN_IDENTITY, STRATEGY_RULE, Flags, get_parser, natural, positive, positive_float,  # noqa: F401
                    refuse, resolve_dsa)
-from utils import (DATASETS, DIST_TIMEOUT, ClassImages, DataInfo, Diverged, Group, StopRun, SynSet, UsageError,
-                   all_reduce, atomic_json, atomic_save, atomic_write, autocast, check_strategy,
+from utils import (DATASETS, DIST_TIMEOUT, ClassImages, DataInfo, Diverged, Group, StopRun, UsageError,
+                   all_reduce, atomic_json, atomic_save, atomic_write, autocast, broadcast_shards, check_strategy,
                    evaluate_models, get_dataset, get_eval_pool, get_network, has_batchnorm, load_pt, pick_device,
                    remove_stale_temporaries, say, set_seed, shard)
 
@@ -636,6 +637,61 @@ class Method:
         """A freshly initialised network of --model (or `model`) for this data, on the run's device."""
         d = self.data
         return get_network(model or self.args.model, d.channel, num_classes or d.num_classes, d.im_size, self.args.device)
+
+
+class SynSet:
+    """The synthetic set: num_classes x ipc images (labels [0]*ipc + [1]*ipc + ...) and their optimiser (SGD lr_img,
+    momentum 0.5, or `optimizer([tensor])`), from --init or the given `images` (or what a method learns in their
+    place, one row per image). `classes`: those this process moves (torchrun; sync() shares them)."""
+
+    def __init__(self, real, args, data, images=None, classes=None, optimizer=None):
+        C, ipc = data.num_classes, args.ipc
+        self.ipc, self.num_classes = ipc, C
+        self.classes = list(range(C) if classes is None else classes)
+        if images is not None:
+            self.images = images.detach().clone().to(args.device)
+        elif args.init == 'real':
+            self.images = torch.cat([real.get_images(c, ipc) for c in range(C)])
+        else:
+            self.images = torch.randn(C * ipc, data.channel, *data.im_size, device=args.device)
+        self.images.requires_grad_(True)
+        self.labels = torch.arange(C, device=args.device).repeat_interleave(ipc)
+        self.optimizer = (optimizer or (lambda p: torch.optim.SGD(p, lr=args.lr_img, momentum=0.5)))([self.images])
+
+    def of_class(self, c):
+        return self.images[c * self.ipc:(c + 1) * self.ipc]
+
+    def of_classes(self):
+        """The rows of this process's classes."""
+        return slice(self.classes[0] * self.ipc, (self.classes[-1] + 1) * self.ipc)
+
+    def step(self, loss):
+        """One optimiser step of the images on loss."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+
+    @property
+    def sharded(self):
+        return len(self.classes) < self.num_classes
+
+    def sync(self, momentum=False):
+        """Every process's classes' images (and with `momentum` the optimiser's state of them) to every process:
+        where the method needs the whole set (training a network on it, evaluating it, saving it)."""
+        if self.sharded:
+            broadcast_shards(self.images, self.num_classes)
+            for t in self.optimizer.state[self.images].values() if momentum else ():
+                if torch.is_tensor(t) and t.shape == self.images.shape:  # (SGD's momentum, Adam's moments)
+                    broadcast_shards(t, self.num_classes)
+
+    def state(self):
+        """A copy of the images and the optimiser's state (for restore)."""
+        return self.images.detach().clone(), copy.deepcopy(self.optimizer.state_dict())
+
+    def restore(self, state):
+        with torch.no_grad():
+            self.images.copy_(state[0])
+        self.optimizer.load_state_dict(state[1])
 
 
 def new_synset(real, method, keys, classes=None, images=None):

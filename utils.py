@@ -27,9 +27,8 @@ import time
 import warnings
 import zipfile
 import zlib
-import functools
 import logging
-from functools import partial
+from functools import cache, partial
 
 import numpy as np
 import torch
@@ -425,8 +424,7 @@ class DataInfo:
 
     @classmethod
     def of(cls, dataset, loaded):
-        """The info of get_dataset's result `loaded` (channel, im_size, num_classes, class_names, mean, std,
-        dst_train, ...)."""
+        """The info of get_dataset's result `loaded` (channel, im_size, num_classes, class_names, mean, std, ...)."""
         channel, im_size, num_classes, class_names, mean, std, dst_train = loaded[:7]
         return cls(dataset, channel, tuple(im_size), num_classes, tuple(class_names), tuple(mean), tuple(std),
                    dst_train.fingerprint, getattr(dst_train, 'zca', None))
@@ -561,7 +559,7 @@ def _embed(net, x):
     return net.embed(x)
 
 
-@functools.cache
+@cache
 def _compiled_embed():  # built on first use: importing torch's compiler takes seconds
     return torch.compile(_embed, dynamic=False)  # compiles once per architecture and input shape
 
@@ -979,9 +977,8 @@ def evaluation_args(args, model_eval, noaug_epochs=300):
     augmentation, else `noaug_epochs` (the method's: 300, CAFE's 600), unless args.epoch_eval_train is set.
     Returns a new namespace: args with dc_aug_param and epoch_eval_train."""
     dc_aug_param = None if args.dsa else get_daparam(args.dataset, args.model, model_eval, args.ipc)
-    epochs = args.epoch_eval_train
-    if epochs is None:
-        epochs = 1000 if args.dsa or dc_aug_param['strategy'] != 'none' else noaug_epochs
+    epochs = args.epoch_eval_train if args.epoch_eval_train is not None else (
+        1000 if args.dsa or dc_aug_param['strategy'] != 'none' else noaug_epochs)
     return argparse.Namespace(**{**vars(args), 'dc_aug_param': dc_aug_param, 'epoch_eval_train': epochs})
 
 
@@ -1006,10 +1003,8 @@ def evaluate_models(images, labels, model_pool, args, testloader, data, seed_key
         else:
             jobs += [(m, [k], False) for k in numbers]
     group = group or Group.current()
-    finished = {} if finished is None else finished
-    mine = {}
-    devices = [torch.device(args.device)] if torch.device(args.device).type == 'cuda' else []
-    with torch.random.fork_rng(devices=devices), autocast(args):
+    finished, mine = {} if finished is None else finished, {}
+    with untouched_rng(args), autocast(args):
         for j, (model_eval, numbers, together) in enumerate(jobs):
             if j % group.world != group.rank or (model_eval, tuple(numbers)) in finished:
                 continue
@@ -1057,18 +1052,28 @@ def accuracy(net, images, labels, chunk=256):
 
 # --- Coreset selection (the baselines of the papers' tables) ------------------------------------------------
 
-def train_classifier(net, real, classes, args, epochs):
+def train_classifier(net, real, classes, args, epochs, checkpoint=None):
     """Train `net` on all real training images of `classes` (relabelled 0..len(classes)-1), without
     augmentation, with the evaluation protocol's optimiser (SGD lr_net, momentum 0.9, weight decay
-    5e-4, batch batch_train, lr x0.1 after half the epochs). Returns the [epochs, N] record of whether
-    each image (in the order of the classes' indices) was classified correctly when it was presented."""
+    5e-4, batch batch_train, lr x0.1 after half the epochs); with `checkpoint`, a file saved every epoch from which
+    a rerun continues bit for bit. Returns the [epochs, N] record of whether each image (in the order of the
+    classes' indices) was classified correctly when it was presented."""
     index = torch.cat([real.indices_class[c] for c in classes])
     labels = torch.arange(len(classes), device=index.device).repeat_interleave(
         torch.tensor([len(real.indices_class[c]) for c in classes], device=index.device))
     optimizer = torch.optim.SGD(net.parameters(), lr=args.lr_net, momentum=0.9, weight_decay=0.0005)
-    correct = torch.zeros(epochs, len(index), dtype=torch.bool, device=index.device)
+    correct, start, device = torch.zeros(epochs, len(index), dtype=torch.bool, device=index.device), 0, index.device
+    if checkpoint and os.path.isfile(checkpoint):  # (its name holds the key of the training: see trained_classifier)
+        saved = load_pt(checkpoint)
+        net.load_state_dict(saved['net'])
+        optimizer.load_state_dict(saved['optimizer'])
+        correct, start = saved['correct'].to(device), saved['epoch']
+        torch.set_rng_state(saved['rng'][0])
+        if device.type == 'cuda':
+            torch.cuda.set_rng_state(saved['rng'][1], device)
     net.train()
-    for ep in tqdm(range(epochs), desc='training a network on the real data', leave=False, dynamic_ncols=True):
+    for ep in tqdm(range(start, epochs), desc='training a network on the real data', initial=start, total=epochs,
+                   leave=False, dynamic_ncols=True):
         if ep == epochs // 2 and ep > 0:
             for group in optimizer.param_groups:
                 group['lr'] = args.lr_net * 0.1
@@ -1079,6 +1084,10 @@ def train_classifier(net, real, classes, args, epochs):
             loss.backward()
             optimizer.step()
             correct[ep, batch] = output.argmax(1) == labels[batch]
+        if checkpoint and Group.current().main:
+            rng = [torch.get_rng_state()] + ([torch.cuda.get_rng_state(device)] if device.type == 'cuda' else [])
+            atomic_save(dict(net=net.state_dict(), optimizer=optimizer.state_dict(), correct=correct.cpu(), epoch=ep + 1,
+                             rng=rng), checkpoint)
     return correct
 
 
@@ -1087,7 +1096,8 @@ def trained_classifier(real, classes, args, data, epochs):
     [epochs, N] record of correct classifications. Herding, k-center, forgetting and IT-GAN's inversion use
     this network, trained in a random stream seeded by one draw from torch's global generator and kept in
     --save_path (classifier_<dataset>_<model>_<epochs>ep_<key>.pt): a run with the same data, settings and draw
-    reads it back, and gets the same network, record and random draws afterwards either way."""
+    reads it back, and gets the same network, record and random draws afterwards either way (a stopped training
+    continues from its last epoch, kept in classifier_..._<key>.partial.pt)."""
     seed = int(torch.randint(2 ** 62, ()))
     key = dict(data_id=data.data_id, dataset=data.dataset, model=args.model,
                channel=data.channel, im_size=list(data.im_size), classes=[int(c) for c in classes], epochs=epochs,
@@ -1096,8 +1106,7 @@ def trained_classifier(real, classes, args, data, epochs):
     digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     folder = getattr(args, 'save_path', None)
     path = folder and os.path.join(folder, f'classifier_{key["dataset"]}_{args.model}_{epochs}ep_{digest}.pt')
-    device = torch.device(args.device)
-    with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else [], device_type=device.type):
+    with untouched_rng(args):
         torch.manual_seed(seed)
         net = get_network(args.model, data.channel, len(classes), data.im_size, args.device)
         if path and os.path.isfile(path):
@@ -1107,10 +1116,11 @@ def trained_classifier(real, classes, args, data, epochs):
                     net.load_state_dict(saved['state'])
                     return net.eval(), saved['correct'].to(args.device)
         with autocast(args):
-            correct = train_classifier(net, real, classes, args, epochs)
+            correct = train_classifier(net, real, classes, args, epochs, checkpoint=path and f'{path[:-3]}.partial.pt')
     if path and Group.current().main:
-        os.makedirs(folder, exist_ok=True)
         atomic_save(dict(key=key, state=net.state_dict(), correct=correct.cpu()), path)
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(f'{path[:-3]}.partial.pt')
     return net.eval(), correct
 
 
@@ -1297,6 +1307,7 @@ def atomic_write(path, write):
     """Call write(tmp_path), flush it to disk, rename it to path and sync the folder: a crash, a stop
     signal or a full disk leaves the previous file intact and never a half-written one under its name."""
     path = os.fspath(path)
+    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
     tmp = f'{path}.tmp-{_HOST}-{os.getpid()}-{os.urandom(4).hex()}'
     try:
         write(tmp)
@@ -1421,63 +1432,6 @@ def gather_objects(obj):
     out = [None] * world
     torch.distributed.all_gather_object(out, obj)
     return out
-
-
-# --- The synthetic set --------------------------------------------------------------------------------------
-
-class SynSet:
-    """The synthetic set: num_classes x ipc images (labels [0]*ipc + [1]*ipc + ...) and their optimiser (SGD lr_img,
-    momentum 0.5, or `optimizer([tensor])`), from --init or the given `images` (or what a method learns in their
-    place, one row per image). `classes`: those this process moves (torchrun; sync() shares them)."""
-
-    def __init__(self, real, args, data, images=None, classes=None, optimizer=None):
-        C, ipc = data.num_classes, args.ipc
-        self.ipc, self.num_classes = ipc, C
-        self.classes = list(range(C) if classes is None else classes)
-        if images is not None:
-            self.images = images.detach().clone().to(args.device)
-        elif args.init == 'real':
-            self.images = torch.cat([real.get_images(c, ipc) for c in range(C)])
-        else:
-            self.images = torch.randn(C * ipc, data.channel, *data.im_size, device=args.device)
-        self.images.requires_grad_(True)
-        self.labels = torch.arange(C, device=args.device).repeat_interleave(ipc)
-        self.optimizer = (optimizer or (lambda p: torch.optim.SGD(p, lr=args.lr_img, momentum=0.5)))([self.images])
-
-    def of_class(self, c):
-        return self.images[c * self.ipc:(c + 1) * self.ipc]
-
-    def of_classes(self):
-        """The rows of this process's classes."""
-        return slice(self.classes[0] * self.ipc, (self.classes[-1] + 1) * self.ipc)
-
-    def step(self, loss):
-        """One optimiser step of the images on loss."""
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-
-    @property
-    def sharded(self):
-        return len(self.classes) < self.num_classes
-
-    def sync(self, momentum=False):
-        """Every process's classes' images (and with `momentum` the optimiser's state of them) to every process:
-        where the method needs the whole set (training a network on it, evaluating it, saving it)."""
-        if self.sharded:
-            broadcast_shards(self.images, self.num_classes)
-            for t in self.optimizer.state[self.images].values() if momentum else ():
-                if torch.is_tensor(t) and t.shape == self.images.shape:  # (SGD's momentum, Adam's moments)
-                    broadcast_shards(t, self.num_classes)
-
-    def state(self):
-        """A copy of the images and the optimiser's state (for restore)."""
-        return self.images.detach().clone(), copy.deepcopy(self.optimizer.state_dict())
-
-    def restore(self, state):
-        with torch.no_grad():
-            self.images.copy_(state[0])
-        self.optimizer.load_state_dict(state[1])
 
 
 def expand(images, labels, factor=2):

@@ -10,7 +10,8 @@ import main
 import main_DM
 import utils
 from helpers import separable, tiny
-from utils import DataInfo, SynSet, autocast, tensor_loader
+from runs import SynSet
+from utils import DataInfo, autocast, tensor_loader
 
 
 def namespace(**kw):

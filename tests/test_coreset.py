@@ -140,6 +140,47 @@ def test_train_classifier_learns_and_records_every_presentation():
     assert correct[-1].float().mean() > 0.9  # two well separated classes are learned
 
 
+class Stop(Exception):
+    pass
+
+
+class StopsAfter(torch.nn.Module):
+    """A network that raises Stop at its n-th forward pass (a stopped training)."""
+
+    def __init__(self, net, n=None):
+        super().__init__()
+        self.net, self.n = net, n
+
+    def forward(self, x):
+        if self.n is not None:
+            self.n -= 1
+            if self.n < 0:
+                raise Stop
+        return self.net(x)
+
+
+def test_a_stopped_training_of_the_network_continues_from_its_last_epoch_bit_for_bit(tmp_path):
+    """train_classifier with a checkpoint: stopped in its third epoch (of 4, the rate dropped after 2) and run
+    again, it gives the network, the record and the random stream of one uninterrupted training."""
+    real, a, path = clustered(), args(), str(tmp_path / 'partial.pt')
+
+    def train(n=None, checkpoint=None):
+        net = StopsAfter(get_network('ConvNetW32', 1, 2, (12, 12), 'cpu'), n)
+        return net, train_classifier(net, real, [1, 2], a, 4, checkpoint=checkpoint), torch.rand(2)
+
+    torch.manual_seed(0)
+    net, correct, after = train()
+    torch.manual_seed(0)
+    with pytest.raises(Stop):
+        train(n=2 * 2 + 1, checkpoint=path)  # (2 batches of 32 per epoch: stopped in the third epoch)
+    assert torch.load(path)['epoch'] == 2
+    torch.manual_seed(123)  # (the stream comes from the checkpoint)
+    again, correct_again, after_again = train(checkpoint=path)
+    assert torch.equal(correct, correct_again) and torch.equal(after, after_again)
+    for (k, x), (_, y) in zip(net.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(x, y), k
+
+
 def test_the_trained_network_is_kept_and_read_back_as_it_was_trained(tmp_path, monkeypatch):
     """Herding, k-center and forgetting from one seed share one network, trained once and kept in --save_path:
     reading it gives the picks and the later random draws of training it (and of a run without the file)."""

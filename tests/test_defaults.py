@@ -14,7 +14,8 @@ import main
 import main_DM
 import utils
 from helpers import run_in_process
-from utils import ClassImages, DataInfo, SynSet, TensorDataset, default_strategy, evaluation_args
+from runs import SynSet
+from utils import ClassImages, DataInfo, TensorDataset, default_strategy, evaluation_args
 
 COMMON = dict(dataset='CIFAR10', model='ConvNet', lr_net=0.01, batch_train=256, data_path='data', seed=0)
 CONDENSE = dict(COMMON, batch_real=256, save_path='result', eval_mode='S', num_eval=20, dsa_strategy='None')

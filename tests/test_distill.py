@@ -10,6 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import distill
+import runs
 import utils
 from helpers import needs_fashion, run, tiny
 from utils import DataInfo, get_network, load_result
@@ -134,7 +135,7 @@ def test_an_iteration_moves_the_images_and_follows_the_learning_rate_schedule():
     data = DataInfo('X', 1, (12, 12), 3, ('0', '1', '2'), (0.0,), (1.0,), 'x')
     cafe = distill.CAFE(args, data)
     assert cafe.milestones == [6, 8, 9]  # 0.6, 0.8 and 0.9 of --Iteration 10
-    syn = utils.SynSet(real, args, data)
+    syn = runs.SynSet(real, args, data)
     before = syn.images.detach().clone()
     out = cafe.iteration(0, syn, real)
     assert not torch.equal(syn.images, before) and math.isfinite(out['loss'])

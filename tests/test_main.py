@@ -12,7 +12,8 @@ import main
 import runs
 import utils
 from helpers import needs_fashion, run, tiny
-from utils import (EVAL_POOLS, DataInfo, Group, SynSet, class_gradients, get_eval_pool,
+from runs import SynSet
+from utils import (EVAL_POOLS, DataInfo, Group, class_gradients, get_eval_pool,
                    get_loops, get_network, load_result, match_loss, tensor_loader)
 
 # gradients of a conv weight (2 output units), a linear weight (1 unit) and a bias

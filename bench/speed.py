@@ -5,6 +5,7 @@
     python bench/speed.py eval cafe --datasets FashionMNIST
     python bench/speed.py dm          # DM iterations, float32 and --amp taking turns in one process
     python bench/speed.py soft        # an evaluation model on soft labels vs on hard labels
+    python bench/speed.py mtt --datasets CIFAR10   # where the time of an MTT iteration goes (torch.profiler)
 
 eval: seconds per evaluation model (ConvNet, DSA augmentation, --epochs epochs and a test pass) for
 synthetic sets of each of --ipcs, --alone models trained one at a time and --num_evals models trained
@@ -21,6 +22,10 @@ soft: seconds per evaluation model (ConvNet, DSA, --epochs epochs, a test pass o
 hard labels, on soft labels fixed before training (a teacher's logits of the images, computed once), and on a
 teacher's logits of every augmented batch (evaluate.py --labels teacher), the teacher a ConvNet; the three
 take turns --repeats times after a warm-up of each, reported as medians and ratios to hard labels.
+mtt: one MTT iteration (trajectory.mtt_loss and its backward: --syn_steps steps of a ConvNet on --ipc images per class
+with DSA, then the gradient through the unroll) on random images and a random expert segment (the cost depends on
+shapes only), after a warm-up, under torch.profiler: seconds, and each operator's share of the self CPU time, the
+largest first; the rest of the wall time is Python and the autograd engine.
 cafe: one CAFE iteration (ipc 1) with the dynamic loops held at --outer outer steps and --inner inner
 epochs after each (lambda_1 0 and lambda_2 1 never stop them early), so float32 and bfloat16 do the same
 work; reported with the number of queries and the seconds per query. `--baseline <checkout>` first runs
@@ -140,6 +145,38 @@ def soft(dataset, a):
                      ratio_to_hard={m: round(v / median['hard'], 2) for m, v in median.items()}, **common.rate_fields(rates)))
 
 
+def mtt(dataset, a):
+    import torch
+    import trajectory
+    channel, im_size, num_classes = utils.DATASETS[dataset][:3]
+    torch.manual_seed(0)
+    net = utils.get_network('ConvNet', channel, num_classes, im_size, 'cpu').train()
+    w0 = trajectory.flat_params(net)
+    w_target = w0 + 0.01 * torch.randn_like(w0)
+    images = torch.randn(num_classes * a.ipc, channel, *im_size, requires_grad=True)
+    labels = torch.arange(num_classes).repeat_interleave(a.ipc)
+    syn_lr = torch.tensor(0.01, requires_grad=True)
+    strategy = utils.default_strategy(dataset)
+
+    def iteration():
+        g = torch.Generator().manual_seed(0)
+        loss = trajectory.mtt_loss(net, w0, w_target, images, labels, syn_lr, a.syn_steps, None,
+                                   lambda x, gen: utils.DiffAugment(x, strategy, generator=gen), g)
+        loss.backward()
+
+    iteration()  # (a warm-up)
+    rates = common.matrix_rates(a.matrix_size)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        t = time.perf_counter()
+        iteration()
+        seconds = time.perf_counter() - t
+    ops = sorted(((e.key, e.self_cpu_time_total) for e in prof.key_averages()), key=lambda kv: -kv[1])
+    total = sum(v for _, v in ops)
+    common.emit(dict(dataset=dataset, what=f'MTT iteration, ipc {a.ipc}, {a.syn_steps} steps, DSA', seconds=round(seconds, 2),
+                     operators_share_of_wall=round(total / 1e6 / seconds, 2),
+                     top_operators={k: round(v / total, 3) for k, v in ops[:12]}, **common.rate_fields(rates)))
+
+
 def cafe(dataset, a):
     base = None
     if a.baseline:
@@ -181,7 +218,7 @@ def cafe(dataset, a):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    p.add_argument('parts', nargs='+', choices=['eval', 'cafe', 'dm', 'soft'])
+    p.add_argument('parts', nargs='+', choices=['eval', 'cafe', 'dm', 'soft', 'mtt'])
     common.add_arguments(p)
     p.add_argument('--epochs', type=int, default=20, help='evaluation: training epochs per model')
     p.add_argument('--epochs_per_ipc', type=int, help='evaluation: train N // ipc epochs per model instead of --epochs')
@@ -191,6 +228,8 @@ def main():
     p.add_argument('--num_evals', type=int, nargs='+', default=[5, 20],
                    help='evaluation: the numbers of models timed trained together')
     p.add_argument('--repeats', type=int, default=9, help='DM: timed iterations of each precision; soft: models of each')
+    p.add_argument('--syn_steps', type=int, default=50, help="MTT: the student's steps (the paper's CIFAR-10 ipc 1: 50)")
+    p.add_argument('--ipc', type=int, default=1, help='MTT: images per class')
     p.add_argument('--outer', type=int, default=10, help='CAFE: outer steps')
     p.add_argument('--inner', type=int, default=5, help='CAFE: inner epochs after each outer step but the last')
     p.add_argument('--baseline', help='CAFE: a checkout whose float32 iteration is the 1x row')
@@ -199,7 +238,7 @@ def main():
     common.prepare_data(a)
     for dataset in a.datasets:
         for part in a.parts:
-            {'eval': evaluation, 'cafe': cafe, 'dm': dm, 'soft': soft}[part](dataset, a)
+            {'eval': evaluation, 'cafe': cafe, 'dm': dm, 'soft': soft, 'mtt': mtt}[part](dataset, a)
 
 
 if __name__ == '__main__':

@@ -5,7 +5,8 @@
     python bench/speed.py eval cafe --datasets FashionMNIST
     python bench/speed.py dm          # DM iterations, float32 and --amp taking turns in one process
     python bench/speed.py soft        # an evaluation model on soft labels vs on hard labels
-    python bench/speed.py mtt --datasets CIFAR10   # where the time of an MTT iteration goes (torch.profiler)
+    python bench/speed.py mtt --datasets CIFAR10   # an MTT iteration, where its time goes (torch.profiler)
+    python bench/speed.py mtt --datasets CIFAR10 --mtt <mtt-distillation checkout>   # and the authors' beside it
 
 eval: seconds per evaluation model (ConvNet, DSA augmentation, --epochs epochs and a test pass) for
 synthetic sets of each of --ipcs, --alone models trained one at a time and --num_evals models trained
@@ -22,10 +23,13 @@ soft: seconds per evaluation model (ConvNet, DSA, --epochs epochs, a test pass o
 hard labels, on soft labels fixed before training (a teacher's logits of the images, computed once), and on a
 teacher's logits of every augmented batch (evaluate.py --labels teacher), the teacher a ConvNet; the three
 take turns --repeats times after a warm-up of each, reported as medians and ratios to hard labels.
-mtt: one MTT iteration (trajectory.mtt_loss and its backward: --syn_steps steps of a ConvNet on --ipc images per class
-with DSA, then the gradient through the unroll) on random images and a random expert segment (the cost depends on
-shapes only), after a warm-up, under torch.profiler: seconds, and each operator's share of the self CPU time, the
-largest first; the rest of the wall time is Python and the autograd engine.
+mtt: one MTT iteration (the exact unroll and its backward: --syn_steps steps of a ConvNet on --ipc images per class
+with DSA, then the gradient through the unroll into the images and the step size) on random images and a random
+expert segment (the cost depends on shapes only). With --mtt <checkout>, the authors' loop body of distill.py on
+their own ReparamModule, ConvNet and DiffAugment beside ours; the sides take turns in fresh processes, --repeats
+rounds of one timed iteration after a warm-up, reported as medians and their ratio; then one iteration of each
+under torch.profiler: the operators' share of the wall time (the rest is Python and the autograd engine) and each
+operator's share of their self CPU time, the largest first.
 cafe: one CAFE iteration (ipc 1) with the dynamic loops held at --outer outer steps and --inner inner
 epochs after each (lambda_1 0 and lambda_2 1 never stop them early), so float32 and bfloat16 do the same
 work; reported with the number of queries and the seconds per query. `--baseline <checkout>` first runs
@@ -145,36 +149,96 @@ def soft(dataset, a):
                      ratio_to_hard={m: round(v / median['hard'], 2) for m, v in median.items()}, **common.rate_fields(rates)))
 
 
-def mtt(dataset, a):
-    import torch
-    import trajectory
-    channel, im_size, num_classes = utils.DATASETS[dataset][:3]
-    torch.manual_seed(0)
+# One MTT iteration (the exact unroll and its backward) on random images and a random expert segment, in a fresh
+# process: {side} is 'ours' (trajectory.mtt_loss) or 'theirs' (the authors' distill.py loop body, lines 330-390 of
+# GeorgeCazenavette/mtt-distillation, run on their own ReparamModule, ConvNet and DiffAugment from the checkout).
+# Prints {{"seconds": [...], "top_operators": {{...}}, "operators_share_of_wall": x}} as its last line.
+MTT_WORKER = """
+import json, sys, time
+sys.path.insert(0, {code!r})
+import numpy as np
+import torch
+torch.manual_seed(0)
+channel, im_size, num_classes, ipc, steps = {channel}, {im_size}, {num_classes}, {ipc}, {steps}
+images = torch.randn(num_classes * ipc, channel, *im_size, requires_grad=True)
+labels = torch.arange(num_classes).repeat_interleave(ipc)
+syn_lr = torch.tensor(0.01, requires_grad=True)
+if {side!r} == 'ours':
+    import trajectory, utils
     net = utils.get_network('ConvNet', channel, num_classes, im_size, 'cpu').train()
     w0 = trajectory.flat_params(net)
     w_target = w0 + 0.01 * torch.randn_like(w0)
-    images = torch.randn(num_classes * a.ipc, channel, *im_size, requires_grad=True)
-    labels = torch.arange(num_classes).repeat_interleave(a.ipc)
-    syn_lr = torch.tensor(0.01, requires_grad=True)
-    strategy = utils.default_strategy(dataset)
+    strategy = utils.default_strategy({dataset!r})
 
     def iteration():
         g = torch.Generator().manual_seed(0)
-        loss = trajectory.mtt_loss(net, w0, w_target, images, labels, syn_lr, a.syn_steps, None,
+        loss = trajectory.mtt_loss(net, w0, w_target, images, labels, syn_lr, steps, None,
                                    lambda x, gen: utils.DiffAugment(x, strategy, generator=gen), g)
         loss.backward()
+else:
+    import utils, reparam_module
+    net = reparam_module.ReparamModule(utils.get_network('ConvNet', channel, num_classes, im_size, dist=False)).train()
+    param, strategy, criterion = utils.ParamDiffAug(), 'color_crop_cutout_flip_scale_rotate', torch.nn.CrossEntropyLoss()
+    num_params = sum(np.prod(p.size()) for p in net.parameters())
+    starting = torch.cat([p.detach().reshape(-1) for p in net.parameters()])
+    target = starting + 0.01 * torch.randn_like(starting)
 
-    iteration()  # (a warm-up)
-    rates = common.matrix_rates(a.matrix_size)
+    def iteration():
+        student_params, chunks = [starting.clone().requires_grad_(True)], []
+        for step in range(steps):
+            if not chunks:
+                chunks = list(torch.split(torch.randperm(len(images)), len(images)))
+            idx = chunks.pop()
+            x = utils.DiffAugment(images[idx], strategy, param=param)
+            grad = torch.autograd.grad(criterion(net(x, flat_param=student_params[-1]), labels[idx]), student_params[-1],
+                                       create_graph=True)[0]
+            student_params.append(student_params[-1] - syn_lr * grad)
+        loss = torch.nn.functional.mse_loss(student_params[-1], target, reduction='sum') / num_params
+        loss = loss / (torch.nn.functional.mse_loss(starting, target, reduction='sum') / num_params)
+        loss.backward()
+
+iteration()  # (a warm-up)
+seconds = []
+for _ in range({timed}):
+    t = time.perf_counter()
+    iteration()
+    seconds.append(time.perf_counter() - t)
+out = dict(seconds=seconds)
+if {profile}:
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         t = time.perf_counter()
         iteration()
-        seconds = time.perf_counter() - t
+        wall = time.perf_counter() - t
     ops = sorted(((e.key, e.self_cpu_time_total) for e in prof.key_averages()), key=lambda kv: -kv[1])
     total = sum(v for _, v in ops)
-    common.emit(dict(dataset=dataset, what=f'MTT iteration, ipc {a.ipc}, {a.syn_steps} steps, DSA', seconds=round(seconds, 2),
-                     operators_share_of_wall=round(total / 1e6 / seconds, 2),
-                     top_operators={k: round(v / total, 3) for k, v in ops[:12]}, **common.rate_fields(rates)))
+    out.update(operators_share_of_wall=round(total / 1e6 / wall, 2), top_operators={{k: round(v / total, 3) for k, v in ops[:12]}})
+print(json.dumps(out))
+"""
+
+
+def mtt(dataset, a):
+    """Our MTT iteration, and with --mtt the authors' beside it, in fresh processes taking turns (--repeats rounds,
+    one timed iteration each after a warm-up), then one profiled iteration of each."""
+    channel, im_size, num_classes = utils.DATASETS[dataset][:3]
+    sides = {'ours': common.ROOT, **({'theirs': a.mtt} if a.mtt else {})}
+    seconds, profiles = {side: [] for side in sides}, {}
+    rates = common.matrix_rates(a.matrix_size)
+    for r in range(a.repeats + 1):
+        for side, code in sides.items():
+            last = r == a.repeats
+            worker = MTT_WORKER.format(code=os.path.abspath(code), side=side, dataset=dataset, channel=channel, im_size=tuple(im_size),
+                                       num_classes=num_classes, ipc=a.ipc, steps=a.syn_steps, timed=0 if last else 1, profile=last)
+            row, error = common.run_json([sys.executable, '-c', worker], cwd=os.path.abspath(code))
+            if error:
+                sys.exit(f'the MTT iteration ({side}) failed:\n{error}')
+            seconds[side] += row['seconds']
+            if last:
+                profiles[side] = {k: row[k] for k in ('operators_share_of_wall', 'top_operators')}
+    median = {side: sorted(t)[len(t) // 2] for side, t in seconds.items() if t}
+    common.emit(dict(dataset=dataset, what=f'MTT iteration, ipc {a.ipc}, {a.syn_steps} steps, DSA', repeats=a.repeats,
+                     seconds={side: round(v, 2) for side, v in median.items()},
+                     **({'ours_faster': round(median['theirs'] / median['ours'], 2)} if 'theirs' in median else {}),
+                     profile=profiles, **common.rate_fields(rates)))
 
 
 def cafe(dataset, a):
@@ -230,6 +294,7 @@ def main():
     p.add_argument('--repeats', type=int, default=9, help='DM: timed iterations of each precision; soft: models of each')
     p.add_argument('--syn_steps', type=int, default=50, help="MTT: the student's steps (the paper's CIFAR-10 ipc 1: 50)")
     p.add_argument('--ipc', type=int, default=1, help='MTT: images per class')
+    p.add_argument('--mtt', help="MTT: a checkout of GeorgeCazenavette/mtt-distillation, timed beside ours")
     p.add_argument('--outer', type=int, default=10, help='CAFE: outer steps')
     p.add_argument('--inner', type=int, default=5, help='CAFE: inner epochs after each outer step but the last')
     p.add_argument('--baseline', help='CAFE: a checkout whose float32 iteration is the 1x row')

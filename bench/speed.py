@@ -29,7 +29,8 @@ expert segment (the cost depends on shapes only). With --mtt <checkout>, the aut
 their own ReparamModule, ConvNet and DiffAugment beside ours; the sides take turns in fresh processes, --repeats
 rounds of one timed iteration after a warm-up, reported as medians and their ratio; then one iteration of each
 under torch.profiler: the operators' share of the wall time (the rest is Python and the autograd engine) and each
-operator's share of their self CPU time, the largest first.
+operator's share of their self CPU time, the largest first; and each side's peak resident memory (the process's,
+with Python and torch: compare the two).
 cafe: one CAFE iteration (ipc 1) with the dynamic loops held at --outer outer steps and --inner inner
 epochs after each (lambda_1 0 and lambda_2 1 never stop them early), so float32 and bfloat16 do the same
 work; reported with the number of queries and the seconds per query. `--baseline <checkout>` first runs
@@ -152,7 +153,8 @@ def soft(dataset, a):
 # One MTT iteration (the exact unroll and its backward) on random images and a random expert segment, in a fresh
 # process: {side} is 'ours' (trajectory.mtt_loss) or 'theirs' (the authors' distill.py loop body, lines 330-390 of
 # GeorgeCazenavette/mtt-distillation, run on their own ReparamModule, ConvNet and DiffAugment from the checkout).
-# Prints {{"seconds": [...], "top_operators": {{...}}, "operators_share_of_wall": x}} as its last line.
+# Prints {{"seconds": [...], "max_rss_mib": peak resident memory after the timed iterations, "top_operators": {{...}},
+# "operators_share_of_wall": x}} as its last line.
 MTT_WORKER = """
 import json, sys, time
 sys.path.insert(0, {code!r})
@@ -203,7 +205,8 @@ for _ in range({timed}):
     t = time.perf_counter()
     iteration()
     seconds.append(time.perf_counter() - t)
-out = dict(seconds=seconds)
+import resource
+out = dict(seconds=seconds, max_rss_mib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
 if {profile}:
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         t = time.perf_counter()
@@ -221,7 +224,7 @@ def mtt(dataset, a):
     one timed iteration each after a warm-up), then one profiled iteration of each."""
     channel, im_size, num_classes = utils.DATASETS[dataset][:3]
     sides = {'ours': common.ROOT, **({'theirs': a.mtt} if a.mtt else {})}
-    seconds, profiles = {side: [] for side in sides}, {}
+    seconds, profiles, rss = {side: [] for side in sides}, {}, {side: [] for side in sides}
     rates = common.matrix_rates(a.matrix_size)
     for r in range(a.repeats + 1):
         for side, code in sides.items():
@@ -232,11 +235,13 @@ def mtt(dataset, a):
             if error:
                 sys.exit(f'the MTT iteration ({side}) failed:\n{error}')
             seconds[side] += row['seconds']
+            rss[side].append(row['max_rss_mib'])
             if last:
                 profiles[side] = {k: row[k] for k in ('operators_share_of_wall', 'top_operators')}
     median = {side: sorted(t)[len(t) // 2] for side, t in seconds.items() if t}
     common.emit(dict(dataset=dataset, what=f'MTT iteration, ipc {a.ipc}, {a.syn_steps} steps, DSA', repeats=a.repeats,
                      seconds={side: round(v, 2) for side, v in median.items()},
+                     peak_memory_mib={side: max(v) for side, v in rss.items()},
                      **({'ours_faster': round(median['theirs'] / median['ours'], 2)} if 'theirs' in median else {}),
                      profile=profiles, **common.rate_fields(rates)))
 

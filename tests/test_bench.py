@@ -105,9 +105,10 @@ def test_speed_runs_every_part(tiny_data, tmp_path):
                  '--epochs', 1, '--test_images', 8, '--alone', 1, '--num_evals', 2, '--repeats', 1, '--outer', 2,
                  '--inner', 1, '--baseline', ROOT, '--syn_steps', 2, save_path=tmp_path)
     evaluation, dm, baseline, cafe, soft, mtt = rows
-    assert mtt['what'] == 'MTT iteration, ipc 1, 2 steps, DSA' and mtt['seconds'] > 0
-    assert 0 < mtt['operators_share_of_wall'] and 0 < sum(mtt['top_operators'].values()) <= 1.0001
-    assert any('convolution' in op for op in mtt['top_operators'])
+    assert mtt['what'] == 'MTT iteration, ipc 1, 2 steps, DSA' and list(mtt['seconds']) == ['ours'] and mtt['seconds']['ours'] > 0
+    ours = mtt['profile']['ours']
+    assert 0 < ours['operators_share_of_wall'] and 0 < sum(ours['top_operators'].values()) <= 1.0001
+    assert any('convolution' in op for op in ours['top_operators']) and mtt['peak_memory_mib']['ours'] > 0
     assert soft['what'] == 'evaluation model, ipc 10, hard vs soft labels' and soft['ratio_to_hard']['hard'] == 1.0
     assert set(soft['seconds']) == {'hard', 'fixed soft', 'teacher every batch'} and min(soft['seconds'].values()) > 0
     assert evaluation['what'] == 'evaluation, ipc 1, num_eval 2' and evaluation['test_images'] == 8

@@ -1307,9 +1307,9 @@ def atomic_write(path, write):
     """Call write(tmp_path), flush it to disk, rename it to path and sync the folder: a crash, a stop
     signal or a full disk leaves the previous file intact and never a half-written one under its name."""
     path = os.fspath(path)
-    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
     tmp = f'{path}.tmp-{_HOST}-{os.getpid()}-{os.urandom(4).hex()}'
     try:
+        os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
         write(tmp)
         with open(tmp, 'rb+') as f:
             os.fsync(f.fileno())

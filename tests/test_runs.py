@@ -204,6 +204,14 @@ def test_a_completed_write_syncs_its_folder(tmp_path, monkeypatch):
     assert synced[0].startswith(str(tmp_path.resolve() / 'res_a.pt.tmp'))  # before it: the file
 
 
+def test_a_write_makes_its_folder_or_says_in_one_line_why_it_cannot(tmp_path):
+    utils.atomic_save({'v': 1}, tmp_path / 'new' / 'deeper' / 'res_a.pt')
+    assert load_pt(tmp_path / 'new' / 'deeper' / 'res_a.pt') == {'v': 1}
+    (tmp_path / 'file').write_text('')
+    with pytest.raises(utils.UsageError, match='cannot write .*any previous version is intact'):
+        utils.atomic_json({}, tmp_path / 'file' / 'res_b.json')  # (a file where a folder should be)
+
+
 def test_a_signal_during_a_write_leaves_the_previous_file(tmp_path, monkeypatch):
     utils.atomic_save({'v': 1}, tmp_path / 'res_a.pt')
 

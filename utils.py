@@ -977,8 +977,9 @@ def evaluation_args(args, model_eval, noaug_epochs=300):
     augmentation, else `noaug_epochs` (the method's: 300, CAFE's 600), unless args.epoch_eval_train is set.
     Returns a new namespace: args with dc_aug_param and epoch_eval_train."""
     dc_aug_param = None if args.dsa else get_daparam(args.dataset, args.model, model_eval, args.ipc)
-    epochs = args.epoch_eval_train if args.epoch_eval_train is not None else (
-        1000 if args.dsa or dc_aug_param['strategy'] != 'none' else noaug_epochs)
+    epochs = args.epoch_eval_train
+    if epochs is None:
+        epochs = 1000 if args.dsa or dc_aug_param['strategy'] != 'none' else noaug_epochs
     return argparse.Namespace(**{**vars(args), 'dc_aug_param': dc_aug_param, 'epoch_eval_train': epochs})
 
 
@@ -1003,7 +1004,8 @@ def evaluate_models(images, labels, model_pool, args, testloader, data, seed_key
         else:
             jobs += [(m, [k], False) for k in numbers]
     group = group or Group.current()
-    finished, mine = {} if finished is None else finished, {}
+    finished = {} if finished is None else finished
+    mine = {}
     with untouched_rng(args), autocast(args):
         for j, (model_eval, numbers, together) in enumerate(jobs):
             if j % group.world != group.rank or (model_eval, tuple(numbers)) in finished:
@@ -1062,7 +1064,8 @@ def train_classifier(net, real, classes, args, epochs, checkpoint=None):
     labels = torch.arange(len(classes), device=index.device).repeat_interleave(
         torch.tensor([len(real.indices_class[c]) for c in classes], device=index.device))
     optimizer = torch.optim.SGD(net.parameters(), lr=args.lr_net, momentum=0.9, weight_decay=0.0005)
-    correct, start, device = torch.zeros(epochs, len(index), dtype=torch.bool, device=index.device), 0, index.device
+    device = index.device
+    correct, start = torch.zeros(epochs, len(index), dtype=torch.bool, device=device), 0
     if checkpoint and os.path.isfile(checkpoint):  # (its name holds the key of the training: see trained_classifier)
         saved = load_pt(checkpoint)
         net.load_state_dict(saved['net'])

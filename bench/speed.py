@@ -152,7 +152,8 @@ def soft(dataset, a):
 
 # One MTT iteration (the exact unroll and its backward) on random images and a random expert segment, in a fresh
 # process: {side} is 'ours' (trajectory.mtt_loss) or 'theirs' (the authors' distill.py loop body, lines 330-390 of
-# GeorgeCazenavette/mtt-distillation, run on their own ReparamModule, ConvNet and DiffAugment from the checkout).
+# GeorgeCazenavette/mtt-distillation, run on their own ReparamModule, ConvNet and DiffAugment from bench/papers.py's
+# patched copy of the checkout).
 # Prints {{"seconds": [...], "max_rss_mib": peak resident memory after the timed iterations, "top_operators": {{...}},
 # "operators_share_of_wall": x}} as its last line.
 MTT_WORKER = """
@@ -165,12 +166,12 @@ channel, im_size, num_classes, ipc, steps = {channel}, {im_size}, {num_classes},
 images = torch.randn(num_classes * ipc, channel, *im_size, requires_grad=True)
 labels = torch.arange(num_classes).repeat_interleave(ipc)
 syn_lr = torch.tensor(0.01, requires_grad=True)
+strategy = {strategy!r}  # (the same DSA strategy on both sides: the dataset's default here)
 if {side!r} == 'ours':
     import trajectory, utils
     net = utils.get_network('ConvNet', channel, num_classes, im_size, 'cpu').train()
     w0 = trajectory.flat_params(net)
     w_target = w0 + 0.01 * torch.randn_like(w0)
-    strategy = utils.default_strategy({dataset!r})
 
     def iteration():
         g = torch.Generator().manual_seed(0)
@@ -180,7 +181,7 @@ if {side!r} == 'ours':
 else:
     import utils, reparam_module
     net = reparam_module.ReparamModule(utils.get_network('ConvNet', channel, num_classes, im_size, dist=False)).train()
-    param, strategy, criterion = utils.ParamDiffAug(), 'color_crop_cutout_flip_scale_rotate', torch.nn.CrossEntropyLoss()
+    param, criterion = utils.ParamDiffAug(), torch.nn.CrossEntropyLoss()
     num_params = sum(np.prod(p.size()) for p in net.parameters())
     starting = torch.cat([p.detach().reshape(-1) for p in net.parameters()])
     target = starting + 0.01 * torch.randn_like(starting)
@@ -222,15 +223,17 @@ print(json.dumps(out))
 def mtt(dataset, a):
     """Our MTT iteration, and with --mtt the authors' beside it, in fresh processes taking turns (--repeats rounds,
     one timed iteration each after a warm-up), then one profiled iteration of each."""
+    import papers  # (their code as bench/papers.py runs it: a copy with the fixes torch 2 needs, e.g. .view -> .reshape)
     channel, im_size, num_classes = utils.DATASETS[dataset][:3]
-    sides = {'ours': common.ROOT, **({'theirs': a.mtt} if a.mtt else {})}
+    sides = {'ours': common.ROOT, **({'theirs': papers.patched_copy(a.mtt, 'mtt')} if a.mtt else {})}
     seconds, profiles, rss = {side: [] for side in sides}, {}, {side: [] for side in sides}
     rates = common.matrix_rates(a.matrix_size)
     for r in range(a.repeats + 1):
         for side, code in sides.items():
             last = r == a.repeats
-            worker = MTT_WORKER.format(code=os.path.abspath(code), side=side, dataset=dataset, channel=channel, im_size=tuple(im_size),
-                                       num_classes=num_classes, ipc=a.ipc, steps=a.syn_steps, timed=0 if last else 1, profile=last)
+            worker = MTT_WORKER.format(code=os.path.abspath(code), side=side, strategy=utils.default_strategy(dataset),
+                                       channel=channel, im_size=tuple(im_size), num_classes=num_classes, ipc=a.ipc,
+                                       steps=a.syn_steps, timed=0 if last else 1, profile=last)
             row, error = common.run_json([sys.executable, '-c', worker], cwd=os.path.abspath(code))
             if error:
                 sys.exit(f'the MTT iteration ({side}) failed:\n{error}')
@@ -296,7 +299,7 @@ def main():
     p.add_argument('--alone', type=int, default=2, help='evaluation: the models timed one at a time')
     p.add_argument('--num_evals', type=int, nargs='+', default=[5, 20],
                    help='evaluation: the numbers of models timed trained together')
-    p.add_argument('--repeats', type=int, default=9, help='DM: timed iterations of each precision; soft: models of each')
+    p.add_argument('--repeats', type=int, default=9, help='DM: timed iterations of each precision; soft: models of each; MTT: timed iterations of each side')
     p.add_argument('--syn_steps', type=int, default=50, help="MTT: the student's steps (the paper's CIFAR-10 ipc 1: 50)")
     p.add_argument('--ipc', type=int, default=1, help='MTT: images per class')
     p.add_argument('--mtt', help="MTT: a checkout of GeorgeCazenavette/mtt-distillation, timed beside ours")
